@@ -1,0 +1,25 @@
+"""Process group, device mesh and FSDP2 wrapping (DCP checkpoints live in engine.train.checkpoint)."""
+
+from engine.distributed.env import DistEnv, all_reduce_max, all_reduce_sum, broadcast_object, init_distributed
+from engine.distributed.parallel import (
+    decoder_blocks,
+    default_param_dtype,
+    fsdp_modules,
+    parallelize,
+    unsharded,
+    vision_tower,
+)
+
+__all__ = [
+    "DistEnv",
+    "all_reduce_max",
+    "all_reduce_sum",
+    "broadcast_object",
+    "decoder_blocks",
+    "default_param_dtype",
+    "fsdp_modules",
+    "init_distributed",
+    "parallelize",
+    "unsharded",
+    "vision_tower",
+]

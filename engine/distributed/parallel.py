@@ -1,0 +1,134 @@
+"""FSDP2 wrapping in the spirit of torchtitan: one shard group per decoder block, one for the vision tower, root.
+
+A model opts in through a small protocol:
+
+* ``model.decoder_blocks() -> Sequence[nn.Module]`` — the transformer blocks of the language model, in order;
+* ``model.vision_tower`` — the vision encoder module (attribute; absent or None for text-only models).
+
+Models without ``decoder_blocks()`` fall back to the first of ``model.layers``, ``model.model.layers``,
+``model.language_model.layers``, ``model.model.language_model.layers``; ``visual`` is accepted for the vision tower.
+
+Each decoder block becomes one FSDP2 unit (all-gathered just before its forward, resharded after it, its gradients
+reduce-scattered as soon as its backward finishes), so peak memory holds one block's full parameters plus the
+shards. The last block keeps its parameters after forward, since backward needs them first. Mixed precision:
+parameters live (sharded) in fp32 as the optimiser's master copy; on CUDA they are all-gathered in bf16 and the
+gradients reduce-scattered in fp32; on CPU everything stays fp32. Activation checkpointing (optional) recomputes
+each decoder block in backward instead of storing its activations; it uses the composable ``checkpoint`` so that
+parameter names (FQNs) do not change — checkpoints and HF export see the model's own names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.distributed._composable import checkpoint as composable_checkpoint
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+_FALLBACK_BLOCK_PATHS = ("layers", "model.layers", "language_model.layers", "model.language_model.layers")
+_RESHARD_ATTR = "_sif_reshard_after_forward"
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks of ``model`` (protocol method, else a known attribute path); raises if none found."""
+    if hasattr(model, "decoder_blocks"):
+        blocks = list(model.decoder_blocks())
+    else:
+        blocks = []
+        for path in _FALLBACK_BLOCK_PATHS:
+            node: object = model
+            for part in path.split("."):
+                node = getattr(node, part, None)
+            if isinstance(node, (nn.ModuleList, nn.Sequential)):
+                blocks = list(node)
+                break
+    if not blocks:
+        raise ValueError(
+            f"{type(model).__name__} exposes no decoder blocks: define decoder_blocks() or one of "
+            f"{', '.join(_FALLBACK_BLOCK_PATHS)}"
+        )
+    return blocks
+
+
+def vision_tower(model: nn.Module) -> nn.Module | None:
+    """The vision encoder of ``model`` (``vision_tower`` or ``visual`` attribute), or None."""
+    for name in ("vision_tower", "visual"):
+        tower = getattr(model, name, None)
+        if isinstance(tower, nn.Module):
+            return tower
+    return None
+
+
+def default_param_dtype(device_type: str) -> torch.dtype:
+    """bf16 all-gathers on CUDA, fp32 on CPU (CPU bf16 matmuls are slow and the tests compare numerics)."""
+    return torch.bfloat16 if device_type == "cuda" else torch.float32
+
+
+def parallelize(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    *,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype = torch.float32,
+    activation_checkpointing: bool = False,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """Shard ``model`` in place with FSDP2 over the 1-D ``mesh``; returns it (now also an ``FSDPModule``).
+
+    Trainable parameters must be fp32 (the optimiser's master copy); frozen ones (a LoRA base) may be bf16.
+    FSDP2 moves the parameters to the mesh's device. Call after LoRA injection / freezing, before building the
+    optimiser.
+    """
+    if isinstance(model, FSDPModule):
+        raise ValueError("parallelize: model is already sharded with FSDP2")
+    low = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+    if low:
+        raise ValueError(
+            f"parallelize: trainable parameters must be fp32 master weights; {low[0]} is not ({len(low)} in all)"
+        )
+    policy = MixedPrecisionPolicy(
+        param_dtype=param_dtype or default_param_dtype(mesh.device_type), reduce_dtype=reduce_dtype
+    )
+    blocks = decoder_blocks(model)
+    for i, block in enumerate(blocks):
+        if activation_checkpointing:
+            composable_checkpoint(block)
+        _shard(block, mesh, policy, reshard_after_forward and i < len(blocks) - 1)
+    tower = vision_tower(model)
+    if tower is not None:
+        _shard(tower, mesh, policy, reshard_after_forward)
+    _shard(model, mesh, policy, reshard_after_forward)
+    return model
+
+
+def _shard(module: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy, reshard: bool) -> None:
+    fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    setattr(module, _RESHARD_ATTR, reshard)
+
+
+def fsdp_modules(model: nn.Module) -> Sequence[FSDPModule]:
+    """Every FSDP2 unit inside ``model`` (root included)."""
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module) -> Iterator[nn.Module]:
+    """Hold all parameters gathered (in the compute dtype) for the duration, e.g. for rollouts.
+
+    Inside, forwards issue no collectives, so ranks may run different numbers of forwards (generation of
+    different lengths) without deadlocking. Memory: one full copy of the model per rank. Use under no_grad.
+    """
+    units = fsdp_modules(model)
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(getattr(unit, _RESHARD_ATTR, True), recurse=False)

@@ -1,0 +1,260 @@
+"""Sharded, atomic, resumable checkpoints with torch.distributed.checkpoint (DCP), and the HF safetensors export.
+
+Layout of ``<run>/checkpoints/step_00000012/``:
+
+* ``*.distcp`` + ``.metadata`` — DCP shards of ``{"model": ..., "optim": ...}`` from ``get_state_dict`` (each rank
+  writes its own shards; loading on another world size reshards);
+* ``trainer_state.json`` — step, scheduler, data position, skip counters (rank 0);
+* ``rng_rank{r}.safetensors`` — each rank's torch / CUDA / Python / NumPy RNG states;
+* ``manifest.json`` — written last, after a barrier: every file's name and size.
+
+A checkpoint is written to ``step_N.tmp`` and renamed to ``step_N`` only once complete, so a crash never leaves a
+``step_N`` that looks finished. On resume, the newest ``step_N`` whose manifest exists and whose files all exist
+with the recorded sizes is loaded; newer incomplete or truncated ones are reported by name and skipped.
+Only the last ``keep_last`` complete checkpoints are kept. Resume on the same world size is bit-for-bit (model,
+optimiser, schedule, data order and RNG streams all restored); on another world size the tensors reshard and the
+RNG streams are re-seeded (with a warning).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from engine.distributed import DistEnv, broadcast_object
+
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, text: str) -> None:
+    with path.open("w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint directory ``path`` cannot be loaded, or None if it is complete."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return f"no {MANIFEST} (the save did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        return f"unreadable {MANIFEST}: {exc}"
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"missing file {name}"
+        actual = file.stat().st_size
+        if actual != size:
+            return f"{name} is {actual} bytes, expected {size} (truncated or corrupt)"
+    return None
+
+
+class Checkpointer:
+    """Saves / finds / loads checkpoints under ``root`` (collective calls: every rank must call them)."""
+
+    def __init__(self, root: str | Path, keep_last: int, env: DistEnv) -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.env = env
+
+    def step_dirs(self) -> list[tuple[int, Path]]:
+        """(step, path) of every finished-looking ``step_N`` directory, newest first."""
+        if not self.root.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+        return sorted(found, reverse=True)
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> Path:
+        """Write checkpoint ``step`` atomically; returns its final directory."""
+        final = self.root / f"step_{step:08d}"
+        tmp = self.root / f"step_{step:08d}.tmp"
+        if self.env.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob("step_*.tmp"):
+                shutil.rmtree(stale)
+            tmp.mkdir()
+        dist.barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        save_file(_rng_state(), str(tmp / f"rng_rank{self.env.rank}.safetensors"))
+        if self.env.is_main:
+            state = dict(trainer_state, world_size=self.env.world_size)
+            _write_durable(tmp / TRAINER_STATE, json.dumps(state, indent=1))
+        dist.barrier()
+        if self.env.is_main:
+            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+            _write_durable(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
+            _fsync_dir(tmp)
+            if final.exists():  # re-saving a step after a resume: replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            for _, old in self.step_dirs()[self.keep_last :]:
+                shutil.rmtree(old)
+        dist.barrier()
+        return final
+
+    def latest_valid(self) -> Path | None:
+        """Rank 0 picks the newest complete checkpoint (warning about each newer broken one); all ranks agree."""
+        chosen = None
+        if self.env.is_main:
+            broken = []
+            for _, path in self.step_dirs():
+                problem = checkpoint_problem(path)
+                if problem is None:
+                    chosen = path
+                    break
+                broken.append(f"{path.name} ({problem})")
+            if broken:
+                fallback = chosen.name if chosen else "none, starting fresh"
+                warnings.warn(f"skipping unusable checkpoint(s) {'; '.join(broken)}; using {fallback}", stacklevel=2)
+        chosen = broadcast_object(str(chosen) if chosen else None)
+        return Path(chosen) if chosen else None
+
+    def load_latest(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+        """Restore model, optimiser and RNG from the newest valid checkpoint; returns its trainer state."""
+        path = self.latest_valid()
+        if path is None:
+            return None
+        return self.load(path, model, optimizer)
+
+    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        """Restore from the checkpoint directory ``path`` (resharding if the world size changed)."""
+        trainer_state = json.loads((path / TRAINER_STATE).read_text())
+        if optimizer is None:
+            state = {"model": get_model_state_dict(model)}
+            dcp.load(state, checkpoint_id=str(path))
+            set_model_state_dict(model, state["model"])
+        else:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            dcp.load(state, checkpoint_id=str(path))
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        rng_file = path / f"rng_rank{self.env.rank}.safetensors"
+        if trainer_state.get("world_size") == self.env.world_size and rng_file.is_file():
+            _set_rng_state(load_file(str(rng_file)))
+        elif self.env.is_main:
+            warnings.warn(
+                f"{path.name} was saved with world size {trainer_state.get('world_size')}, this run has "
+                f"{self.env.world_size}: tensors resharded, RNG streams not restored",
+                stacklevel=2,
+            )
+        return trainer_state
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    """This process's RNG states as tensors (safetensors-storable; no pickle)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()  # noqa: NPY002 (the global stream)
+    state = {
+        "torch_cpu": torch.get_rng_state(),
+        "python_state": torch.tensor(py_state, dtype=torch.int64),
+        "python_meta": torch.tensor([py_version, py_gauss is not None], dtype=torch.int64),
+        "python_gauss": torch.tensor([py_gauss or 0.0], dtype=torch.float64),
+        "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
+        "numpy_meta": torch.tensor([np_pos, np_has_gauss], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([np_gauss], dtype=torch.float64),
+    }
+    if np_name != "MT19937":
+        raise RuntimeError(f"unsupported NumPy bit generator {np_name}")
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["torch_cuda"])
+    version, has_gauss = state["python_meta"].tolist()
+    gauss = state["python_gauss"].item() if has_gauss else None
+    random.setstate((version, tuple(state["python_state"].tolist()), gauss))
+    pos, np_has_gauss = state["numpy_meta"].tolist()
+    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, pos, np_has_gauss, state["numpy_gauss"].item()))  # noqa: NPY002
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded state dict on CPU on rank 0 (empty on other ranks); collective."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export_hf(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    env: DistEnv,
+    write_fn: Callable[[dict[str, torch.Tensor], Path], None] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Gather the full weights to rank 0, merge LoRA adapters, and write them as HF safetensors; collective.
+
+    ``write_fn(state_dict, out_dir)`` writes the files (e.g. the model package's saver, which adds config.json);
+    default: ``out_dir/model.safetensors`` with the model's own parameter names (tied weights stored once).
+    ``dtype`` casts floating tensors (e.g. bf16 for a release); default keeps the training dtype.
+    """
+    from engine.train.lora import lora_scalings, merge_lora_state_dict
+
+    out_dir = Path(out_dir)
+    state = full_state_dict(model)
+    if env.is_main:
+        state = merge_lora_state_dict(state, lora_scalings(model))
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if write_fn is not None:
+            write_fn(state, out_dir)
+        else:
+            save_file(_dedupe_shared(state), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    dist.barrier()
+    return out_dir
+
+
+def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses aliased tensors: keep the first name of each shared storage, contiguous."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.contiguous()
+    return out

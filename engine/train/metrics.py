@@ -1,0 +1,123 @@
+"""Step metrics: named phase timers, cross-rank averaging and the JSONL log.
+
+``PhaseTimer`` measures *exclusive* wall time per named phase: a phase opened inside another is subtracted from
+its parent, so the phases of a step (e.g. ``data``, ``rollout``, ``reward``, ``update``) add up to the step time.
+On CUDA the timer synchronises the device at phase boundaries so that asynchronous kernels are charged to the
+phase that launched them (opt out with ``sync_cuda=False``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+class PhaseTimer:
+    """Accumulates exclusive seconds per phase name within one step; ``reset()`` between steps."""
+
+    def __init__(self, sync_cuda: bool = True) -> None:
+        self.sync_cuda = sync_cuda and torch.cuda.is_available()
+        self.seconds: dict[str, float] = {}
+        self._stack: list[list[float]] = []  # [start, child seconds]
+
+    def reset(self) -> None:
+        if self._stack:
+            raise RuntimeError(f"PhaseTimer.reset inside an open phase ({len(self._stack)} open)")
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time the enclosed block as ``name`` (re-entering a name accumulates)."""
+        self._sync()
+        frame = [time.perf_counter(), 0.0]
+        self._stack.append(frame)
+        try:
+            yield
+        finally:
+            self._sync()
+            self._stack.pop()
+            total = time.perf_counter() - frame[0]
+            self.seconds[name] = self.seconds.get(name, 0.0) + total - frame[1]
+            if self._stack:
+                self._stack[-1][1] += total
+
+    __call__ = phase
+
+    def _sync(self) -> None:
+        if self.sync_cuda:
+            torch.cuda.synchronize()
+
+
+def mean_across_ranks(values: Mapping[str, float], device: torch.device) -> dict[str, float]:
+    """Average each metric over ranks; a metric missing on some ranks is averaged over the ranks that have it.
+
+    Key sets may differ between ranks (e.g. a reward term only present where a sample produced it), so the
+    union of keys is agreed first, then one all-reduce carries (sum, count) pairs. NaN values stay NaN.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return {k: float(v) for k, v in values.items()}
+    gathered: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(values))
+    keys = sorted(set().union(*[set(g or ()) for g in gathered]))
+    buf = torch.zeros(2, len(keys), dtype=torch.float64, device=device)
+    for i, key in enumerate(keys):
+        if key in values:
+            buf[0, i] = float(values[key])
+            buf[1, i] = 1.0
+    dist.all_reduce(buf)
+    return {k: (buf[0, i] / buf[1, i]).item() for i, k in enumerate(keys)}
+
+
+class MetricsLog:
+    """Appends one JSON object per step to ``path`` (rank 0 only; other ranks hold a disabled log).
+
+    Non-finite floats are written as JSON ``null`` (strict JSON), with the record still naming the key.
+    ``truncate_after(step)`` drops lines past a resumed step so that a restarted run's curve has no duplicates.
+    """
+
+    def __init__(self, path: str | Path, enabled: bool = True) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def truncate_after(self, step: int) -> None:
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: Mapping[str, object]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: _json_value(v) for k, v in record.items()}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(clean) + "\n")
+
+
+def _json_value(value: object) -> object:
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def read_metrics(path: str | Path) -> list[dict[str, object]]:
+    """All records of a metrics JSONL file; raises naming the file and line on a malformed line."""
+    records = []
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: malformed metrics line: {exc}") from exc
+    return records

@@ -1,0 +1,357 @@
+"""One training loop for SFT and GRPO: accumulate, normalise globally, clip, step, log, checkpoint.
+
+The loop knows nothing about the task. An *objective* turns a micro-batch into a summed loss::
+
+    objective(model, micro_batch) -> ObjectiveOutput(loss_sum, num_loss_tokens, metrics)
+
+and a *batch source* (engine.train.batch_source) yields each step's micro-batches (for GRPO it also runs the
+rollouts and rewards, timing them as phases). Per optimiser step the Trainer:
+
+1. asks the batch source for this rank's micro-batches (phase ``data`` plus whatever phases the source opens);
+2. runs forward + backward of ``loss_sum`` (unnormalised) for each micro-batch; FSDP2 reduce-scatters each
+   block's gradient as its backward finishes, averaging over ranks;
+3. all-reduces (loss_sum, num_loss_tokens, num_tokens) over ranks and micro-batches and multiplies the
+   gradients by ``world_size / N`` with N the **global** number of loss units, so the update is the gradient of
+   ``(sum of every token's loss on every rank) / N``;
+4. clips by the global gradient norm, steps AdamW and the LR schedule, logs one JSONL line, checkpoints.
+
+Why normalise by the global count rather than averaging per micro-batch: with packed sequences micro-batches and
+ranks hold different numbers of loss tokens. A mean of per-micro-batch means weights a token in a short
+micro-batch more than one in a long one, and the weighting changes with how a batch happens to be split over
+ranks and accumulation steps — the gradient would depend on the parallel layout. Dividing the summed loss by
+the summed count makes it exactly the gradient of the whole batch's token mean, identical for 1 process with
+accumulation k·n and n processes with accumulation k (tested). The count is only known after the objective has
+run, so the division is applied to the gradients once after the last backward (it is folded into the clipping
+multiply — one pass over the gradient shards). Objectives that average per sequence (GRPO's default) return the
+sum of per-sequence means as ``loss_sum`` and the number of sequences as ``num_loss_tokens``.
+
+A step whose global loss or gradient norm is NaN/inf is skipped (no optimiser update, gradients dropped), warned
+about and counted; ``max_consecutive_nonfinite`` skips in a row stop the run with NonFiniteError. All ranks take
+the same decision because both figures are global.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+
+from engine.config import TrainConfig
+from engine.distributed import DistEnv, all_reduce_max, all_reduce_sum, init_distributed, parallelize
+from engine.train.batch_source import BatchSource, StepContext
+from engine.train.metrics import MetricsLog, PhaseTimer, mean_across_ranks
+from engine.train.optim import build_optimizer, build_scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ObjectiveOutput:
+    """One micro-batch's contribution.
+
+    loss_sum: scalar tensor (graph attached), the *sum* of the loss over this micro-batch's loss units.
+    num_loss_tokens: the number of loss units summed (tokens, or sequences for per-sequence means); int or
+        integer tensor.
+    metrics: figures to log (averaged over micro-batches, then over ranks).
+    num_tokens: tokens processed by the forward, for tokens/s (default: num_loss_tokens).
+    """
+
+    loss_sum: torch.Tensor
+    num_loss_tokens: int | torch.Tensor
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
+    num_tokens: int | torch.Tensor | None = None
+
+
+Objective = Callable[[nn.Module, Any], ObjectiveOutput]
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 (the global stream libraries draw from)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainResult:
+    """What ``fit`` ends with."""
+
+    step: int
+    last_metrics: dict[str, Any]
+    num_skipped: int
+    checkpoint_dir: Path | None
+    export_dir: Path | None
+
+
+class Trainer:
+    """The loop. Construct after the model is built (and LoRA applied); it is sharded here if not yet.
+
+    model: an nn.Module with fp32 trainable parameters, identical on every rank (same init or checkpoint).
+    objective: ``(model, micro_batch) -> ObjectiveOutput``.
+    batch_source: see engine.train.batch_source.BatchSource.
+    cfg: the ``train`` section of the run config.
+    env: process group / mesh (default: ``init_distributed()``).
+    phase: ``"sft"`` or ``"grpo"``, written on every metrics line.
+    run_config: the full run config as a dict, saved as ``<run dir>/config.json``.
+    total_steps: overrides ``cfg.max_steps`` / epochs x ``batch_source.steps_per_epoch``.
+    export_fn: ``(full_state_dict, out_dir) -> None`` on rank 0 for the final HF export (default: safetensors with
+        the model's own parameter names, LoRA merged; see engine.train.checkpoint.export_hf).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        batch_source: BatchSource,
+        cfg: TrainConfig,
+        *,
+        env: DistEnv | None = None,
+        phase: str = "sft",
+        run_config: dict[str, Any] | None = None,
+        total_steps: int | None = None,
+        export_fn: Callable[[dict[str, torch.Tensor], Path], None] | None = None,
+    ) -> None:
+        from engine.train.checkpoint import Checkpointer
+
+        self.env = env or init_distributed()
+        self.cfg = cfg
+        self.phase = phase
+        self.objective = objective
+        self.batch_source = batch_source
+        self.export_fn = export_fn
+        if not isinstance(model, FSDPModule):
+            model = parallelize(
+                model,
+                self.env.mesh,
+                activation_checkpointing=cfg.activation_checkpointing,
+                reshard_after_forward=cfg.reshard_after_forward,
+            )
+        self.model = model
+        self.total_steps = total_steps or self._budget()
+        self.optimizer = build_optimizer(model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.step = 0
+        self.num_skipped = 0
+        self.consecutive_nonfinite = 0
+        self.timer = PhaseTimer()
+        self.run_dir = Path(cfg.output_dir) / cfg.run_name
+        self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.env.is_main)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep_last=cfg.keep_last, env=self.env)
+        seed_all(cfg.seed + self.env.rank)
+        if self.env.is_main and run_config is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+
+    def _budget(self) -> int:
+        if self.cfg.max_steps > 0:
+            return self.cfg.max_steps
+        per_epoch = getattr(self.batch_source, "steps_per_epoch", None)
+        if not per_epoch:
+            raise ValueError("set train.max_steps: the batch source has no steps_per_epoch to derive it from epochs")
+        return int(per_epoch) * self.cfg.epochs
+
+    # ------------------------------------------------------------------------------------------------------
+    # one step
+
+    def train_step(self) -> dict[str, Any]:
+        """Run one optimiser step; returns the metrics record written to metrics.jsonl."""
+        self.timer.reset()
+        start = time.perf_counter()
+        ctx = StepContext(
+            self.model, self.step, self.env.rank, self.env.world_size, self.env.device, self.timer, metrics={}
+        )
+        with self.timer("data"):
+            micro_batches = self.batch_source.next_step(ctx)
+        self._check_same_count(len(micro_batches))
+        self.model.train()
+        totals = torch.zeros(3, dtype=torch.float64, device=self.env.device)  # loss_sum, count, tokens
+        metric_sums: dict[str, float | torch.Tensor] = {}
+        with self.timer("update"):
+            for micro_batch in micro_batches:
+                out = self.objective(self.model, micro_batch)
+                out.loss_sum.backward()
+                totals[0] += out.loss_sum.detach().double()
+                totals[1] += _on_device(out.num_loss_tokens, totals)
+                totals[2] += _on_device(out.num_tokens if out.num_tokens is not None else out.num_loss_tokens, totals)
+                for key, value in out.metrics.items():
+                    value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
+                    metric_sums[key] = metric_sums.get(key, 0.0) + value
+            all_reduce_sum(totals)
+            loss_total, count, tokens = totals.tolist()
+            loss = loss_total / count if count > 0 else float("nan")
+            grad_norm = self._normalise_and_clip(self.env.world_size / count if count > 0 else float("nan"))
+            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+            if finite:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            lr = self.scheduler.get_last_lr()[0]
+            self.scheduler.step()
+        self.step += 1
+        self._account_nonfinite(finite, loss, grad_norm, count)
+        step_time = time.perf_counter() - start
+        local = {k: float(v) / len(micro_batches) for k, v in metric_sums.items()}
+        local.update(ctx.metrics)
+        local.update({f"time/{name}": sec for name, sec in self.timer.seconds.items()})
+        record: dict[str, Any] = {"step": self.step, "phase": self.phase}
+        record.update(
+            {
+                "loss": loss,
+                "grad_norm": grad_norm,
+                "lr": lr,
+                "num_loss_tokens": count,
+                "tokens_per_s": tokens / step_time,
+                "skipped": not finite,
+            }
+        )
+        record.update(mean_across_ranks(local, self.env.device))
+        record["time/step"] = step_time
+        return record
+
+    def _check_same_count(self, n: int) -> None:
+        """Every rank must run the same number of backward passes (FSDP collectives pair up across ranks)."""
+        counts = torch.tensor([n, -n], dtype=torch.int64, device=self.env.device)
+        all_reduce_max(counts)
+        if n == 0 or counts[0].item() != n or -counts[1].item() != n:
+            raise RuntimeError(
+                f"rank {self.env.rank}: batch source gave {n} micro-batches at step {self.step}; every rank must "
+                f"give the same non-zero number (range over ranks: {-counts[1].item()}..{counts[0].item()})"
+            )
+
+    def _normalise_and_clip(self, scale: float) -> float:
+        """Multiply grads by ``scale`` and clip to ``cfg.grad_clip`` in one pass; returns the scaled global norm."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return float("nan")
+        raw = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+        if isinstance(raw, DTensor):
+            raw = raw.full_tensor()
+        norm = raw.item() * scale
+        coef = scale
+        if self.cfg.grad_clip > 0 and math.isfinite(norm) and norm > self.cfg.grad_clip:
+            coef *= self.cfg.grad_clip / (norm + 1e-6)
+        if math.isfinite(coef):
+            torch._foreach_mul_(grads, coef)
+        return norm
+
+    def _account_nonfinite(self, finite: bool, loss: float, grad_norm: float, count: float) -> None:
+        if finite:
+            self.consecutive_nonfinite = 0
+            return
+        self.num_skipped += 1
+        self.consecutive_nonfinite += 1
+        why = "no loss tokens in the global batch" if count <= 0 else f"loss={loss} grad_norm={grad_norm}"
+        if self.env.is_main:
+            warnings.warn(
+                f"step {self.step}: skipped the update ({why}); {self.num_skipped} skipped so far, "
+                f"{self.consecutive_nonfinite} in a row",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if self.consecutive_nonfinite >= self.cfg.max_consecutive_nonfinite:
+            raise NonFiniteError(
+                f"stopping at step {self.step}: {self.consecutive_nonfinite} consecutive steps with a non-finite "
+                f"loss or gradient (last: {why}); lower train.lr, check the data, or raise "
+                f"train.max_consecutive_nonfinite"
+            )
+
+    # ------------------------------------------------------------------------------------------------------
+    # the run
+
+    def state(self) -> dict[str, Any]:
+        """The trainer's own resumable state (JSON-serialisable)."""
+        return {
+            "step": self.step,
+            "num_skipped": self.num_skipped,
+            "consecutive_nonfinite": self.consecutive_nonfinite,
+            "total_steps": self.total_steps,
+            "phase": self.phase,
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.batch_source.state_dict(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.num_skipped = int(state["num_skipped"])
+        self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.batch_source.load_state_dict(state["data"])
+
+    def save_checkpoint(self) -> Path:
+        return self.checkpointer.save(self.step, self.model, self.optimizer, self.state())
+
+    def resume(self) -> bool:
+        """Load the latest valid checkpoint; False (with a warning) if there is none."""
+        loaded = self.checkpointer.load_latest(self.model, self.optimizer)
+        if loaded is None:
+            if self.env.is_main:
+                warnings.warn(f"--resume: no checkpoint under {self.checkpointer.root}; starting fresh", stacklevel=2)
+            return False
+        self.load_state(loaded)
+        self.metrics_log.truncate_after(self.step)
+        return True
+
+    def fit(self) -> TrainResult:
+        """Train until ``total_steps`` (resuming first if ``cfg.resume``); checkpoint, export and plot at the end."""
+        from tqdm.auto import tqdm
+
+        from engine.train.checkpoint import export_hf
+
+        if self.cfg.resume:
+            self.resume()
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc=f"{self.phase} {self.cfg.run_name}",
+            disable=not (self.env.is_main and self.cfg.progress_bar),
+            dynamic_ncols=True,
+        )
+        record: dict[str, Any] = {}
+        last_ckpt = None
+        with bar:
+            while self.step < self.total_steps:
+                record = self.train_step()
+                if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                    self.metrics_log.write(record)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2e}", gnorm=f"{record['grad_norm']:.3g}"
+                )
+                every = self.cfg.checkpoint_every
+                if (every > 0 and self.step % every == 0) or self.step == self.total_steps:
+                    last_ckpt = self.save_checkpoint()
+        export_dir = None
+        if self.cfg.export_hf:
+            export_dir = self.run_dir / "hf"
+            export_hf(self.model, export_dir, env=self.env, write_fn=self.export_fn)
+        if self.cfg.plot and self.env.is_main and self.metrics_log.path.exists():
+            from engine.train.plot import plot_curves
+
+            plot_curves(self.metrics_log.path, self.run_dir / "curves.png", title=f"{self.cfg.run_name} ({self.phase})")
+        return TrainResult(self.step, record, self.num_skipped, last_ckpt, export_dir)
+
+
+def _on_device(value: int | float | torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
+    """A scalar count as a float64 tensor on ``like``'s device (no host sync), or a Python float."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"ObjectiveOutput counts must be scalars, got a tensor of shape {tuple(value.shape)}")
+        return value.detach().to(device=like.device, dtype=torch.float64).reshape(())
+    return float(value)
