@@ -5,6 +5,7 @@ the Triton kernels on CPU tensors under TRITON_INTERPRET=1 (tests) or backend="t
 """
 
 from .grpo_loss import GRPOLossConfig, grpo_loss, grpo_loss_from_logits
+from .linear_logprob import linear_token_logprobs
 from .logprob import token_logprobs
 
-__all__ = ["GRPOLossConfig", "grpo_loss", "grpo_loss_from_logits", "token_logprobs"]
+__all__ = ["GRPOLossConfig", "grpo_loss", "grpo_loss_from_logits", "linear_token_logprobs", "token_logprobs"]

@@ -1,0 +1,326 @@
+"""Token log-probs (and entropy) of ``hidden @ weight.T / T`` without ever holding the N×V logits.
+
+The logits are produced one tile ``[n_chunk, v_chunk]`` at a time by a matmul (cuBLAS; fp32 output for bf16/fp16
+inputs on CUDA) and folded into fp32 online log-sum-exp / entropy state per token by a Triton kernel. The
+backward recomputes each tile, turns it into d(loss)/d(logits) in place of a second buffer, and feeds it straight
+into two matmuls: dW[v-chunk] accumulates over token chunks in an fp32 [v_chunk, H] buffer, dH accumulates over
+vocab chunks in fp32 [N, H]. Extra memory: O(tile) + O(N·H), never O(N·V).
+
+The reference (CPU) path runs the same chunked algorithm with PyTorch tile ops (vocabulary in one chunk, tokens
+chunked), so its peak memory also stays far below the materialised logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._dispatch import check_float, check_targets, check_temperature, resolve_backend
+
+_BLOCK_V = 2048
+# Tile budgets in fp32 elements: 64 Mi (256 MiB) on CUDA, 8 Mi (32 MiB) for the CPU reference.
+_TILE_ELEMS_CUDA = 1 << 26
+_TILE_ELEMS_CPU = 1 << 23
+_V_CHUNK_CUDA = 8192
+
+
+@triton.jit
+def _tile_fwd_kernel(
+    TILE,
+    stride_t,
+    TARGET,
+    M,
+    S,
+    T_ACC,
+    X_T,
+    vc,
+    v0,
+    temperature,
+    WITH_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Fold row ``pid`` of an fp32 logits tile (vocab columns [v0, v0 + vc)) into the running fp32 state:
+    max M, sum S of exp(x − M), sum T_ACC of exp(x − M)·x, and the target's scaled logit X_T if in the tile."""
+    row = tl.program_id(0).to(tl.int64)
+    t_row = TILE + row * stride_t
+    m = tl.load(M + row)
+    s = tl.load(S + row)
+    t = tl.load(T_ACC + row)
+    for start in range(0, vc, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(t_row + cols, mask=cols < vc, other=float("-inf")) / temperature
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(x - m_new)
+        s = s * alpha + tl.sum(e, axis=0)
+        if WITH_ENTROPY:
+            t = t * alpha + tl.sum(e * tl.where(e > 0.0, x, 0.0), axis=0)
+        m = m_new
+    tl.store(M + row, m)
+    tl.store(S + row, s)
+    if WITH_ENTROPY:
+        tl.store(T_ACC + row, t)
+    local = tl.load(TARGET + row).to(tl.int64) - v0
+    in_tile = (local >= 0) & (local < vc)
+    x_t = tl.load(t_row + tl.where(in_tile, local, 0)) / temperature
+    tl.store(X_T + row, tl.where(in_tile, x_t, tl.load(X_T + row)))
+
+
+@triton.jit
+def _tile_bwd_kernel(
+    TILE,
+    stride_t,
+    OUT,
+    stride_o,
+    TARGET,
+    LSE,
+    ENT,
+    G_LOGP,
+    G_ENT,
+    vc,
+    v0,
+    temperature,
+    HAS_G_ENT: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Row ``pid`` of d(loss)/d(logits) for an fp32 logits tile, written to OUT in OUT's dtype (may alias TILE)."""
+    row = tl.program_id(0).to(tl.int64)
+    t_row = TILE + row * stride_t
+    o_row = OUT + row * stride_o
+    lse = tl.load(LSE + row)
+    g = tl.load(G_LOGP + row) / temperature
+    local = tl.load(TARGET + row).to(tl.int64) - v0
+    if HAS_G_ENT:
+        g_ent = tl.load(G_ENT + row) / temperature
+        ent = tl.load(ENT + row)
+    for start in range(0, vc, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        valid = cols < vc
+        logp = tl.load(t_row + cols, mask=valid, other=0.0) / temperature - lse
+        p = tl.exp(logp)
+        d = tl.where(cols == local, g, 0.0) - p * g
+        if HAS_G_ENT:
+            d -= tl.where(p > 0.0, g_ent * p * (logp + ent), 0.0)
+        tl.store(o_row + cols, d.to(OUT.dtype.element_ty), mask=valid)
+
+
+class _TritonTiles:
+    """Tile ops on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)."""
+
+    @staticmethod
+    def fold(tile, target, v0, state, temperature, with_entropy):
+        m, s, t, x_t = state
+        vc = tile.shape[1]
+        block_v = min(_BLOCK_V, triton.next_power_of_2(vc))
+        _tile_fwd_kernel[(tile.shape[0],)](
+            tile, tile.stride(0), target, m, s, t, x_t, vc, v0, temperature,
+            WITH_ENTROPY=with_entropy, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+        )  # fmt: skip
+
+    @staticmethod
+    def grad(tile, target, v0, lse, ent, g_logp, g_ent, temperature, out):
+        vc = tile.shape[1]
+        block_v = min(_BLOCK_V, triton.next_power_of_2(vc))
+        _tile_bwd_kernel[(tile.shape[0],)](
+            tile, tile.stride(0), out, out.stride(0), target, lse, ent if g_ent is not None else lse, g_logp,
+            g_ent if g_ent is not None else g_logp, vc, v0, temperature,
+            HAS_G_ENT=g_ent is not None, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+        )  # fmt: skip
+        return out
+
+
+class _TorchTiles:
+    """The same tile ops in plain PyTorch (the reference path)."""
+
+    @staticmethod
+    def fold(tile, target, v0, state, temperature, with_entropy):
+        m, s, t, x_t = state
+        x = tile / temperature
+        m_new = torch.maximum(m, x.amax(dim=1))
+        alpha = torch.exp(m - m_new)
+        e = torch.exp(x - m_new.unsqueeze(1))
+        s.mul_(alpha).add_(e.sum(1))
+        if with_entropy:
+            t.mul_(alpha).add_((e * torch.where(e > 0, x, 0.0)).sum(1))
+        m.copy_(m_new)
+        local = target - v0
+        in_tile = (local >= 0) & (local < tile.shape[1])
+        picked = x.gather(1, local.clamp(0, tile.shape[1] - 1).unsqueeze(1)).squeeze(1)
+        x_t.copy_(torch.where(in_tile, picked, x_t))
+
+    @staticmethod
+    def grad(tile, target, v0, lse, ent, g_logp, g_ent, temperature, out):
+        logp = tile / temperature - lse.unsqueeze(1)
+        p = torch.exp(logp)
+        g = (g_logp / temperature).unsqueeze(1)
+        d = -p * g
+        if g_ent is not None:
+            d -= (g_ent / temperature).unsqueeze(1) * torch.where(p > 0, p * (logp + ent.unsqueeze(1)), 0.0)
+        local = target - v0
+        rows = torch.nonzero((local >= 0) & (local < tile.shape[1])).squeeze(1)
+        d[rows, local[rows]] += g[rows, 0]
+        out.copy_(d)
+        return out
+
+
+def _logits_tile(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """fp32 ``h @ w.T`` ([n, H] × [v, H] → [n, v]); bf16/fp16 inputs keep their tensor-core matmul on CUDA."""
+    if h.dtype == torch.float32:
+        return h @ w.T
+    if h.is_cuda:
+        return torch.mm(h, w.T, out_dtype=torch.float32)
+    return (h @ w.T).float()
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """fp32 ``a @ b`` for same-dtype inputs (fp32 accumulate and output)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return (a @ b).float()
+
+
+def _chunks(total: int, size: int):
+    return [(i, min(i + size, total)) for i in range(0, total, size)]
+
+
+def _chunk_sizes(n: int, v: int, is_triton: bool, chunk_tokens: int | None, chunk_vocab: int | None):
+    if is_triton:
+        vc = chunk_vocab or min(v, _V_CHUNK_CUDA)
+        nc = chunk_tokens or max(1, _TILE_ELEMS_CUDA // max(vc, 1))
+    else:
+        vc = chunk_vocab or v
+        nc = chunk_tokens or max(1, _TILE_ELEMS_CPU // max(vc, 1))
+    return max(1, nc), max(1, vc)
+
+
+class LinearTokenLogprobsFunction(torch.autograd.Function):
+    """Chunked fused linear + log-softmax gather; tile ops from ``tiles`` (_TritonTiles or _TorchTiles)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, temperature, with_entropy, tiles, n_chunk, v_chunk):
+        n, v = hidden.shape[0], weight.shape[0]
+        f32 = dict(dtype=torch.float32, device=hidden.device)
+        logp = torch.empty(n, **f32)
+        lse = torch.empty(n, **f32)
+        ent = torch.empty(n if with_entropy else 0, **f32)
+        target = target.contiguous()
+        for n0, n1 in _chunks(n, n_chunk):
+            h, tgt = hidden[n0:n1], target[n0:n1]
+            state = (
+                torch.full((n1 - n0,), float("-inf"), **f32),
+                torch.zeros(n1 - n0, **f32),
+                torch.zeros(n1 - n0, **f32),
+                torch.zeros(n1 - n0, **f32),
+            )
+            for v0, v1 in _chunks(v, v_chunk):
+                tiles.fold(_logits_tile(h, weight[v0:v1]), tgt, v0, state, temperature, with_entropy)
+            m, s, t, x_t = state
+            lse[n0:n1] = m + torch.log(s)
+            logp[n0:n1] = x_t - lse[n0:n1]
+            if with_entropy:
+                ent[n0:n1] = lse[n0:n1] - t / s
+        ctx.save_for_backward(hidden, weight, target, lse, ent)
+        ctx.params = (temperature, tiles, n_chunk, v_chunk)
+        ctx.set_materialize_grads(False)
+        if not with_entropy:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, target, lse, ent = ctx.saved_tensors
+        temperature, tiles, n_chunk, v_chunk = ctx.params
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if (g_logp is None and g_ent is None) or not (need_h or need_w):
+            return (None,) * 8
+        n, v = hidden.shape[0], weight.shape[0]
+        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
+        g_ent = None if g_ent is None else g_ent.float().contiguous()
+        d_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        d_weight = torch.empty_like(weight) if need_w else None
+        for v0, v1 in _chunks(v, v_chunk):
+            w = weight[v0:v1]
+            dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+            for n0, n1 in _chunks(n, n_chunk):
+                h, rows = hidden[n0:n1], slice(n0, n1)
+                tile = _logits_tile(h, w)
+                # fp32 inputs: the gradient overwrites the tile; otherwise it goes to a tile in the matmul dtype
+                out = tile if hidden.dtype == torch.float32 else torch.empty_like(tile, dtype=hidden.dtype)
+                g_ent_rows = g_ent[rows] if g_ent is not None else None
+                ent_rows = ent[rows] if g_ent is not None else ent
+                dz = tiles.grad(tile, target[rows], v0, lse[rows], ent_rows, g_logp[rows], g_ent_rows, temperature, out)
+                if need_h:
+                    d_hidden[n0:n1] += _mm_fp32(dz, w)
+                if need_w:
+                    dw += _mm_fp32(dz.T, h)
+            if need_w:
+                d_weight[v0:v1] = dw
+        if need_h:
+            d_hidden = d_hidden.to(hidden.dtype)
+        return d_hidden, d_weight, None, None, None, None, None, None
+
+
+def _check_linear_inputs(hidden, weight, target, temperature, op) -> None:
+    check_float(hidden, "hidden", op)
+    check_temperature(temperature, op)
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"{op}: need hidden [N, H] and weight [V, H], got {list(hidden.shape)} and "
+                         f"{list(weight.shape)}")  # fmt: skip
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{op}: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"{op}: weight is on {weight.device} but hidden is on {hidden.device}")
+    check_targets(target, hidden.shape[0], weight.shape[0], hidden.device, op)
+
+
+def _run(hidden, weight, target, temperature, return_entropy, tiles, chunk_tokens, chunk_vocab):
+    n_chunk, v_chunk = _chunk_sizes(hidden.shape[0], weight.shape[0], tiles is _TritonTiles, chunk_tokens,
+                                    chunk_vocab)  # fmt: skip
+    logp, ent = LinearTokenLogprobsFunction.apply(
+        hidden, weight, target, float(temperature), return_entropy, tiles, n_chunk, v_chunk
+    )
+    return (logp, ent) if return_entropy else logp
+
+
+def linear_token_logprobs_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    *,
+    chunk_tokens: int | None = None,
+    chunk_vocab: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch version of ``linear_token_logprobs``: same chunked algorithm with torch tile ops (tokens chunked
+    so that a tile holds about 8 Mi fp32 logits, vocabulary in one chunk unless chunk_vocab is given)."""
+    _check_linear_inputs(hidden, weight, target, temperature, "linear_token_logprobs_reference")
+    return _run(hidden, weight, target, temperature, return_entropy, _TorchTiles, chunk_tokens, chunk_vocab)
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    *,
+    chunk_tokens: int | None = None,
+    chunk_vocab: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(hidden @ weight.T / temperature)[target] in fp32 (and the entropy), never holding N×V logits.
+
+    hidden: [N, H] and weight: [V, H], same float dtype and device; target: [N] int64/int32 in [0, V).
+    Returns fp32 [N] (or ([N], [N])); differentiable w.r.t. hidden and weight (dW in weight's dtype, accumulated
+    in fp32 per vocab chunk). chunk_tokens / chunk_vocab override the tile shape (defaults: 8192-column vocab
+    chunks and ~64 Mi-element tiles on the Triton path; see the reference for the torch path).
+    backend: "triton", "torch" or None (Triton for CUDA tensors, the chunked torch reference otherwise).
+    """
+    op = "linear_token_logprobs"
+    _check_linear_inputs(hidden, weight, target, temperature, op)
+    tiles = _TritonTiles if resolve_backend(backend, hidden, op) == "triton" else _TorchTiles
+    return _run(hidden, weight, target, temperature, return_entropy, tiles, chunk_tokens, chunk_vocab)
