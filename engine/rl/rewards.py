@@ -1,0 +1,280 @@
+"""GRPO-SIF rewards: format, answer (with progress), grounding (with progress) and depth, each its own function.
+
+Every completion is scored against its record's ground truth (``RewardTarget``). With ``p`` the parsed
+completion (``engine.data.sif_format.parse_response``):
+
+* **format** ``r_f ∈ {0, 1}``: 1 iff the response is strictly well-formed (``p.error is None``: ``<think>`` holds
+  alternating ``<area>``/``<text>`` pairs starting with an area, then ``<answer>``), it has at least one area,
+  every box is valid (finite, ``0 ≤ x1 < x2 ≤ 1``, ``0 ≤ y1 < y2 ≤ 1``, ``0 ≤ depth ≤ 1``) and the answer is
+  non-empty.
+* **answer** ``r_a = s + max(0, s − s_prev)``: ``s ∈ [0, 1]`` is the rule-based match of the extracted answer with
+  the reference by answer type (``engine.data.answers.answers_match``), or an optional judge callable for the
+  answer types configured to use it; a missing answer scores ``s = 0`` (never the reference). ``s_prev`` is this
+  prompt's group-mean ``s`` the last time it was seen (``AnswerProgress``, checkpointable); on a prompt's first
+  visit there is no progress term (``s_prev = s``).
+* **grounding** ``r_g = IoU_end + max(0, IoU_end − IoU_start)``: IoU of a box set with the ground-truth boxes is
+  ``box_set_iou`` (mean of the exact union-region IoU and the Hungarian-matched IoU, see ``engine.rl.iou``);
+  end = the last area, start = the first area that is not the full image (no such area: no progress term).
+  No area or no ground-truth boxes: 0.
+* **depth** ``r_d``: the fraction of *all* predicted boxes (every area) whose stated depth ``d`` satisfies
+  ``|m − d| ≤ 0.1·m`` with ``m`` the mean of the record's depth map inside the box (``engine.ops.crop_boxes``
+  ``depth_stats``, one batched call per depth-map size). Guard for ``m → 0``: the tolerance is
+  ``max(0.1·m, 5e-4)``, half the last digit of the 3-decimal SIF writer, so a box on the nearest plane stated as
+  ``0.0`` counts as right. No boxes or no depth map: 0.
+
+The total is ``Σ w_k r_k`` with all weights 1 by default (the release sums unweighted).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine.data.answers import answers_match
+from engine.data.sif_format import DepthBox, ParsedResponse, parse_response
+from engine.ops import crop_boxes
+from engine.rl.iou import box_set_iou
+
+REWARD_TERMS = ("format", "answer", "grounding", "depth")
+DEPTH_REL_TOL = 0.1
+DEPTH_ABS_TOL = 5e-4
+FULL_IMAGE_TOL = 0.02
+
+Judge = Callable[[str, str, str], float]
+"""judge(question, prediction, reference) -> score in [0, 1]; used only for the answer types configured for it."""
+
+
+@dataclass(frozen=True)
+class RewardWeights:
+    """Per-term weights of the total reward (the release: all 1)."""
+
+    format: float = 1.0
+    answer: float = 1.0
+    grounding: float = 1.0
+    depth: float = 1.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(getattr(self, k)) for k in REWARD_TERMS}
+
+
+@dataclass
+class RewardTarget:
+    """One record's ground truth, as the rewards need it.
+
+    gt_boxes: normalised ``[x1, y1, x2, y2]`` rows. depth: float32 [H, W] scalar depth in [0, 1] (0 near) or None.
+    """
+
+    record_id: str
+    question: str
+    answer: str
+    answer_type: str
+    gt_boxes: Sequence[Sequence[float]]
+    depth: torch.Tensor | None = None
+
+
+def box_is_valid(box: DepthBox) -> bool:
+    """Finite, inside the unit square with positive width and height, depth in [0, 1]."""
+    vals = (box.x1, box.y1, box.x2, box.y2, box.depth)
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
+        return False
+    return 0.0 <= box.x1 < box.x2 <= 1.0 and 0.0 <= box.y1 < box.y2 <= 1.0 and 0.0 <= box.depth <= 1.0
+
+
+def format_reward(parsed: ParsedResponse) -> float:
+    """1.0 iff strictly well-formed, at least one area, every box valid and the answer non-empty; else 0.0."""
+    if parsed.error is not None or not parsed.areas:
+        return 0.0
+    if parsed.answer is None or not parsed.answer.strip():
+        return 0.0
+    if any(not area or not all(box_is_valid(b) for b in area) for area in parsed.areas):
+        return 0.0
+    return 1.0
+
+
+def answer_score(
+    prediction: str | None, target: RewardTarget, judge: Judge | None = None, judge_types: Sequence[str] = ()
+) -> float:
+    """s ∈ [0, 1]: 0 for a missing/empty answer; the judge for ``judge_types``; else the rule by answer type."""
+    if prediction is None or not prediction.strip():
+        return 0.0
+    if judge is not None and target.answer_type in judge_types:
+        score = float(judge(target.question, prediction, target.answer))
+        if not 0.0 <= score <= 1.0:
+            raise ValueError(f"judge returned {score} for record {target.record_id!r}; expected a score in [0, 1]")
+        return score
+    return float(answers_match(prediction, target.answer, target.answer_type))
+
+
+def progress_reward(score: float, previous: float | None) -> float:
+    """``s + max(0, s − s_prev)``; no progress term when there is no previous score."""
+    if previous is None:
+        return score
+    return score + max(0.0, score - previous)
+
+
+def _is_full_image(area: Sequence[DepthBox], tol: float = FULL_IMAGE_TOL) -> bool:
+    """An area is "the full image" when one of its boxes spans [0, 1]² within ``tol`` on every side."""
+    return any(b.x1 <= tol and b.y1 <= tol and b.x2 >= 1 - tol and b.y2 >= 1 - tol for b in area)
+
+
+def _coords(area: Sequence[DepthBox]) -> list[list[float]]:
+    return [[b.x1, b.y1, b.x2, b.y2] for b in area if box_is_valid(b)]
+
+
+def grounding_reward(areas: Sequence[Sequence[DepthBox]], gt_boxes: Sequence[Sequence[float]]) -> float:
+    """``IoU_end + max(0, IoU_end − IoU_start)``; invalid boxes are dropped before the IoU (they cover nothing)."""
+    if not areas or len(gt_boxes) == 0:
+        return 0.0
+    iou_end = box_set_iou(_coords(areas[-1]), gt_boxes)
+    start = next((a for a in areas if not _is_full_image(a)), None)
+    if start is None:
+        return iou_end
+    iou_start = box_set_iou(_coords(start), gt_boxes)
+    return iou_end + max(0.0, iou_end - iou_start)
+
+
+def depth_reward(stated: Sequence[float], measured: Sequence[float]) -> float:
+    """Fraction of boxes with ``|m − d| ≤ max(0.1·m, 5e-4)``; 0 when there are no boxes."""
+    if len(stated) != len(measured):
+        raise ValueError(f"depth_reward: {len(stated)} stated depths but {len(measured)} measured")
+    if not stated:
+        return 0.0
+    hits = sum(abs(m - d) <= max(DEPTH_REL_TOL * m, DEPTH_ABS_TOL) for d, m in zip(stated, measured))
+    return hits / len(stated)
+
+
+def box_mean_depths(depth_maps: Sequence[torch.Tensor], boxes: Sequence[tuple[int, DepthBox]]) -> list[float]:
+    """Mean depth inside each box: ``boxes[k] = (map index, normalised box)`` -> ``[m_k]``.
+
+    One ``crop_boxes`` call per distinct depth-map size (maps of equal size are stacked), reading only the
+    ``depth_stats`` mean; crops are requested at 1x1 so no resampling work is wasted.
+    """
+    out = [0.0] * len(boxes)
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for k, (m, _) in enumerate(boxes):
+        by_shape.setdefault(tuple(depth_maps[m].shape[-2:]), []).append(k)
+    for (h, w), ks in by_shape.items():
+        maps = sorted({boxes[k][0] for k in ks})
+        slot = {m: i for i, m in enumerate(maps)}
+        depth = torch.stack([depth_maps[m].reshape(h, w).float() for m in maps])  # [N, H, W]
+        pix = torch.tensor(
+            [[boxes[k][1].x1 * w, boxes[k][1].y1 * h, boxes[k][1].x2 * w, boxes[k][1].y2 * h] for k in ks],
+            dtype=torch.float32,
+        )
+        index = torch.tensor([slot[boxes[k][0]] for k in ks], dtype=torch.int64)
+        stats = crop_boxes(depth[:, None].expand(-1, 3, -1, -1), pix, index, (1, 1), depth=depth).depth_stats
+        for k, mean in zip(ks, stats[:, 1].tolist()):
+            out[k] = mean
+    return out
+
+
+class AnswerProgress:
+    """``s_prev`` for the answer progress term: each record's group-mean answer score when last seen.
+
+    Plain ``dict[str, float]`` state, so it checkpoints as ``state_dict()`` / ``load_state_dict()``; ``merge``
+    folds in another rank's entries (records are disjoint across ranks within a step).
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+
+    def get(self, record_id: str) -> float | None:
+        return self._last.get(record_id)
+
+    def update(self, record_id: str, group_mean: float) -> None:
+        self._last[record_id] = float(group_mean)
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def state_dict(self) -> dict[str, float]:
+        return dict(self._last)
+
+    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        self._last = {str(k): float(v) for k, v in state.items()}
+
+    def merge(self, state: Mapping[str, float]) -> None:
+        self._last.update({str(k): float(v) for k, v in state.items()})
+
+
+@dataclass
+class RewardBatch:
+    """Rewards of N completions: ``terms[k]`` float32 [N] per term, ``total`` float32 [N], plus the parses."""
+
+    terms: dict[str, torch.Tensor]
+    total: torch.Tensor
+    parsed: list[ParsedResponse]
+    answer_scores: torch.Tensor
+
+    def metrics(self) -> dict[str, float]:
+        """Batch means as ``reward/<term>`` and ``reward/total``."""
+        out = {f"reward/{k}": float(v.mean()) for k, v in self.terms.items()}
+        out["reward/total"] = float(self.total.mean())
+        return out
+
+
+def score_completions(
+    texts: Sequence[str],
+    prompt_index: Sequence[int],
+    targets: Sequence[RewardTarget],
+    *,
+    weights: RewardWeights = RewardWeights(),
+    progress: AnswerProgress | None = None,
+    judge: Judge | None = None,
+    judge_types: Sequence[str] = (),
+) -> RewardBatch:
+    """Score completions ``texts[i]`` of prompt ``targets[prompt_index[i]]``; updates ``progress`` per prompt.
+
+    ``s_prev`` is read for every prompt before any update, then each prompt's group-mean ``s`` is stored.
+    """
+    if len(texts) != len(prompt_index):
+        raise ValueError(f"score_completions: {len(texts)} texts but {len(prompt_index)} prompt indices")
+    for i, p in enumerate(prompt_index):
+        if not 0 <= p < len(targets):
+            raise IndexError(f"score_completions: completion {i} has prompt_index {p}, only {len(targets)} targets")
+    parsed = [parse_response(t) for t in texts]
+    fmt = [format_reward(p) for p in parsed]
+    scores = [answer_score(p.answer, targets[pi], judge, judge_types) for p, pi in zip(parsed, prompt_index)]
+
+    previous = {pi: progress.get(targets[pi].record_id) if progress is not None else None for pi in set(prompt_index)}
+    ans = [progress_reward(s, previous[pi]) for s, pi in zip(scores, prompt_index)]
+    if progress is not None:
+        for pi in previous:
+            group = [s for s, q in zip(scores, prompt_index) if q == pi]
+            progress.update(targets[pi].record_id, sum(group) / len(group))
+
+    grd = [grounding_reward(p.areas, targets[pi].gt_boxes) for p, pi in zip(parsed, prompt_index)]
+
+    dep = _depth_terms(parsed, prompt_index, [t.depth for t in targets])
+
+    terms = {k: torch.tensor(v, dtype=torch.float32) for k, v in zip(REWARD_TERMS, (fmt, ans, grd, dep), strict=True)}
+    w = weights.as_dict()
+    total = sum(w[k] * terms[k] for k in REWARD_TERMS)
+    return RewardBatch(terms=terms, total=total, parsed=parsed, answer_scores=torch.tensor(scores))
+
+
+def _depth_terms(
+    parsed: Sequence[ParsedResponse], prompt_index: Sequence[int], depth_maps: Sequence[torch.Tensor | None]
+) -> list[float]:
+    """Depth reward per completion over all its boxes, measured in one batched pass; invalid boxes are misses."""
+    queries: list[tuple[int, DepthBox]] = []
+    owner: list[int] = []
+    num_boxes = [0] * len(parsed)
+    for i, (p, pi) in enumerate(zip(parsed, prompt_index)):
+        if depth_maps[pi] is None:
+            continue
+        for box in (b for area in p.areas for b in area):
+            num_boxes[i] += 1
+            if box_is_valid(box):
+                queries.append((pi, box))
+                owner.append(i)
+    measured = box_mean_depths(depth_maps, queries) if queries else []
+    stated: list[list[float]] = [[] for _ in parsed]
+    means: list[list[float]] = [[] for _ in parsed]
+    for i, (_, box), m in zip(owner, queries, measured):
+        stated[i].append(box.depth)
+        means[i].append(m)
+    return [depth_reward(stated[i], means[i]) * len(stated[i]) / n if n else 0.0 for i, n in enumerate(num_boxes)]
