@@ -1,0 +1,175 @@
+"""The Qwen2 decoder: GQA self-attention (q/k/v bias, no o bias), RMSNorm, SwiGLU, M-RoPE.
+
+All layers work on packed tokens ``[T, H]``. ``Attention.forward`` runs either packed causal attention over
+``cu_seqlens`` (training / scoring) or, given a :class:`KVCache`, appends the new tokens' K/V to the cache and
+attends against it (generation).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .attention import cached_attention, varlen_attention
+from .config import TextConfig
+from .layers import RMSNorm, SwiGLU
+from .rope import apply_rope
+
+
+@functools.cache
+def _liger_rope():
+    try:
+        from liger_kernel.ops.rope import LigerRopeFunction
+    except ImportError:
+        return None
+    return LigerRopeFunction
+
+
+def rope_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate packed q [T, Hq, D] and k [T, Hkv, D] by precomputed M-RoPE tables cos/sin [T, D]."""
+    liger = _liger_rope() if q.is_cuda else None
+    if liger is not None:
+        qr, kr = liger.apply(q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2), cos, sin)
+        return qr.transpose(1, 2)[0], kr.transpose(1, 2)[0]
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+@dataclass
+class CacheView:
+    """Where a batch of appended tokens goes in the KV cache (built once per step, shared by all layers).
+
+    rows: int64 [n] cache row of each appending sequence; flat_dst: int64 [T] flat (row*S + slot) destination of
+    each packed new token; q_index: int64 [n, L] packed index of query j of sequence i (padded entries point at 0);
+    mask: bool [n, 1, L, S'] attention mask over the first S' cache slots; valid: bool [n, L] real queries.
+    """
+
+    rows: torch.Tensor
+    flat_dst: torch.Tensor
+    q_index: torch.Tensor
+    mask: torch.Tensor
+    valid: torch.Tensor
+
+
+class KVCache:
+    """Per-layer K/V tensors [N, Hkv, S, D] with per-row lengths; grows (doubling) when a row would overflow."""
+
+    def __init__(self, num_layers: int, rows: int, heads: int, head_dim: int, capacity: int, dtype, device) -> None:
+        shape = (rows, heads, capacity, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.lengths = torch.zeros(rows, dtype=torch.long)
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    def ensure(self, needed: int) -> None:
+        """Grow every layer's slot dimension to at least ``needed``."""
+        if needed <= self.capacity:
+            return
+        new = max(needed, 2 * self.capacity)
+        pad = new - self.capacity
+        self.k = [torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in self.k]
+        self.v = [torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in self.v]
+
+    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Duplicate cache rows (a prompt's prefill into its G sample rows)."""
+        for t in self.k + self.v:
+            t[dst] = t[src]
+        self.lengths[dst] = self.lengths[src]
+
+    def plan(self, rows: torch.Tensor, counts: torch.Tensor) -> CacheView:
+        """Reserve ``counts[i]`` slots after row ``rows[i]``'s current length and build the view; lengths advance."""
+        device = self.k[0].device
+        starts = self.lengths[rows]
+        ends = starts + counts
+        self.ensure(int(ends.max()))
+        cap, span, max_len = self.capacity, int(ends.max()), int(counts.max())
+        j = torch.arange(max_len)
+        valid = j.unsqueeze(0) < counts.unsqueeze(1)  # [n, L]
+        slots = starts.unsqueeze(1) + j  # [n, L]
+        flat_dst = (rows.unsqueeze(1) * cap + slots)[valid]
+        q_index = torch.zeros_like(slots)
+        q_index[valid] = torch.arange(int(counts.sum()))
+        key_pos = torch.arange(span)
+        mask = (key_pos.view(1, 1, -1) <= slots.unsqueeze(-1)) & valid.unsqueeze(-1)
+        mask[~valid] = True  # padded queries attend to something (their output is discarded)
+        self.lengths[rows] = ends
+        return CacheView(
+            rows.to(device), flat_dst.to(device), q_index.to(device), mask.unsqueeze(1).to(device), valid.to(device)
+        )
+
+
+class Attention(nn.Module):
+    """GQA self-attention with M-RoPE."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cu_seqlens: torch.Tensor | None,
+        cache: tuple[torch.Tensor, torch.Tensor, CacheView] | None = None,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k = rope_qk(q, k, cos, sin)
+        if cache is None:
+            out = varlen_attention(q, k, v, cu_seqlens, causal=True)
+        else:
+            out = self._cached(q, k, v, *cache)
+        return self.o_proj(out.reshape(t, -1))
+
+    def _cached(self, q, k, v, k_cache: torch.Tensor, v_cache: torch.Tensor, view: CacheView) -> torch.Tensor:
+        cap = k_cache.shape[2]
+        row, slot = view.flat_dst // cap, view.flat_dst % cap
+        k_cache[row, :, slot] = k.to(k_cache.dtype)  # advanced indices around a slice: [T, Hkv, D]
+        v_cache[row, :, slot] = v.to(v_cache.dtype)
+        span = view.mask.shape[-1]
+        qb = q[view.q_index].transpose(1, 2)  # [n, Hq, L, D]
+        ob = cached_attention(qb, k_cache[view.rows, :, :span], v_cache[view.rows, :, :span], view.mask)
+        return ob.transpose(1, 2)[view.valid]  # [T, Hq, D] in packed order
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(input_layernorm(x)); x + mlp(post_attention_layernorm(x))."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cu_seqlens, cache=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Token embedding + layers + final norm (HF's ``model.*`` / ``model.language_model.*``)."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)

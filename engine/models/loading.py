@@ -1,0 +1,225 @@
+"""Loading and saving HF-format checkpoints (config.json + safetensors, single file or sharded with an index).
+
+Loading builds the model on the meta device (no memory), validates every tensor name and shape against the
+safetensors headers of all files *before* reading any data, then materialises parameters file by file, tensor by
+tensor, directly in the requested dtype/device, so peak memory is the model plus one tensor. Problems are reported
+together: missing, unexpected and mis-shaped tensors, each by name and file; a truncated or corrupt file by path.
+Names are mapped explicitly between the hub layout (``model.layers.*``, ``visual.*``, ``lm_head.weight``; what
+we use and what we save) and the transformers-5 layout (``model.language_model.*``, ``model.visual.*``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig, load_config
+from .model import VLModel
+from .rope import inv_freq
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded faithfully."""
+
+
+# checkpoint-name prefix → engine-name prefix; the first match wins.
+NAME_MAP: tuple[tuple[str, str], ...] = (
+    ("model.language_model.", "model."),
+    ("model.visual.", "visual."),
+    ("language_model.model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("model.", "model."),
+    ("visual.", "visual."),
+    ("lm_head.", "lm_head."),
+)
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def engine_name(checkpoint_name: str) -> str | None:
+    """Map a checkpoint tensor name to our parameter name (None: not a name we know)."""
+    for src, dst in NAME_MAP:
+        if checkpoint_name.startswith(src):
+            return dst + checkpoint_name[len(src) :]
+    return None
+
+
+def read_header(file: Path) -> dict[str, dict]:
+    """Parse a safetensors header and check the file holds every byte it promises; name → {dtype, shape}."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if 8 + n > size:
+                raise CheckpointError(f"{file}: truncated safetensors file (header of {n} bytes, file {size} bytes)")
+            header = json.loads(f.read(n))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: unreadable safetensors header ({e})") from e
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{file}: truncated safetensors file (needs {8 + n + end} bytes, has {size})")
+    return header
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder: model.safetensors, or the shards named by the index."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: invalid index ({e})") from e
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: shard files missing: {missing}")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype or config.torch_dtype or "float32"
+    if name not in _DTYPE_NAMES:
+        raise CheckpointError(f"unsupported dtype {name!r} (one of {sorted(_DTYPE_NAMES)})")
+    return _DTYPE_NAMES[name]
+
+
+def load_weights(model: VLModel, path: str | Path, dtype: torch.dtype, device: torch.device | str) -> None:
+    """Materialise every parameter of a (meta-device) model from the checkpoint at ``path``."""
+    path = Path(path)
+    files = checkpoint_files(path)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    tied = model.config.tie_word_embeddings
+    plan: dict[Path, list[tuple[str, str]]] = {}
+    seen: dict[str, str] = {}
+    unexpected, misshaped, duplicate = [], [], []
+    for file in files:
+        for ck_name, info in read_header(file).items():
+            name = engine_name(ck_name)
+            if name == "lm_head.weight" and tied:
+                continue  # a tied checkpoint may store the (identical) head; the embedding is the source
+            if name not in expected:
+                unexpected.append(f"{ck_name} ({file.name})")
+                continue
+            if name in seen:
+                duplicate.append(f"{ck_name} ({file.name} and {seen[name]})")
+                continue
+            if tuple(info["shape"]) != expected[name]:
+                misshaped.append(f"{ck_name} ({file.name}): checkpoint {tuple(info['shape'])}, model {expected[name]}")
+                continue
+            if info["dtype"] not in _DTYPES:
+                raise CheckpointError(f"{file}: tensor {ck_name} has unsupported dtype {info['dtype']}")
+            seen[name] = file.name
+            plan.setdefault(file, []).append((ck_name, name))
+    missing = sorted(set(expected) - set(seen))
+    if missing or unexpected or misshaped or duplicate:
+        parts = [
+            f"{label} ({len(items)}): {', '.join(items[:20])}{' ...' if len(items) > 20 else ''}"
+            for label, items in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("mis-shaped", misshaped),
+                ("duplicated", duplicate),
+            )
+            if items
+        ]
+        raise CheckpointError(f"{path}: checkpoint does not match the model config; " + "; ".join(parts))
+
+    params = dict(model.named_parameters())
+    for file, names in plan.items():
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for ck_name, name in names:
+                    tensor = f.get_tensor(ck_name).to(device=device, dtype=dtype)
+                    module_name, _, attr = name.rpartition(".")
+                    module = model.get_submodule(module_name)
+                    module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=params[name].requires_grad)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for corrupt data
+            raise CheckpointError(f"{file}: cannot read tensors ({e})") from e
+    model.rope_inv_freq = inv_freq(model.config.text.head_dim, model.config.text.rope_theta, torch.device(device))
+
+
+def from_pretrained(
+    path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None
+) -> VLModel:
+    """Load a Qwen2.5-VL checkpoint folder. dtype None → the config's ``torch_dtype`` (float32 if absent);
+    device None → CPU. Returns the model in eval mode."""
+    path = Path(path)
+    config = load_config(path)
+    torch_dtype = _resolve_dtype(dtype, config)
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = VLModel(config)
+    load_weights(model, path, torch_dtype, device)
+    return model.eval()
+
+
+def save_pretrained(model: VLModel, path: str | Path, max_shard_bytes: int = 4 << 30) -> Path:
+    """Write config.json and the weights (hub names; sharded with an index above ``max_shard_bytes``)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {name: p.detach() for name, p in model.named_parameters()}
+    dtypes = {t.dtype for t in state.values()}
+    config = model.config.to_hf_dict()
+    if len(dtypes) == 1:
+        config["torch_dtype"] = str(next(iter(dtypes))).removeprefix("torch.")
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.to("cpu").contiguous()
+        size += nbytes
+    for stale in path.glob("model*.safetensors*"):
+        os.remove(stale)
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+        return path
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return path

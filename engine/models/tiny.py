@@ -1,0 +1,85 @@
+"""The embedded default: a tiny (~3M-parameter) Qwen2.5-VL-shaped model with a byte-level vocabulary.
+
+Sized for CPU training on the bundled synthetic data: 224×224 images become 16×16 patches → 64 image tokens
+(max_pixels = 224², so such images are not resized). Weights are drawn from a seeded generator, so the same seed
+gives byte-identical checkpoints. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig, TextConfig, VisionConfig
+from .loading import save_pretrained
+from .model import VLModel
+from .processor import ImageConfig, Processor
+from .tokenizer import ENDOFTEXT, IM_END, IMAGE_PAD, VISION_END, VISION_START, Tokenizer, build_byte_tokenizer
+
+TINY_MAX_PIXELS = 224 * 224
+
+
+def tiny_config(tokenizer: Tokenizer | None = None) -> ModelConfig:
+    """Config of the embedded default model; special-token ids come from the byte-level tokenizer."""
+    tok = tokenizer or Tokenizer(build_byte_tokenizer())
+    text = TextConfig(
+        vocab_size=len(tok),
+        hidden_size=192,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        mrope_section=[4, 6, 6],
+        max_position_embeddings=8192,
+    )
+    vision = VisionConfig(
+        depth=4,
+        hidden_size=128,
+        intermediate_size=256,
+        num_heads=4,
+        out_hidden_size=192,
+        window_size=112,
+        fullatt_block_indexes=[1, 3],
+    )
+    t = tok.tok.token_to_id
+    return ModelConfig(
+        text=text,
+        vision=vision,
+        tie_word_embeddings=True,
+        image_token_id=t(IMAGE_PAD),
+        video_token_id=t("<|video_pad|>"),
+        vision_start_token_id=t(VISION_START),
+        vision_end_token_id=t(VISION_END),
+        bos_token_id=t(ENDOFTEXT),
+        eos_token_id=t(IM_END),
+        torch_dtype="float32",
+    )
+
+
+def init_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:
+    """Deterministic init: N(0, std) for matrices/embeddings/patch conv, 0 for biases, 1 for norm weights."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def create_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
+    """Write config.json, model.safetensors, tokenizer.json and preprocessor_config.json of the tiny model."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(build_byte_tokenizer())
+    model = VLModel(tiny_config(tok))
+    init_weights(model, seed)
+    save_pretrained(model, path)
+    Processor(tok, ImageConfig(min_pixels=56 * 56, max_pixels=TINY_MAX_PIXELS)).save(path)
+    return path
