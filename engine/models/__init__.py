@@ -1,6 +1,7 @@
 """Qwen2.5-VL-compatible vision-language model: config, loading, forward, tokenizer/processor, generation."""
 
 from .config import ConfigError, ModelConfig, TextConfig, VisionConfig, load_config
+from .generate import FocusRequest, Rollout, generate
 from .loading import CheckpointError, from_pretrained, save_pretrained
 from .model import VLModel
 from .processor import ImageConfig, Processor, processor_from_pretrained, smart_resize
@@ -11,15 +12,18 @@ from .tokenizer import Tokenizer
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "FocusRequest",
     "ImageConfig",
     "ModelConfig",
     "Processor",
+    "Rollout",
     "TextConfig",
     "Tokenizer",
     "VLModel",
     "VisionConfig",
     "create_tiny_checkpoint",
     "from_pretrained",
+    "generate",
     "load_config",
     "mrope_position_ids",
     "processor_from_pretrained",

@@ -46,13 +46,16 @@ class CacheView:
     rows: int64 [n] cache row of each appending sequence; flat_dst: int64 [T] flat (row*S + slot) destination of
     each packed new token; q_index: int64 [n, L] packed index of query j of sequence i (padded entries point at 0);
     mask: bool [n, 1, L, S'] attention mask over the first S' cache slots; valid: bool [n, L] real queries.
+    Prefill (every row starts empty): cu_seqlens int32 [n+1] instead of q_index/mask/valid, and attention runs
+    packed (varlen) while K/V are written to the cache.
     """
 
     rows: torch.Tensor
     flat_dst: torch.Tensor
     q_index: torch.Tensor
-    mask: torch.Tensor
-    valid: torch.Tensor
+    mask: torch.Tensor | None
+    valid: torch.Tensor | None
+    cu_seqlens: torch.Tensor | None = None
 
 
 class KVCache:
@@ -83,8 +86,11 @@ class KVCache:
             t[dst] = t[src]
         self.lengths[dst] = self.lengths[src]
 
-    def plan(self, rows: torch.Tensor, counts: torch.Tensor) -> CacheView:
-        """Reserve ``counts[i]`` slots after row ``rows[i]``'s current length and build the view; lengths advance."""
+    def plan(self, rows: torch.Tensor, counts: torch.Tensor, prefill: bool = False) -> CacheView:
+        """Reserve ``counts[i]`` slots after row ``rows[i]``'s current length and build the view; lengths advance.
+
+        The packed new tokens must be ordered row by row. ``prefill`` requires empty rows and attends packed.
+        """
         device = self.k[0].device
         starts = self.lengths[rows]
         ends = starts + counts
@@ -93,16 +99,19 @@ class KVCache:
         j = torch.arange(max_len)
         valid = j.unsqueeze(0) < counts.unsqueeze(1)  # [n, L]
         slots = starts.unsqueeze(1) + j  # [n, L]
-        flat_dst = (rows.unsqueeze(1) * cap + slots)[valid]
+        flat_dst = (rows.unsqueeze(1) * cap + slots)[valid].to(device)
+        self.lengths[rows] = ends
+        if prefill:
+            if bool((starts != 0).any()):
+                raise ValueError("KVCache.plan: prefill into non-empty rows")
+            cu = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0)).to(torch.int32)
+            return CacheView(rows.to(device), flat_dst, None, None, None, cu)
         q_index = torch.zeros_like(slots)
         q_index[valid] = torch.arange(int(counts.sum()))
         key_pos = torch.arange(span)
         mask = (key_pos.view(1, 1, -1) <= slots.unsqueeze(-1)) & valid.unsqueeze(-1)
         mask[~valid] = True  # padded queries attend to something (their output is discarded)
-        self.lengths[rows] = ends
-        return CacheView(
-            rows.to(device), flat_dst.to(device), q_index.to(device), mask.unsqueeze(1).to(device), valid.to(device)
-        )
+        return CacheView(rows.to(device), flat_dst, q_index.to(device), mask.unsqueeze(1).to(device), valid.to(device))
 
 
 class Attention(nn.Module):
@@ -144,6 +153,8 @@ class Attention(nn.Module):
         row, slot = view.flat_dst // cap, view.flat_dst % cap
         k_cache[row, :, slot] = k.to(k_cache.dtype)  # advanced indices around a slice: [T, Hkv, D]
         v_cache[row, :, slot] = v.to(v_cache.dtype)
+        if view.cu_seqlens is not None:
+            return varlen_attention(q, k, v, view.cu_seqlens, causal=True)
         span = view.mask.shape[-1]
         qb = q[view.q_index].transpose(1, 2)  # [n, Hq, L, D]
         ob = cached_attention(qb, k_cache[view.rows, :, :span], v_cache[view.rows, :, :span], view.mask)

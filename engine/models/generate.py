@@ -1,0 +1,321 @@
+"""Batched sampling with a KV cache, and interleaved images spliced into a sample mid-generation.
+
+Each prompt is prefilled once (packed, varlen attention) and its cache rows copied to its G samples. Every step
+then appends one chunk per live sample: normally the token just sampled, but for a sample whose text has just
+ended with ``focus_trigger`` the chunk is that token followed by ``<|vision_start|> <|image_pad|>*n
+<|vision_end|>`` for each image the focus hook returned. The images of all such samples are preprocessed and
+encoded by the vision tower in one batch; the pads' embeddings are replaced by the vision features, the chunk's
+M-RoPE ids continue the sample's own position counter, and its K/V land in the sample's cache row. The result is
+exactly the sequence a full forward over the spliced tokens would see (the tests prove it logit for logit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .decoder import KVCache
+from .model import VLModel
+from .processor import Processor
+from .rope import mrope_position_ids
+
+
+@dataclass
+class FocusRequest:
+    """A sample whose completion text just ended with the focus trigger."""
+
+    prompt_index: int
+    sample_index: int
+    completion_text: str
+
+
+@dataclass
+class Rollout:
+    """One generated sample.
+
+    input_ids int64 [T]: prompt + sampled tokens + spliced vision tokens, in order. completion_mask bool [T]: True
+    only for sampled tokens. logprobs float32 [T]: log-probability of each sampled token under softmax(logits /
+    temperature) (before top-p), 0 elsewhere. pixel_values [P, patch_dim] / image_grid_thw int64 [n, 3]: every
+    image in the sequence (prompt's, then spliced), or None. text: decoded completion without special or spliced
+    tokens. finished: ended with an eos token or a stop string (False: hit max_new_tokens).
+    """
+
+    prompt_index: int
+    sample_index: int
+    input_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    logprobs: torch.Tensor
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+    text: str
+    finished: bool
+    num_focus_steps: int
+
+
+FocusHook = Callable[[list[FocusRequest]], Sequence[Sequence[torch.Tensor] | None]]
+
+
+@dataclass
+class _Sample:
+    prompt_index: int
+    sample_index: int
+    ids: list[int]
+    mask: list[bool]
+    logprobs: list[float]
+    pixel_values: list[torch.Tensor]
+    grids: list[torch.Tensor]
+    next_pos: int
+    text: str = ""
+    pending: list[int] = field(default_factory=list)
+    new_tokens: int = 0
+    finished: bool = False
+    done: bool = False
+    focus_steps: int = 0
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+    banned: Sequence[int] = (),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [n, V] → (tokens int64 [n], log-prob of each under softmax(logits / temperature), fp32 [n]).
+
+    temperature <= 0 is greedy (log-probs then use temperature 1). top_p < 1 samples from the smallest set of
+    tokens whose probability reaches top_p. ``banned`` ids (input-only placeholders such as the image pad) are
+    never sampled; the reported log-probs are those of the unmodified distribution, i.e. of the model itself.
+    """
+    logits = logits.float()
+    scaled = logits / temperature if temperature > 0 else logits
+    logp = F.log_softmax(scaled, dim=-1)
+    allowed = logp.clone()
+    if banned:
+        allowed[:, list(banned)] = float("-inf")
+    if temperature <= 0:
+        tokens = allowed.argmax(-1)
+    else:
+        probs = allowed.softmax(-1)
+        if top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p  # keep the first token always
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+class _TextStream:
+    """Incremental byte-level decoding: tokens are held back while they end inside a UTF-8 character."""
+
+    def __init__(self, processor: Processor) -> None:
+        self.tokenizer = processor.tokenizer
+
+    def push(self, s: _Sample, token: int) -> str:
+        s.pending.append(token)
+        piece = self.tokenizer.decode(s.pending, skip_special_tokens=True)
+        if piece.endswith("\ufffd") and len(s.pending) < 4:
+            return ""
+        s.pending.clear()
+        s.text += piece
+        return piece
+
+
+@torch.no_grad()
+def generate(
+    model: VLModel,
+    processor: Processor,
+    prompts: list[dict],
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    stop_strings: Sequence[str] = (),
+    focus_hook: FocusHook | None = None,
+    focus_trigger: str = "</area>",
+    max_focus_steps: int = 0,
+    generator: torch.Generator | None = None,
+) -> list[Rollout]:
+    """Sample ``num_samples`` completions per prompt (dicts from ``Processor.apply_chat_template``).
+
+    Rollouts come back prompt-major: prompt 0's samples 0..G-1, then prompt 1's, ... See the module docstring for
+    the focus hook; it is called once per step with all triggering samples and must return, per request, a list
+    of images (uint8 [H,W,3] or float [3,H,W] in [0,1]) or None.
+    """
+    if num_samples < 1 or max_new_tokens < 1:
+        raise ValueError("generate: num_samples and max_new_tokens must be >= 1")
+    cfg = model.config
+    device = model.lm_head_weight.device
+    dtype = model.lm_head_weight.dtype
+    tok = processor.tokenizer
+    if (tok.image_pad_id, tok.vision_start_id) != (cfg.image_token_id, cfg.vision_start_token_id):
+        raise ValueError("generate: the tokenizer's image/vision-start ids differ from the model config's")
+    eos = set(tok.eos_token_ids)
+    banned = (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
+    stream = _TextStream(processor)
+    g = num_samples
+
+    # prefill every prompt once, packed
+    ids_list, pos_list, pv_list, grid_list = [], [], [], []
+    for i, p in enumerate(prompts):
+        ids = p["input_ids"].to("cpu", torch.long)
+        grid = p.get("image_grid_thw")
+        if ids.dim() != 1 or ids.numel() == 0:
+            raise ValueError(f"generate: prompt {i} input_ids must be a non-empty 1-D tensor")
+        ids_list.append(ids)
+        pos_list.append(mrope_position_ids(ids, grid, cfg))
+        if p.get("pixel_values") is not None:
+            pv_list.append(p["pixel_values"])
+            grid_list.append(grid.to("cpu", torch.long))
+    lens = torch.tensor([len(x) for x in ids_list])
+    n_rows = len(prompts) * g
+    head_dim = cfg.text.head_dim
+    cache = KVCache(
+        cfg.text.num_hidden_layers,
+        n_rows,
+        cfg.text.num_key_value_heads,
+        head_dim,
+        int(lens.max()) + max_new_tokens + 1,
+        dtype,
+        device,
+    )
+    first_rows = torch.arange(len(prompts)) * g
+    pv = torch.cat(pv_list).to(device) if pv_list else None
+    grid = torch.cat(grid_list) if grid_list else None
+    x = model.embed(torch.cat(ids_list).to(device), pv, grid)
+    view = cache.plan(first_rows, lens, prefill=True)
+    hidden = model.run_layers(x, torch.cat(pos_list, dim=1), None, cache, view)
+    last = torch.cumsum(lens, 0) - 1
+    logits = F.linear(hidden[last.to(device)], model.lm_head_weight).repeat_interleave(g, dim=0)
+    for k in range(1, g):
+        cache.copy_rows(first_rows, first_rows + k)
+
+    samples: list[_Sample] = []
+    for i, p in enumerate(prompts):
+        pv_i = [p["pixel_values"]] if p.get("pixel_values") is not None else []
+        grid_i = [p["image_grid_thw"].to("cpu", torch.long)] if pv_i else []
+        for j in range(g):
+            samples.append(
+                _Sample(
+                    i,
+                    j,
+                    ids_list[i].tolist(),
+                    [False] * len(ids_list[i]),
+                    [0.0] * len(ids_list[i]),
+                    list(pv_i),
+                    list(grid_i),
+                    int(pos_list[i].max()) + 1,
+                )
+            )
+    rows = torch.arange(n_rows)
+    while True:
+        tokens, logps = sample_tokens(logits, temperature, top_p, generator, banned)
+        requests: list[tuple[int, FocusRequest]] = []
+        for r, t, lp in zip(rows.tolist(), tokens.tolist(), logps.tolist()):
+            s = samples[r]
+            s.ids.append(t)
+            s.mask.append(True)
+            s.logprobs.append(lp)
+            s.new_tokens += 1
+            piece = "" if t in eos else stream.push(s, t)
+            if t in eos or any(stop in s.text[-(len(stop) + len(piece)) :] for stop in stop_strings if piece):
+                s.finished = s.done = True
+            elif s.new_tokens >= max_new_tokens:
+                s.done = True
+            elif (
+                focus_hook is not None and s.focus_steps < max_focus_steps and piece and s.text.endswith(focus_trigger)
+            ):
+                requests.append((r, FocusRequest(s.prompt_index, s.sample_index, s.text)))
+        spliced = _run_focus_hook(model, processor, focus_hook, requests, samples, device) if requests else {}
+        live = [r for r in rows.tolist() if not samples[r].done]
+        if not live:
+            break
+        chunk_ids, chunk_pos, chunk_emb, counts = [], [], [], []
+        for r in live:
+            s = samples[r]
+            ids = [s.ids[-1]]
+            images = spliced.get(r)
+            if images is not None:
+                ids += images[0]
+            ids_t = torch.tensor(ids)
+            pos = mrope_position_ids(ids_t, images[1] if images is not None else None, cfg, start=s.next_pos)
+            s.next_pos = int(pos.max()) + 1
+            emb = model.model.embed_tokens(ids_t.to(device))
+            if images is not None:
+                emb[ids_t.to(device) == cfg.image_token_id] = images[2].to(emb.dtype)
+                s.ids += images[0]
+                s.mask += [False] * len(images[0])
+                s.logprobs += [0.0] * len(images[0])
+            chunk_ids.append(ids_t)
+            chunk_pos.append(pos)
+            chunk_emb.append(emb)
+            counts.append(len(ids))
+        live_t = torch.tensor(live)
+        counts_t = torch.tensor(counts)
+        view = cache.plan(live_t, counts_t)
+        hidden = model.run_layers(torch.cat(chunk_emb), torch.cat(chunk_pos, dim=1), None, cache, view)
+        logits = F.linear(hidden[(torch.cumsum(counts_t, 0) - 1).to(device)], model.lm_head_weight)
+        rows = live_t
+
+    out = []
+    for s in samples:
+        out.append(
+            Rollout(
+                prompt_index=s.prompt_index,
+                sample_index=s.sample_index,
+                input_ids=torch.tensor(s.ids, dtype=torch.long),
+                completion_mask=torch.tensor(s.mask, dtype=torch.bool),
+                logprobs=torch.tensor(s.logprobs, dtype=torch.float32),
+                pixel_values=torch.cat(s.pixel_values) if s.pixel_values else None,
+                image_grid_thw=torch.cat(s.grids) if s.grids else None,
+                text=s.text + (tok.decode(s.pending, skip_special_tokens=True) if s.pending else ""),
+                finished=s.finished,
+                num_focus_steps=s.focus_steps,
+            )
+        )
+    return out
+
+
+def _run_focus_hook(
+    model: VLModel,
+    processor: Processor,
+    hook: FocusHook,
+    requests: list[tuple[int, FocusRequest]],
+    samples: list[_Sample],
+    device: torch.device,
+) -> dict[int, tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """Call the hook once for all requests; encode every returned image in one vision batch.
+
+    Returns row → (vision token ids to splice, image_grid_thw [k, 3], vision features [n_pads, H]).
+    """
+    results = hook([req for _, req in requests])
+    if len(results) != len(requests):
+        raise ValueError(f"focus_hook returned {len(results)} results for {len(requests)} requests")
+    tok = processor.tokenizer
+    per_row, all_pv, all_grid = [], [], []
+    for (r, _), images in zip(requests, results):
+        if not images:
+            continue
+        pv, grid = processor.preprocess_images(list(images))
+        per_row.append((r, grid))
+        all_pv.append(pv)
+        all_grid.append(grid)
+        s = samples[r]
+        s.pixel_values.append(pv)
+        s.grids.append(grid)
+        s.focus_steps += 1
+    if not per_row:
+        return {}
+    feats = model.visual(torch.cat(all_pv).to(device), torch.cat(all_grid))
+    out, offset = {}, 0
+    for r, grid in per_row:
+        ids = []
+        for n in processor.image_tokens(grid):
+            ids += [tok.vision_start_id] + [tok.image_pad_id] * n + [tok.vision_end_id]
+        n_pads = sum(processor.image_tokens(grid))
+        out[r] = (ids, grid, feats[offset : offset + n_pads])
+        offset += n_pads
+    return out
