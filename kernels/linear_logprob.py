@@ -101,7 +101,7 @@ def _tile_bwd_kernel(
         p = tl.exp(logp)
         d = tl.where(cols == local, g, 0.0) - p * g
         if HAS_G_ENT:
-            d -= tl.where(p > 0.0, g_ent * p * (logp + ent), 0.0)
+            d -= g_ent * p * tl.where(p > 0.0, logp + ent, 0.0)
         tl.store(o_row + cols, d.to(OUT.dtype.element_ty), mask=valid)
 
 

@@ -112,7 +112,7 @@ def _logprob_bwd_kernel(
         p = tl.exp(logp)
         d = tl.where(cols == tgt, g, 0.0) - p * g
         if HAS_G_ENT:
-            d -= tl.where(p > 0.0, g_ent * p * (logp + ent), 0.0)
+            d -= g_ent * p * tl.where(p > 0.0, logp + ent, 0.0)
         tl.store(d_row + cols, d.to(DX.dtype.element_ty), mask=valid)
 
 
