@@ -140,6 +140,7 @@ def load_weights(model: VLModel, path: str | Path, dtype: torch.dtype, device: t
                 continue
             if tuple(info["shape"]) != expected[name]:
                 misshaped.append(f"{ck_name} ({file.name}): checkpoint {tuple(info['shape'])}, model {expected[name]}")
+                seen[name] = file.name
                 continue
             if info["dtype"] not in _DTYPES:
                 raise CheckpointError(f"{file}: tensor {ck_name} has unsupported dtype {info['dtype']}")
