@@ -47,7 +47,7 @@ Judge = Callable[[str, str, str], float]
 """judge(question, prediction, reference) -> score in [0, 1]; used only for the answer types configured for it."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class RewardWeights:
     """Per-term weights of the total reward (the release: all 1)."""
 
@@ -65,6 +65,7 @@ class RewardTarget:
     """One record's ground truth, as the rewards need it.
 
     gt_boxes: normalised ``[x1, y1, x2, y2]`` rows. depth: float32 [H, W] scalar depth in [0, 1] (0 near) or None.
+    options: letter -> option text for choice questions (lets an answer given as the option's text match).
     """
 
     record_id: str
@@ -73,6 +74,7 @@ class RewardTarget:
     answer_type: str
     gt_boxes: Sequence[Sequence[float]]
     depth: torch.Tensor | None = None
+    options: Mapping[str, str] | None = None
 
 
 def box_is_valid(box: DepthBox) -> bool:
@@ -105,7 +107,8 @@ def answer_score(
         if not 0.0 <= score <= 1.0:
             raise ValueError(f"judge returned {score} for record {target.record_id!r}; expected a score in [0, 1]")
         return score
-    return float(answers_match(prediction, target.answer, target.answer_type))
+    options = dict(target.options) if target.options else None
+    return float(answers_match(prediction, target.answer, target.answer_type, options=options))
 
 
 def progress_reward(score: float, previous: float | None) -> float:
@@ -221,7 +224,7 @@ def score_completions(
     prompt_index: Sequence[int],
     targets: Sequence[RewardTarget],
     *,
-    weights: RewardWeights = RewardWeights(),
+    weights: RewardWeights | None = None,
     progress: AnswerProgress | None = None,
     judge: Judge | None = None,
     judge_types: Sequence[str] = (),
@@ -251,7 +254,7 @@ def score_completions(
     dep = _depth_terms(parsed, prompt_index, [t.depth for t in targets])
 
     terms = {k: torch.tensor(v, dtype=torch.float32) for k, v in zip(REWARD_TERMS, (fmt, ans, grd, dep), strict=True)}
-    w = weights.as_dict()
+    w = (weights or RewardWeights()).as_dict()
     total = sum(w[k] * terms[k] for k in REWARD_TERMS)
     return RewardBatch(terms=terms, total=total, parsed=parsed, answer_scores=torch.tensor(scores))
 
