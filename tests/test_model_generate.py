@@ -1,0 +1,115 @@
+"""Generation: sampling controls, stop conditions, and the focus hook splicing images into one sample's cache."""
+
+import pytest
+import torch
+
+from engine.models import (
+    create_tiny_checkpoint,
+    from_pretrained,
+    generate,
+    mrope_position_ids,
+    processor_from_pretrained,
+)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    path = create_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0)
+    model, proc = from_pretrained(path), processor_from_pretrained(path)
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (84, 112, 3), dtype=torch.uint8, generator=gen)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where?"}]}]
+    prompts = [
+        proc.apply_chat_template(msgs, [image], add_generation_prompt=True),
+        proc.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True),
+    ]
+    return model, proc, prompts
+
+
+def full_forward_logprobs(model, r):
+    """Log-softmax over a plain full forward of the whole rollout sequence, [T-1, V] (predicting token t+1)."""
+    pos = mrope_position_ids(r.input_ids, r.image_grid_thw, model.config)
+    cu = torch.tensor([0, len(r.input_ids)], dtype=torch.int32)
+    with torch.no_grad():
+        hidden = model.forward_packed(r.input_ids, pos, cu, r.pixel_values, r.image_grid_thw)
+    return torch.log_softmax(hidden @ model.lm_head_weight.T, -1)[:-1]
+
+
+def test_focus_hook_splices_into_cache_exactly(setup):
+    model, proc, prompts = setup
+    crop = torch.rand(3, 56, 84, generator=torch.Generator().manual_seed(3))
+    calls = []
+
+    def hook(requests):
+        calls.append([(q.prompt_index, q.sample_index, q.completion_text) for q in requests])
+        return [[crop] if q.sample_index == 0 else None for q in requests]
+
+    rollouts = generate(
+        model,
+        proc,
+        prompts,
+        num_samples=2,
+        max_new_tokens=8,
+        temperature=1.0,
+        focus_hook=hook,
+        focus_trigger="",
+        max_focus_steps=2,
+        generator=torch.Generator().manual_seed(1),
+    )
+    assert [(r.prompt_index, r.sample_index) for r in rollouts] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert len(calls[0]) >= 2  # one batched call for all samples that triggered at that step
+    tok = proc.tokenizer
+    for r in rollouts:
+        assert int(r.completion_mask.sum()) == 8
+        expected_steps = 2 if r.sample_index == 0 else 0
+        assert r.num_focus_steps == expected_steps
+        n_images = (1 if r.prompt_index == 0 else 0) + expected_steps
+        assert (0 if r.image_grid_thw is None else len(r.image_grid_thw)) == n_images
+        assert int((r.input_ids == tok.vision_start_id).sum()) == n_images
+        assert not r.completion_mask[r.input_ids == tok.image_pad_id].any()
+        assert r.text == tok.decode(r.input_ids[r.completion_mask].tolist(), skip_special_tokens=True)
+        # the cache-spliced continuation equals a full forward over the spliced sequence
+        ref = full_forward_logprobs(model, r)
+        idx = r.completion_mask.nonzero().squeeze(1)
+        torch.testing.assert_close(r.logprobs[idx], ref[idx - 1, r.input_ids[idx]], atol=1e-4, rtol=0)
+    spliced = rollouts[0].input_ids
+    first_vs = int((spliced == tok.vision_start_id).nonzero()[1])  # [0] is the prompt's own image
+    assert rollouts[0].completion_mask[first_vs - 1]  # right after a sampled token
+
+
+def test_focus_steps_capped_and_hook_not_called_without_cap(setup):
+    model, proc, prompts = setup
+    calls = []
+
+    def hook(requests):
+        calls.append(len(requests))
+        return [[torch.rand(3, 28, 28)] for _ in requests]
+
+    rollouts = generate(model, proc, prompts[1:], 1, 6, focus_hook=hook, focus_trigger="", max_focus_steps=1)
+    assert rollouts[0].num_focus_steps == 1 and calls == [1]
+    calls.clear()
+    generate(model, proc, prompts[1:], 1, 4, focus_hook=hook, focus_trigger="", max_focus_steps=0)
+    assert calls == []
+
+
+def test_top_p_tiny_is_greedy_and_seed_determinism(setup):
+    model, proc, prompts = setup
+    greedy = generate(model, proc, prompts, 1, 6, temperature=0.0)
+    nucleus = generate(
+        model, proc, prompts, 1, 6, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(5)
+    )
+    assert [r.input_ids.tolist() for r in greedy] == [r.input_ids.tolist() for r in nucleus]
+    a = generate(model, proc, prompts, 3, 6, generator=torch.Generator().manual_seed(7))
+    b = generate(model, proc, prompts, 3, 6, generator=torch.Generator().manual_seed(7))
+    c = generate(model, proc, prompts, 3, 6, generator=torch.Generator().manual_seed(8))
+    assert [r.input_ids.tolist() for r in a] == [r.input_ids.tolist() for r in b]
+    assert [r.input_ids.tolist() for r in a] != [r.input_ids.tolist() for r in c]
+
+
+def test_stop_string_and_length(setup):
+    model, proc, prompts = setup
+    greedy = generate(model, proc, prompts[1:], 1, 6, temperature=0.0)[0]
+    assert not greedy.finished and int(greedy.completion_mask.sum()) == 6
+    stop = greedy.text[1:3]
+    stopped = generate(model, proc, prompts[1:], 1, 6, temperature=0.0, stop_strings=(stop,))[0]
+    assert stopped.finished and stopped.text.endswith(stop) and len(stopped.text) < len(greedy.text)
