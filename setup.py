@@ -47,7 +47,8 @@ def _extension_modules() -> list:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # C++20: torch >= 2.10 headers need it. No FMA contraction: the sampling positions follow ATen's rounding.
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off"]
     link_flags = ["-fopenmp"]
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("SIF_NO_CUDA") != "1"
     if with_cuda:
@@ -56,7 +57,9 @@ def _extension_modules() -> list:
             CUDAExtension(
                 "engine._C",
                 cpp_sources + sorted(glob.glob("csrc/cuda/*.cu")),
-                extra_compile_args={"cxx": cxx_flags + ["-DSIF_WITH_CUDA"], "nvcc": ["-O3", "--use_fast_math", "-DSIF_WITH_CUDA"]},
+                # No --use_fast_math: the kernels are memory-bound, and approximate division would move the
+                # sampling positions off the CPU kernel's (and F.interpolate's) float32 rounding.
+                extra_compile_args={"cxx": cxx_flags + ["-DSIF_WITH_CUDA"], "nvcc": ["-O3", "-DSIF_WITH_CUDA"]},
                 extra_link_args=link_flags,
             )
         ]
