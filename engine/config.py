@@ -190,9 +190,9 @@ def apply_mapping(cfg: Any, data: Mapping[str, Any], *, source: str = "mapping",
         dotted = f"{prefix}{key}"
         target, name, ftype = _resolve(cfg, dotted, source)
         if dataclasses.is_dataclass(ftype) and isinstance(value, Mapping):
-            apply_mapping(getattr(target, name), value, source=source, prefix="")
+            apply_mapping(cfg, value, source=source, prefix=f"{dotted}.")
             continue
-        setattr(target, name, coerce(value, ftype, key=dotted, from_string=False))
+        setattr(target, name, _coerce_from(source, value, ftype, dotted, from_string=False))
 
 
 def set_value(cfg: Any, dotted: str, raw: Any, *, from_string: bool, source: str = "override") -> None:
@@ -202,7 +202,14 @@ def set_value(cfg: Any, dotted: str, raw: Any, *, from_string: bool, source: str
         if _strip_optional(ftype) is not bool:
             raise ConfigError(f"{source}: --{dotted} needs a value")
         raw = "true"
-    setattr(target, name, coerce(raw, ftype, key=dotted, from_string=from_string))
+    setattr(target, name, _coerce_from(source, raw, ftype, dotted, from_string=from_string))
+
+
+def _coerce_from(source: str, value: Any, tp: Any, key: str, *, from_string: bool) -> Any:
+    try:
+        return coerce(value, tp, key=key, from_string=from_string)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
+import zlib
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -28,7 +29,9 @@ from engine.distributed.parallel import vision_tower
 class LoRALinear(nn.Linear):
     """nn.Linear plus a rank-``rank`` adapter. ``lora_enabled`` False: plain base output."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float) -> None:
+    def __init__(
+        self, base: nn.Linear, rank: int, alpha: float, dropout: float, generator: torch.Generator | None = None
+    ) -> None:
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         nn.Module.__init__(self)
@@ -40,7 +43,7 @@ class LoRALinear(nn.Linear):
         factory = {"device": base.weight.device, "dtype": torch.float32}
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_enabled = True
 
@@ -66,10 +69,12 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(p == leaf or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
+def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> list[str]:
     """Replace matching nn.Linear modules with LoRALinear, freeze everything but the adapters; returns their names.
 
     With ``cfg.freeze_vision`` the vision tower (``model.vision_tower`` / ``model.visual``) gets no adapters.
+    Each ``lora_A`` is drawn from a generator seeded by (``seed``, module name), not the global RNG, so every
+    rank builds identical adapters (FSDP2 shards whatever each rank holds) whatever it sampled before.
     Raises if no module matches, listing a few Linear names that exist.
     """
     tower = vision_tower(model) if cfg.freeze_vision else None
@@ -89,7 +94,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(module, cfg.rank, cfg.alpha, cfg.dropout))
+        gen = torch.Generator(device=module.weight.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        setattr(parent, child, LoRALinear(module, cfg.rank, cfg.alpha, cfg.dropout, generator=gen))
     return [name for name, _ in targets]
 
 

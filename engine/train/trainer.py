@@ -90,6 +90,21 @@ def seed_all(seed: int) -> None:
 
 
 @dataclass
+class GradStats:
+    """Global figures of one step's gradient computation (identical on every rank)."""
+
+    loss: float  # sum of loss over all ranks and micro-batches / num_loss_tokens
+    grad_norm: float  # global L2 norm of the normalised gradient, before clipping
+    num_loss_tokens: float
+    num_tokens: float
+    metrics: dict[str, float]  # this rank's objective metrics, averaged over its micro-batches
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
+
+
+@dataclass
 class TrainResult:
     """What ``fit`` ends with."""
 
@@ -180,50 +195,58 @@ class Trainer:
         )
         with self.timer("data"):
             micro_batches = self.batch_source.next_step(ctx)
-        self._check_same_count(len(micro_batches))
-        self.model.train()
-        totals = torch.zeros(3, dtype=torch.float64, device=self.env.device)  # loss_sum, count, tokens
-        metric_sums: dict[str, float | torch.Tensor] = {}
         with self.timer("update"):
-            for micro_batch in micro_batches:
-                out = self.objective(self.model, micro_batch)
-                out.loss_sum.backward()
-                totals[0] += out.loss_sum.detach().double()
-                totals[1] += _on_device(out.num_loss_tokens, totals)
-                totals[2] += _on_device(out.num_tokens if out.num_tokens is not None else out.num_loss_tokens, totals)
-                for key, value in out.metrics.items():
-                    value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
-                    metric_sums[key] = metric_sums.get(key, 0.0) + value
-            all_reduce_sum(totals)
-            loss_total, count, tokens = totals.tolist()
-            loss = loss_total / count if count > 0 else float("nan")
-            grad_norm = self._normalise_and_clip(self.env.world_size / count if count > 0 else float("nan"))
-            finite = math.isfinite(loss) and math.isfinite(grad_norm)
-            if finite:
+            stats = self.compute_gradients(micro_batches)
+            if stats.finite:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
         self.step += 1
-        self._account_nonfinite(finite, loss, grad_norm, count)
+        self._account_nonfinite(stats)
         step_time = time.perf_counter() - start
-        local = {k: float(v) / len(micro_batches) for k, v in metric_sums.items()}
+        local = dict(stats.metrics)
         local.update(ctx.metrics)
         local.update({f"time/{name}": sec for name, sec in self.timer.seconds.items()})
-        record: dict[str, Any] = {"step": self.step, "phase": self.phase}
-        record.update(
-            {
-                "loss": loss,
-                "grad_norm": grad_norm,
-                "lr": lr,
-                "num_loss_tokens": count,
-                "tokens_per_s": tokens / step_time,
-                "skipped": not finite,
-            }
-        )
+        record: dict[str, Any] = {
+            "step": self.step,
+            "phase": self.phase,
+            "loss": stats.loss,
+            "grad_norm": stats.grad_norm,
+            "lr": lr,
+            "num_loss_tokens": stats.num_loss_tokens,
+            "tokens_per_s": stats.num_tokens / step_time,
+            "skipped": not stats.finite,
+        }
         record.update(mean_across_ranks(local, self.env.device))
         record["time/step"] = step_time
         return record
+
+    def compute_gradients(self, micro_batches: list[Any]) -> GradStats:
+        """Forward + backward every micro-batch, normalise by the global loss-unit count, clip.
+
+        Leaves the final (normalised, clipped) gradients in ``.grad`` — sharded DTensors under FSDP2 — without
+        stepping the optimiser. Collective: every rank must pass the same number of micro-batches.
+        """
+        self._check_same_count(len(micro_batches))
+        self.model.train()
+        totals = torch.zeros(3, dtype=torch.float64, device=self.env.device)  # loss_sum, count, tokens
+        metric_sums: dict[str, float | torch.Tensor] = {}
+        for micro_batch in micro_batches:
+            out = self.objective(self.model, micro_batch)
+            out.loss_sum.backward()
+            totals[0] += out.loss_sum.detach().double()
+            totals[1] += _on_device(out.num_loss_tokens, totals)
+            totals[2] += _on_device(out.num_tokens if out.num_tokens is not None else out.num_loss_tokens, totals)
+            for key, value in out.metrics.items():
+                value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
+                metric_sums[key] = metric_sums.get(key, 0.0) + value
+        all_reduce_sum(totals)
+        loss_total, count, tokens = totals.tolist()
+        loss = loss_total / count if count > 0 else float("nan")
+        grad_norm = self._normalise_and_clip(self.env.world_size / count if count > 0 else float("nan"))
+        metrics = {k: float(v) / len(micro_batches) for k, v in metric_sums.items()}
+        return GradStats(loss, grad_norm, count, tokens, metrics)
 
     def _check_same_count(self, n: int) -> None:
         """Every rank must run the same number of backward passes (FSDP collectives pair up across ranks)."""
@@ -251,13 +274,17 @@ class Trainer:
             torch._foreach_mul_(grads, coef)
         return norm
 
-    def _account_nonfinite(self, finite: bool, loss: float, grad_norm: float, count: float) -> None:
-        if finite:
+    def _account_nonfinite(self, stats: GradStats) -> None:
+        if stats.finite:
             self.consecutive_nonfinite = 0
             return
         self.num_skipped += 1
         self.consecutive_nonfinite += 1
-        why = "no loss tokens in the global batch" if count <= 0 else f"loss={loss} grad_norm={grad_norm}"
+        why = (
+            "no loss tokens in the global batch"
+            if stats.num_loss_tokens <= 0
+            else f"loss={stats.loss} grad_norm={stats.grad_norm}"
+        )
         if self.env.is_main:
             warnings.warn(
                 f"step {self.step}: skipped the update ({why}); {self.num_skipped} skipped so far, "
@@ -314,8 +341,8 @@ class Trainer:
 
         from engine.train.checkpoint import export_hf
 
-        if self.cfg.resume:
-            self.resume()
+        if not (self.cfg.resume and self.resume()):
+            self.metrics_log.truncate_after(self.step)  # a fresh run starts a fresh curve
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
