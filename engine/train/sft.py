@@ -1,0 +1,129 @@
+"""Supervised fine-tuning on SIF traces: loss on assistant tokens only, packed, never holding [T, V] logits.
+
+Each record becomes one conversation: the SIF user turn (RGB + colour-mapped depth image, question, instruction)
+and the assistant turn ``record.response()`` (the canonical trace written by ``sif_format.format_response``).
+``Processor.apply_chat_template`` marks the assistant tokens (the response and its ``<|im_end|>``); only those
+are scored. Micro-batches are packed (``engine.rl.packing``) and the loss is the *summed* token cross-entropy,
+which the Trainer divides by the global number of assistant tokens.
+
+The head: on CUDA, Liger's fused linear cross-entropy (chunked matmul + CE + grad in one pass); on CPU, a plain
+torch loop over row chunks, each under activation checkpointing, so at most one chunk's [rows, V] logits live at
+a time, in forward and in backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from engine.data.images import load_image
+from engine.data.schema import Record
+from engine.models import ModelConfig, Processor
+from engine.rl.packing import PackedBatch, lm_head_weight, pack_sequences, packed_hidden
+from engine.rl.prompts import record_depth, sif_messages
+from engine.train.trainer import ObjectiveOutput
+
+CE_CHUNK_ROWS = 1024
+
+
+def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(hidden, weight).float(), target, reduction="sum")
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk_rows: int = CE_CHUNK_ROWS
+) -> torch.Tensor:
+    """Summed CE of ``hidden [N, H] @ weight[V, H].T`` against ``target [N]`` (fp32), ``chunk_rows`` rows at a time."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_ce, hidden[rows], weight, target[rows], use_reentrant=False)
+        else:
+            total = total + _chunk_ce(hidden[rows], weight, target[rows])
+    return total
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Summed token CE from hidden states: Liger's fused kernel on CUDA, the chunked torch loop elsewhere."""
+    if hidden.is_cuda:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        return liger_fused_linear_cross_entropy(hidden, weight, target, reduction="sum")
+    return chunked_cross_entropy(hidden, weight, target)
+
+
+class SFTObjective:
+    """``objective(model, PackedBatch) -> ObjectiveOutput``: summed CE over the assistant tokens."""
+
+    def __call__(self, model: nn.Module, packed: PackedBatch) -> ObjectiveOutput:
+        hidden = packed_hidden(model, packed)
+        loss_sum = fused_linear_cross_entropy(hidden, lm_head_weight(model), packed.target_ids)
+        return ObjectiveOutput(loss_sum, packed.num_targets, num_tokens=packed.num_tokens)
+
+
+@dataclass
+class SFTExample:
+    """One tokenised conversation: input_ids int64 [T], assistant_mask bool [T], its images' patches / grids."""
+
+    record_id: str
+    input_ids: torch.Tensor
+    assistant_mask: torch.Tensor
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+
+
+def sft_example(record: Record, processor: Processor, *, with_depth: bool, max_seq_len: int) -> SFTExample:
+    """Tokenise a record's SIF conversation; right-truncate to ``max_seq_len`` (never inside an image)."""
+    rgb = load_image(record.image)
+    depth = record_depth(record) if with_depth and record.depth_image is None else None
+    messages, images = sif_messages(record, with_depth, rgb, depth, response=record.response())
+    out = processor.apply_chat_template(messages, images)
+    ids, mask = out["input_ids"], out["assistant_mask"]
+    if ids.numel() > max_seq_len:
+        vision_end = processor.tokenizer.vision_end_id
+        last_image = int((ids == vision_end).nonzero().max()) if bool((ids == vision_end).any()) else -1
+        if max_seq_len <= last_image:
+            raise ValueError(
+                f"record {record.id}: max_seq_len {max_seq_len} would cut inside an image (the prompt's images end "
+                f"at token {last_image}); raise data.max_seq_len or lower data.max_pixels"
+            )
+        ids, mask = ids[:max_seq_len], mask[:max_seq_len]
+    return SFTExample(record.id, ids, mask, out["pixel_values"], out["image_grid_thw"])
+
+
+class SFTDataset(Sequence[SFTExample]):
+    """Records with traces, tokenised on access (images decoded lazily, so memory stays flat)."""
+
+    def __init__(self, records: Sequence[Record], processor: Processor, *, with_depth: bool, max_seq_len: int) -> None:
+        missing = [r.id for r in records if not r.trace]
+        if missing:
+            raise ValueError(f"SFT needs traces: {len(missing)} records have none (first: {missing[0]!r})")
+        self.records = list(records)
+        self.processor = processor
+        self.with_depth = with_depth
+        self.max_seq_len = max_seq_len
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> SFTExample:  # type: ignore[override]
+        return sft_example(
+            self.records[index], self.processor, with_depth=self.with_depth, max_seq_len=self.max_seq_len
+        )
+
+
+def collate_sft(examples: Sequence[SFTExample], config: ModelConfig) -> PackedBatch:
+    """Pack examples with their assistant tokens as targets."""
+    return pack_sequences(
+        [e.input_ids for e in examples],
+        [e.assistant_mask for e in examples],
+        config,
+        [e.pixel_values for e in examples],
+        [e.image_grid_thw for e in examples],
+    )

@@ -1,0 +1,87 @@
+"""SFT objective: chunked CE equals full CE; the loss covers exactly the assistant tokens of a SIF conversation."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_rl_grpo import micro_config
+
+from engine.data.images import save_depth, save_image
+from engine.data.schema import Record, TraceStep
+from engine.data.sif_format import DepthBox
+from engine.models import ImageConfig, Processor, Tokenizer, VLModel
+from engine.models.tiny import init_weights
+from engine.models.tokenizer import build_byte_tokenizer
+from engine.train.sft import SFTDataset, SFTObjective, chunked_cross_entropy, collate_sft
+
+
+def test_chunked_cross_entropy_matches_full_logits() -> None:
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(50, 16, generator=gen, requires_grad=True)
+    target = torch.randint(0, 50, (37,), generator=gen)
+    full = F.cross_entropy(hidden @ weight.T, target, reduction="sum")
+    g_full = torch.autograd.grad(full, (hidden, weight))
+    chunked = chunked_cross_entropy(hidden, weight, target, chunk_rows=8)
+    g_chunked = torch.autograd.grad(chunked, (hidden, weight))
+    torch.testing.assert_close(chunked, full)
+    for a, b in zip(g_chunked, g_full):
+        torch.testing.assert_close(a, b)
+
+
+def _record(tmp: Path, i: int, with_trace: bool = True) -> Record:
+    gen = torch.Generator().manual_seed(i)
+    save_image(tmp / f"{i}.png", torch.randint(0, 256, (40, 60, 3), dtype=torch.uint8, generator=gen))
+    save_depth(tmp / f"{i}_d.png", torch.rand(40, 60, generator=gen))
+    trace = (
+        TraceStep((DepthBox(0.0, 0.0, 1.0, 1.0, 0.5),), "whole scene"),
+        TraceStep((DepthBox(0.1, 0.2, 0.4, 0.6, 0.25),), "the cube"),
+    )
+    return Record(
+        id=f"r{i}",
+        image=tmp / f"{i}.png",
+        question="Which is nearer? (A) cube (B) ball",
+        answer="A",
+        answer_type="choice",
+        gt_boxes=((0.1, 0.2, 0.4, 0.6),),
+        width=60,
+        height=40,
+        depth=tmp / f"{i}_d.png",
+        trace=trace if with_trace else None,
+    )
+
+
+def test_sft_loss_is_ce_over_assistant_tokens(tmp_path: Path) -> None:
+    tok = Tokenizer(build_byte_tokenizer())
+    cfg = micro_config(tok)
+    model = VLModel(cfg)
+    init_weights(model, seed=0, std=0.1)
+    processor = Processor(tok, ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56))
+    data = SFTDataset([_record(tmp_path, 0), _record(tmp_path, 1)], processor, with_depth=True, max_seq_len=4096)
+    examples = [data[0], data[1]]
+    response = data.records[0].response()
+    assert examples[0].assistant_mask.sum() == len(response) + 1  # byte tokens of the trace + <|im_end|>
+    assert examples[0].image_grid_thw.shape[0] == 2  # RGB + depth image
+
+    out = SFTObjective()(model, collate_sft(examples, cfg))
+    expected, count = 0.0, 0
+    with torch.no_grad():
+        for e in examples:
+            logits = model.logits(e.input_ids[None], pixel_values=e.pixel_values, image_grid_thw=e.image_grid_thw)[0]
+            pos = e.assistant_mask.nonzero().squeeze(1)
+            expected += F.cross_entropy(logits[pos - 1].float(), e.input_ids[pos], reduction="sum")
+            count += len(pos)
+    assert out.num_loss_tokens == count
+    torch.testing.assert_close(out.loss_sum.detach(), torch.as_tensor(expected), rtol=1e-5, atol=1e-4)
+
+
+def test_sft_errors_name_the_record(tmp_path: Path) -> None:
+    tok = Tokenizer(build_byte_tokenizer())
+    processor = Processor(tok, ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56))
+    with pytest.raises(ValueError, match="r3"):
+        SFTDataset([_record(tmp_path, 3, with_trace=False)], processor, with_depth=True, max_seq_len=64)
+    data = SFTDataset([_record(tmp_path, 4)], processor, with_depth=True, max_seq_len=10)
+    with pytest.raises(ValueError, match="r4.*inside an image"):
+        data[0]
+    assert len(SFTDataset([_record(tmp_path, 5)], processor, with_depth=True, max_seq_len=150)[0].input_ids) == 150
