@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from kernels import token_logprobs
@@ -157,7 +157,7 @@ def test_bad_inputs_raise_clear_errors():
 
 
 @needs_triton
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=12, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate))
 @given(
     n=st.integers(0, 9),
     v=st.integers(1, 300),
