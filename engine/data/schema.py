@@ -40,10 +40,12 @@ FILE_CHECKS = ("header", "exists", "none")
 
 @dataclass(frozen=True)
 class TraceStep:
-    """One focusing step: the area's boxes (normalised, with mean depth) and the text written after it."""
+    """One focusing step: the area's boxes (normalised, with mean depth), the text written after it, and for
+    built traces the step's kind (``full``, ``distractor``, ``union``, ``expanded``, ``target``)."""
 
     boxes: tuple[DepthBox, ...]
     text: str
+    kind: str | None = None
 
 
 @dataclass(frozen=True)
@@ -92,15 +94,18 @@ class Record:
             "width": self.width,
             "height": self.height,
             "qtype": self.qtype,
-            "trace": None
-            if self.trace is None
-            else [
-                {"boxes": [{"bbox_2d": list(b[:4]), "depth": b.depth} for b in s.boxes], "text": s.text}
-                for s in self.trace
-            ],
+            "trace": None if self.trace is None else [trace_step_json(s) for s in self.trace],
             "meta": self.meta,
         }
         return {k: v for k, v in out.items() if v is not None}
+
+
+def trace_step_json(step: TraceStep) -> dict[str, Any]:
+    """JSON form of a trace step (``kind`` only when known)."""
+    out: dict[str, Any] = {"boxes": [{"bbox_2d": list(b[:4]), "depth": b.depth} for b in step.boxes], "text": step.text}
+    if step.kind is not None:
+        out["kind"] = step.kind
+    return out
 
 
 class RecordError(ValueError):
@@ -208,7 +213,10 @@ def _parse_trace(raw: Any) -> tuple[TraceStep, ...]:
             if not isinstance(depth, (int, float)) or isinstance(depth, bool) or not 0.0 <= depth <= 1.0:
                 raise RecordError("bad trace", f"trace[{i}].boxes[{j}].depth must be a number in [0, 1]")
             boxes.append(DepthBox(*box, float(depth)))
-        steps.append(TraceStep(tuple(boxes), text))
+        kind = step.get("kind")
+        if kind is not None and not isinstance(kind, str):
+            raise RecordError("bad trace", f"trace[{i}].kind must be a string")
+        steps.append(TraceStep(tuple(boxes), text, kind))
     return tuple(steps)
 
 

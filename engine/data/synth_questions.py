@@ -1,0 +1,272 @@
+"""Question makers and the ground-truth trace-text writer for synthetic scenes (see engine.data.synth).
+
+Each maker reads only the scene description (camera, objects' 3-D centres, sizes, 2-D boxes, visible depths) and
+returns a :class:`Question` with its answer, answer type, options and target objects, or None when the scene
+offers no unambiguous instance (comparisons keep a margin).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from engine.data.render import SHAPES, SceneObject
+from engine.data.traces import StepContext
+
+if TYPE_CHECKING:
+    from engine.data.synth import Scene
+
+QTYPES = (
+    "left_right",
+    "above_below",
+    "nearer_farther",
+    "counting",
+    "size_compare",
+    "attribute",
+    "grounding",
+    "locate",
+)
+
+
+@dataclass
+class Question:
+    qtype: str
+    question: str
+    answer: str
+    answer_type: str
+    targets: list[int]
+    options: dict[str, str] | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+def _the(ob: SceneObject) -> str:
+    return f"the {ob.name}"
+
+
+def _two_options(rng: np.random.Generator, a: SceneObject, b: SceneObject) -> tuple[dict[str, str], bool]:
+    """Options A/B for objects a, b in random order; returns (options, a_is_A)."""
+    a_first = bool(rng.random() < 0.5)
+    first, second = (a, b) if a_first else (b, a)
+    return {"A": _the(first), "B": _the(second)}, a_first
+
+
+def _option_text(options: dict[str, str]) -> str:
+    return " ".join(f"({k}) {v}" for k, v in options.items())
+
+
+def _pairs(rng: np.random.Generator, n: int) -> list[tuple[int, int]]:
+    pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+    return [pairs[k] for k in rng.permutation(len(pairs))]
+
+
+def _q_left_right(scene: Scene, rng: np.random.Generator) -> Question | None:
+    us = [scene.camera.project(ob.center)[0] for ob in scene.objects]
+    for i, j in _pairs(rng, len(us)):
+        if abs(us[i] - us[j]) >= 0.08 * scene.camera.width:
+            a, b = scene.objects[i], scene.objects[j]
+            ans = "left" if us[i] < us[j] else "right"
+            return Question(
+                "left_right",
+                f"Is {_the(a)} to the left or to the right of {_the(b)}?",
+                ans,
+                "word",
+                [i, j],
+                facts={"u": [us[i] / scene.camera.width, us[j] / scene.camera.width]},
+            )
+    return None
+
+
+def _q_above_below(scene: Scene, rng: np.random.Generator) -> Question | None:
+    vs = [scene.camera.project(ob.center)[1] for ob in scene.objects]
+    for i, j in _pairs(rng, len(vs)):
+        if abs(vs[i] - vs[j]) >= 0.06 * scene.camera.height:
+            a, b = scene.objects[i], scene.objects[j]
+            ans = "above" if vs[i] < vs[j] else "below"
+            return Question(
+                "above_below",
+                f"In the image, is {_the(a)} above or below {_the(b)}?",
+                ans,
+                "word",
+                [i, j],
+                facts={"v": [vs[i] / scene.camera.height, vs[j] / scene.camera.height]},
+            )
+    return None
+
+
+def _q_nearer(scene: Scene, rng: np.random.Generator) -> Question | None:
+    zs = [scene.camera.project(ob.center)[2] for ob in scene.objects]
+    for i, j in _pairs(rng, len(zs)):
+        a, b = scene.objects[i], scene.objects[j]
+        if zs[i] * 1.2 <= zs[j] and a.visible_depth < b.visible_depth:  # a is nearer
+            options, near_is_a = _two_options(rng, a, b)
+            q = f"Which object is nearer to the camera? {_option_text(options)}"
+            return Question("nearer_farther", q, "A" if near_is_a else "B", "choice", [i, j], options)
+    return None
+
+
+def _q_counting(scene: Scene, rng: np.random.Generator) -> Question | None:
+    by_shape = rng.random() < 0.5
+    values = sorted({ob.shape if by_shape else ob.color for ob in scene.objects})
+    value = values[int(rng.integers(len(values)))]
+    idx = [k for k, ob in enumerate(scene.objects) if (ob.shape if by_shape else ob.color) == value]
+    q = f"How many {value}s are there in the image?" if by_shape else f"How many {value} objects are there?"
+    return Question("counting", q, str(len(idx)), "number", idx, facts={"attribute": value})
+
+
+def _q_size(scene: Scene, rng: np.random.Generator) -> Question | None:
+    pairs = _pairs(rng, len(scene.objects))
+
+    # prefer pairs where the truly larger object looks smaller (it is farther away)
+    def area(ob: SceneObject) -> float:
+        return (ob.box[2] - ob.box[0]) * (ob.box[3] - ob.box[1])
+
+    good = [(i, j) for i, j in pairs if scene.objects[i].volume >= 2.0 * scene.objects[j].volume]
+    good.sort(key=lambda p: area(scene.objects[p[0]]) >= area(scene.objects[p[1]]))
+    if not good:
+        return None
+    i, j = good[0]
+    options, big_is_a = _two_options(rng, scene.objects[i], scene.objects[j])
+    q = f"Which object is larger in real size? {_option_text(options)}"
+    return Question("size_compare", q, "A" if big_is_a else "B", "choice", [i, j], options)
+
+
+def _q_attribute(scene: Scene, rng: np.random.Generator) -> Question | None:
+    zs = [scene.camera.project(ob.center)[2] for ob in scene.objects]
+    candidates = []
+    for shape in SHAPES:
+        idx = sorted((k for k, ob in enumerate(scene.objects) if ob.shape == shape), key=lambda k: zs[k])
+        if idx and (len(idx) == 1 or zs[idx[-1]] >= 1.15 * zs[idx[-2]]):
+            far = idx[-1]
+            box = scene.objects[far].box
+            candidates.append(((box[2] - box[0]) * (box[3] - box[1]), far))
+    if not candidates:
+        return None
+    _, k = min(candidates)
+    ob = scene.objects[k]
+    q = f"What color is the {ob.shape} that is farthest from the camera?"
+    return Question("attribute", q, ob.color, "word", [k])
+
+
+def _fmt_box(box: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.3f}" for v in box) + "]"
+
+
+def _q_grounding(scene: Scene, rng: np.random.Generator) -> Question | None:
+    n = min(len(scene.objects), int(rng.integers(2, 5)))
+    chosen = [int(k) for k in rng.choice(len(scene.objects), size=n, replace=False)]
+    target = chosen[0]
+    order = [chosen[k] for k in rng.permutation(n)]
+    letters = "ABCD"
+    options = {letters[m]: _fmt_box(scene.objects[k].box) for m, k in enumerate(order)}
+    q = f"Which box contains {_the(scene.objects[target])}? {_option_text(options)}"
+    return Question("grounding", q, letters[order.index(target)], "choice", [target], options)
+
+
+def _q_locate(scene: Scene, rng: np.random.Generator) -> Question | None:
+    k = int(rng.integers(len(scene.objects)))
+    q = f"Give the bounding box of {_the(scene.objects[k])} as normalized [x1, y1, x2, y2]."
+    return Question("locate", q, _fmt_box(scene.objects[k].box), "box", [k])
+
+
+_MAKERS = {
+    "left_right": _q_left_right,
+    "above_below": _q_above_below,
+    "nearer_farther": _q_nearer,
+    "counting": _q_counting,
+    "size_compare": _q_size,
+    "attribute": _q_attribute,
+    "grounding": _q_grounding,
+    "locate": _q_locate,
+}
+
+
+def make_question(qtype: str, scene: Scene, rng: np.random.Generator) -> Question | None:
+    """A question of kind ``qtype`` about ``scene`` (None when the scene has no unambiguous instance)."""
+    if qtype not in _MAKERS:
+        raise ValueError(f"unknown question kind {qtype!r}; expected one of {QTYPES}")
+    return _MAKERS[qtype](scene, rng)
+
+
+class SceneTextWriter:
+    """Writes each trace step's text from the scene's ground truth (forward inference for synthetic data)."""
+
+    def __init__(self, scene: Scene, q: Question):
+        self.scene, self.q = scene, q
+
+    def _inside(self, region: tuple[float, ...]) -> list[SceneObject]:
+        out = []
+        for ob in self.scene.objects:
+            b = ob.box
+            iw = max(0.0, min(b[2], region[2]) - max(b[0], region[0]))
+            ih = max(0.0, min(b[3], region[3]) - max(b[1], region[1]))
+            if iw * ih >= 0.5 * (b[2] - b[0]) * (b[3] - b[1]):
+                out.append(ob)
+        return out
+
+    def _names(self, obs: list[SceneObject]) -> str:
+        names = [_the(ob) for ob in obs]
+        if not names:
+            return "only the floor"
+        return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+    def _targets(self) -> list[SceneObject]:
+        return [self.scene.objects[k] for k in self.q.targets]
+
+    def _conclusion(self) -> str:
+        q, t = self.q, self._targets()
+        if q.qtype == "left_right":
+            u = q.facts["u"]
+            return (
+                f"{_the(t[0]).capitalize()} is centred at x={u[0]:.2f} and {_the(t[1])} at x={u[1]:.2f}, "
+                f"so {_the(t[0])} is to the {q.answer}."
+            )
+        if q.qtype == "above_below":
+            v = q.facts["v"]
+            return (
+                f"{_the(t[0]).capitalize()} is centred at y={v[0]:.2f} and {_the(t[1])} at y={v[1]:.2f}, "
+                f"so {_the(t[0])} is {q.answer} it in the image."
+            )
+        if q.qtype == "nearer_farther":
+            a, b = t
+            return (
+                f"{_the(a).capitalize()} has depth {a.visible_depth:.3f} and {_the(b)} {b.visible_depth:.3f}; "
+                f"the smaller depth is nearer, so {_the(a)} is nearer (option {q.answer})."
+            )
+        if q.qtype == "counting":
+            return f"Counting the {q.facts['attribute']} objects, I find {self._names(t)}: {q.answer} in total."
+        if q.qtype == "size_compare":
+            a, b = t
+            return (
+                f"{_the(a).capitalize()} is at depth {a.visible_depth:.3f} and {_the(b)} at "
+                f"{b.visible_depth:.3f}; correcting the apparent size for distance, {_the(a)} is larger in "
+                f"real size (option {q.answer})."
+            )
+        if q.qtype == "attribute":
+            ob = t[0]
+            return f"Zooming in on the farthest {ob.shape} (depth {ob.visible_depth:.3f}), its color is {ob.color}."
+        if q.qtype == "grounding":
+            return f"{_the(t[0]).capitalize()} lies in {_fmt_box(t[0].box)}, which is option {q.answer}."
+        return f"{_the(t[0]).capitalize()} occupies {_fmt_box(t[0].box)}."
+
+    def __call__(self, step: StepContext) -> str:
+        region = step.boxes[0][:4]
+        targets = self._names(self._targets())
+        depth = ", ".join(f"{b.depth:.3f}" for b in step.boxes)
+        if step.kind == "full":
+            return (
+                f"The whole image shows {self._names(self.scene.objects)} on a tiled floor. "
+                f"To answer, I need to find {targets}."
+            )
+        if step.kind == "distractor":
+            return (
+                f"This region (mean depth {depth}) shows {self._names(self._inside(region))}, "
+                f"not {targets}; I correct my focus."
+            )
+        if step.kind == "target":
+            return self._conclusion()
+        inside = []
+        for b in step.boxes:
+            inside += [ob for ob in self._inside(b[:4]) if all(ob is not seen for seen in inside)]
+        return f"This region (mean depth {depth}) contains {self._names(inside)}; I narrow down to {targets}."
