@@ -101,6 +101,7 @@ class TrainConfig:
     keep_last: int = 2
     resume: bool = False
     export_hf: bool = True
+    export_dtype: Literal["float32", "bfloat16"] = "float32"
     activation_checkpointing: bool = False
     reshard_after_forward: bool = True
     max_consecutive_nonfinite: int = 5

@@ -4,11 +4,14 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _toys import ToyVLM, collate, make_dataset, run_distributed, token_ce_objective
 
 from engine.config import LoRAConfig, TrainConfig
-from engine.distributed import unsharded
-from engine.train import IndexedBatchSource, Trainer, mean_across_ranks
+from engine.distributed import fsdp_modules, unsharded
+from engine.models import VLModel, from_pretrained, mrope_position_ids, tiny_config
+from engine.models.tiny import init_weights
+from engine.train import IndexedBatchSource, ObjectiveOutput, Trainer, export_hf, mean_across_ranks
 from engine.train.lora import apply_lora
 
 
@@ -81,5 +84,66 @@ def _sharded_grads_worker(env, out_dir):
     assert mean_across_ranks(local, env.device) == {"a": 2.0, "b": 5.0}
 
 
+def _vlm_batch(config, seed):
+    """Two packed sequences, the second with one 4x4-patch image (4 merged tokens); loss on a subset of tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    text = lambda n: torch.randint(0, 200, (n,), generator=gen)  # noqa: E731
+    image = torch.tensor([config.vision_start_token_id] + [config.image_token_id] * 4 + [config.vision_end_token_id])
+    grid = torch.tensor([[1, 4, 4]])
+    seqs = [(text(7 + seed % 3), None), (torch.cat([text(3), image, text(5)]), grid)]
+    ids = torch.cat([s for s, _ in seqs])
+    positions = torch.cat([mrope_position_ids(s, g, config) for s, g in seqs], dim=1)
+    cu = torch.tensor([0, len(seqs[0][0]), len(ids)], dtype=torch.int32)
+    pixels = torch.randn(16, 3 * 2 * 14 * 14, generator=gen)
+    mask = torch.rand(len(ids) - 1, generator=gen) < 0.6
+    return {"ids": ids, "pos": positions, "cu": cu, "pixels": pixels, "grid": grid, "mask": mask}
+
+
+def vlm_objective(model, batch):
+    """Next-token CE from hidden states, with the LM head applied after the forward (as the fused kernels do)."""
+    hidden = model(batch["ids"], batch["pos"], batch["cu"], batch["pixels"], batch["grid"])
+    logits = F.linear(hidden[:-1], model.lm_head_weight)
+    losses = F.cross_entropy(logits, batch["ids"][1:], reduction="none")
+    return ObjectiveOutput((losses * batch["mask"]).sum(), batch["mask"].sum())
+
+
+def _vlm_worker(env, out_dir):
+    """The real model: blocks, vision blocks, vision tower and root sharded; gradients equal one process's."""
+    config = tiny_config()
+    ref = VLModel(config)
+    init_weights(ref, seed=0)  # VLModel(config) alone leaves some parameters uninitialised
+    model = copy.deepcopy(ref)
+    batches = [_vlm_batch(config, seed) for seed in range(4)]  # rank r takes batches 2r, 2r+1
+    total = sum(int(b["mask"].sum()) for b in batches)
+    (sum(vlm_objective(ref, b).loss_sum for b in batches) / total).backward()
+    cfg = TrainConfig(output_dir=str(out_dir), max_steps=1, grad_clip=0.0, activation_checkpointing=True)
+    trainer = Trainer(
+        model, vlm_objective, IndexedBatchSource(batches, micro_batch_size=1, grad_accum_steps=1), cfg, env=env
+    )
+    units = [type(m).__name__ for m in fsdp_modules(trainer.model)]
+    assert units.count("FSDPDecoderLayer") == 4 and units.count("FSDPVisionBlock") == 4, units
+    assert "FSDPVisionTower" in units and "FSDPVLModel" in units
+    trainer.compute_gradients(batches[2 * env.rank : 2 * env.rank + 2])
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    for name, param in trainer.model.named_parameters():
+        got, want = param.grad.full_tensor(), ref_grads[name]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    with torch.no_grad():  # entry points other than __call__ gather the root's parameters too
+        ids = batches[0]["ids"][None, :7]
+        torch.testing.assert_close(trainer.model.logits(ids), ref.logits(ids), rtol=1e-5, atol=1e-5)
+    # HF export goes through the model package's own saver (config.json + hub names) and loads back.
+    export_hf(trainer.model, out_dir / "hf", env=env)
+    if env.is_main:
+        loaded = from_pretrained(out_dir / "hf")
+        for (name, p), (_, q) in zip(ref.named_parameters(), loaded.named_parameters()):
+            assert torch.equal(p, q), name
+
+
+def _all_workers(env, out_dir):
+    _sharded_grads_worker(env, out_dir)
+    _vlm_worker(env, out_dir)
+
+
 def test_fsdp2_sharded_gradients_equal_single_process(tmp_path):
-    run_distributed(_sharded_grads_worker, 2, tmp_path)
+    """Toy model (plain, activation-checkpointed + clipped, LoRA) and the real tiny VLModel, on 2 processes."""
+    run_distributed(_all_workers, 2, tmp_path)

@@ -1,20 +1,28 @@
-"""FSDP2 wrapping in the spirit of torchtitan: one shard group per decoder block, one for the vision tower, root.
+"""FSDP2 wrapping in the spirit of torchtitan: one shard group per decoder block, per vision block, the vision
+tower, and the root.
 
 A model opts in through a small protocol:
 
 * ``model.decoder_blocks() -> Sequence[nn.Module]`` — the transformer blocks of the language model, in order;
-* ``model.vision_tower`` — the vision encoder module (attribute; absent or None for text-only models).
+* ``model.vision_tower`` — the vision encoder module (attribute; absent or None for text-only models), whose
+  ``blocks`` ModuleList, if any, holds its transformer blocks.
 
 Models without ``decoder_blocks()`` fall back to the first of ``model.layers``, ``model.model.layers``,
-``model.language_model.layers``, ``model.model.language_model.layers``; ``visual`` is accepted for the vision tower.
+``model.language_model.layers``, ``model.model.language_model.layers``; ``visual`` is accepted for the vision tower
+(engine.models.VLModel: ``model.layers`` and ``visual.blocks``).
 
-Each decoder block becomes one FSDP2 unit (all-gathered just before its forward, resharded after it, its gradients
+Each block becomes one FSDP2 unit (all-gathered just before its forward, resharded after it, its gradients
 reduce-scattered as soon as its backward finishes), so peak memory holds one block's full parameters plus the
-shards. The last block keeps its parameters after forward, since backward needs them first. Mixed precision:
-parameters live (sharded) in fp32 as the optimiser's master copy; on CUDA they are all-gathered in bf16 and the
-gradients reduce-scattered in fp32; on CPU everything stays fp32. Activation checkpointing (optional) recomputes
-each decoder block in backward instead of storing its activations; it uses the composable ``checkpoint`` so that
-parameter names (FQNs) do not change — checkpoints and HF export see the model's own names.
+shards. The last decoder block and the root (embeddings, final norm, LM head) keep their parameters after forward:
+backward needs them first, and the GRPO / SFT losses multiply hidden states by the LM head *after* the forward.
+Mixed precision: parameters live (sharded) in fp32 as the optimiser's master copy; on CUDA they are all-gathered in
+bf16 and gradients reduce-scattered in fp32; on CPU everything stays fp32. Activation checkpointing (optional)
+recomputes each block in backward instead of storing its activations; it uses the composable ``checkpoint`` so that
+parameter names (FQNs) do not change — checkpoints and HF export see the model's own names. The model's own
+``set_gradient_checkpointing`` is switched off then, so nothing is recomputed twice.
+
+Entry points other than ``__call__`` that start a forward (``forward_packed``) are registered with FSDP2 so that
+they gather the root's parameters too; methods built on them (``logits``) then work unchanged.
 """
 
 from __future__ import annotations
@@ -26,10 +34,11 @@ import torch
 from torch import nn
 from torch.distributed._composable import checkpoint as composable_checkpoint
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 _FALLBACK_BLOCK_PATHS = ("layers", "model.layers", "language_model.layers", "model.language_model.layers")
 _RESHARD_ATTR = "_sif_reshard_after_forward"
+_FORWARD_METHODS = ("forward_packed",)
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
@@ -62,6 +71,13 @@ def vision_tower(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def vision_blocks(model: nn.Module) -> list[nn.Module]:
+    """The vision tower's transformer blocks (``vision_tower.blocks``), or [] if it has none."""
+    tower = vision_tower(model)
+    blocks = getattr(tower, "blocks", None) if tower is not None else None
+    return list(blocks) if isinstance(blocks, (nn.ModuleList, nn.Sequential)) else []
+
+
 def default_param_dtype(device_type: str) -> torch.dtype:
     """bf16 all-gathers on CUDA, fp32 on CPU (CPU bf16 matmuls are slow and the tests compare numerics)."""
     return torch.bfloat16 if device_type == "cuda" else torch.float32
@@ -92,15 +108,24 @@ def parallelize(
     policy = MixedPrecisionPolicy(
         param_dtype=param_dtype or default_param_dtype(mesh.device_type), reduce_dtype=reduce_dtype
     )
+    if activation_checkpointing and hasattr(model, "set_gradient_checkpointing"):
+        model.set_gradient_checkpointing(False)
+    tower = vision_tower(model)
+    for block in vision_blocks(model):
+        if activation_checkpointing:
+            composable_checkpoint(block)
+        _shard(block, mesh, policy, reshard_after_forward)
+    if tower is not None:
+        _shard(tower, mesh, policy, reshard_after_forward)
     blocks = decoder_blocks(model)
     for i, block in enumerate(blocks):
         if activation_checkpointing:
             composable_checkpoint(block)
         _shard(block, mesh, policy, reshard_after_forward and i < len(blocks) - 1)
-    tower = vision_tower(model)
-    if tower is not None:
-        _shard(tower, mesh, policy, reshard_after_forward)
-    _shard(model, mesh, policy, reshard_after_forward)
+    _shard(model, mesh, policy, False)
+    for method in _FORWARD_METHODS:
+        if callable(getattr(model, method, None)):
+            register_fsdp_forward_method(model, method)
     return model
 
 

@@ -226,9 +226,10 @@ def export_hf(
 ) -> Path:
     """Gather the full weights to rank 0, merge LoRA adapters, and write them as HF safetensors; collective.
 
-    ``write_fn(state_dict, out_dir)`` writes the files (e.g. the model package's saver, which adds config.json);
-    default: ``out_dir/model.safetensors`` with the model's own parameter names (tied weights stored once).
-    ``dtype`` casts floating tensors (e.g. bf16 for a release); default keeps the training dtype.
+    ``write_fn(state_dict, out_dir)`` writes the files; default: for an engine.models.VLModel its own
+    ``save_pretrained`` (config.json + hub-named, size-sharded safetensors; the weights are assigned into a
+    meta-device shell, no copy), otherwise ``out_dir/model.safetensors`` with the model's parameter names (tied
+    weights stored once). ``dtype`` casts floating tensors (e.g. bf16 for a release); default keeps fp32.
     """
     from engine.train.lora import lora_scalings, merge_lora_state_dict
 
@@ -239,12 +240,28 @@ def export_hf(
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         out_dir.mkdir(parents=True, exist_ok=True)
-        if write_fn is not None:
-            write_fn(state, out_dir)
-        else:
-            save_file(_dedupe_shared(state), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        (write_fn or _default_writer(model))(state, out_dir)
     dist.barrier()
     return out_dir
+
+
+def _default_writer(model: nn.Module) -> Callable[[dict[str, torch.Tensor], Path], None]:
+    from engine.models import VLModel, save_pretrained
+
+    if isinstance(model, VLModel):
+
+        def write_vlmodel(state: dict[str, torch.Tensor], out_dir: Path) -> None:
+            with torch.device("meta"):
+                shell = VLModel(model.config)
+            shell.load_state_dict(state, strict=True, assign=True)
+            save_pretrained(shell, out_dir)
+
+        return write_vlmodel
+
+    def write_plain(state: dict[str, torch.Tensor], out_dir: Path) -> None:
+        save_file(_dedupe_shared(state), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+
+    return write_plain
 
 
 def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -367,7 +367,8 @@ class Trainer:
         export_dir = None
         if self.cfg.export_hf:
             export_dir = self.run_dir / "hf"
-            export_hf(self.model, export_dir, env=self.env, write_fn=self.export_fn)
+            dtype = getattr(torch, self.cfg.export_dtype)
+            export_hf(self.model, export_dir, env=self.env, write_fn=self.export_fn, dtype=dtype)
         if self.cfg.plot and self.env.is_main and self.metrics_log.path.exists():
             from engine.train.plot import plot_curves
 
