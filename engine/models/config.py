@@ -88,7 +88,6 @@ class ModelConfig:
         """Check invariants the model code relies on; raise ConfigError naming the field."""
         t, v = self.text, self.vision
         checks = [
-            (t.hidden_size % t.num_attention_heads == 0 or t.head_dim is not None, "hidden_size % num_attention_heads"),
             (t.num_attention_heads % t.num_key_value_heads == 0, "num_attention_heads % num_key_value_heads"),
             (sum(t.mrope_section) * 2 == t.head_dim, f"mrope_section {t.mrope_section} must sum to head_dim/2"),
             (len(t.mrope_section) == 3, "mrope_section must have 3 entries (t, h, w)"),

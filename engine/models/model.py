@@ -84,7 +84,7 @@ class VLModel(nn.Module):
                 x = layer(x, cos, sin, cu_seqlens, layer_cache)
         return self.model.norm(x)
 
-    def forward_packed(
+    def forward(
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
@@ -92,9 +92,12 @@ class VLModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Packed forward: input_ids int64 [T], position_ids int64 [3, T] (M-RoPE, per sequence), cu_seqlens
-        int32 [B+1], pixel_values [P, patch_dim] / image_grid_thw [n, 3] for the images of all sequences in order
-        → hidden states [T, H] after the final norm (in the parameters' dtype)."""
+        """Packed forward (call it as ``model(...)`` or ``model.forward_packed(...)``).
+
+        input_ids int64 [T], position_ids int64 [3, T] (M-RoPE, per sequence), cu_seqlens int32 [B+1],
+        pixel_values [P, patch_dim] / image_grid_thw [n, 3] for the images of all sequences in order
+        → hidden states [T, H] after the final norm (in the parameters' dtype).
+        """
         if input_ids.dim() != 1 or position_ids.shape != (3, input_ids.shape[0]):
             raise ValueError(
                 f"forward_packed: input_ids must be [T] and position_ids [3, T]; got {tuple(input_ids.shape)} and "
@@ -103,7 +106,19 @@ class VLModel(nn.Module):
         x = self.embed(input_ids, pixel_values, image_grid_thw)
         return self.run_layers(x, position_ids, cu_seqlens)
 
-    forward = forward_packed
+    def forward_packed(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids int64 [T], position_ids int64 [3, T], cu_seqlens int32 [B+1], images → hidden [T, H].
+
+        Goes through ``__call__`` so that module hooks (FSDP2 unshard/reshard, profilers) run.
+        """
+        return self(input_ids, position_ids, cu_seqlens, pixel_values, image_grid_thw)
 
     def logits(
         self,
