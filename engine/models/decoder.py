@@ -47,7 +47,7 @@ class CacheView:
     each packed new token; q_index: int64 [n, L] packed index of query j of sequence i (padded entries point at 0);
     mask: bool [n, 1, L, S'] attention mask over the first S' cache slots; valid: bool [n, L] real queries.
     Prefill (every row starts empty): cu_seqlens int32 [n+1] instead of q_index/mask/valid, and attention runs
-    packed (varlen) while K/V are written to the cache.
+    packed (varlen) while K/V are written to the cache. row_range: (lo, hi) when rows are lo..hi-1 in order.
     """
 
     rows: torch.Tensor
@@ -56,6 +56,7 @@ class CacheView:
     mask: torch.Tensor | None
     valid: torch.Tensor | None
     cu_seqlens: torch.Tensor | None = None
+    row_range: tuple[int, int] | None = None
 
 
 class KVCache:
@@ -111,7 +112,16 @@ class KVCache:
         key_pos = torch.arange(span)
         mask = (key_pos.view(1, 1, -1) <= slots.unsqueeze(-1)) & valid.unsqueeze(-1)
         mask[~valid] = True  # padded queries attend to something (their output is discarded)
-        return CacheView(rows.to(device), flat_dst, q_index.to(device), mask.unsqueeze(1).to(device), valid.to(device))
+        lo = int(rows[0])
+        consecutive = bool(torch.equal(rows, torch.arange(lo, lo + len(rows))))
+        return CacheView(
+            rows.to(device),
+            flat_dst,
+            q_index.to(device),
+            mask.unsqueeze(1).to(device),
+            valid.to(device),
+            row_range=(lo, lo + len(rows)) if consecutive else None,
+        )
 
 
 class Attention(nn.Module):
@@ -157,7 +167,12 @@ class Attention(nn.Module):
             return varlen_attention(q, k, v, view.cu_seqlens, causal=True)
         span = view.mask.shape[-1]
         qb = q[view.q_index].transpose(1, 2)  # [n, Hq, L, D]
-        ob = cached_attention(qb, k_cache[view.rows, :, :span], v_cache[view.rows, :, :span], view.mask)
+        if view.row_range is not None:  # consecutive rows: attend to a view of the cache, no gather copy
+            lo, hi = view.row_range
+            keys, values = k_cache[lo:hi, :, :span], v_cache[lo:hi, :, :span]
+        else:
+            keys, values = k_cache[view.rows, :, :span], v_cache[view.rows, :, :span]
+        ob = cached_attention(qb, keys, values, view.mask)
         return ob.transpose(1, 2)[view.valid]  # [T, Hq, D] in packed order
 
 

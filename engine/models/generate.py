@@ -233,30 +233,34 @@ def generate(
         live = [r for r in rows.tolist() if not samples[r].done]
         if not live:
             break
-        chunk_ids, chunk_pos, chunk_emb, counts = [], [], [], []
+        chunk_ids, chunk_pos, counts, feats = [], [], [], []
         for r in live:
             s = samples[r]
-            ids = [s.ids[-1]]
             images = spliced.get(r)
-            if images is not None:
-                ids += images[0]
-            ids_t = torch.tensor(ids)
-            pos = mrope_position_ids(ids_t, images[1] if images is not None else None, cfg, start=s.next_pos)
+            if images is None:  # the common case: one token at the sample's next position
+                chunk_ids.append(s.ids[-1])
+                chunk_pos.append(torch.full((3, 1), s.next_pos))
+                s.next_pos += 1
+                counts.append(1)
+                continue
+            ids = [s.ids[-1], *images[0]]
+            pos = mrope_position_ids(torch.tensor(ids), images[1], cfg, start=s.next_pos)
             s.next_pos = int(pos.max()) + 1
-            emb = model.model.embed_tokens(ids_t.to(device))
-            if images is not None:
-                emb[ids_t.to(device) == cfg.image_token_id] = images[2].to(emb.dtype)
-                s.ids += images[0]
-                s.mask += [False] * len(images[0])
-                s.logprobs += [0.0] * len(images[0])
-            chunk_ids.append(ids_t)
+            s.ids += images[0]
+            s.mask += [False] * len(images[0])
+            s.logprobs += [0.0] * len(images[0])
+            chunk_ids += ids
             chunk_pos.append(pos)
-            chunk_emb.append(emb)
             counts.append(len(ids))
+            feats.append(images[2])
+        ids_t = torch.tensor(chunk_ids, device=device)
+        x = model.model.embed_tokens(ids_t)
+        if feats:
+            x = x.masked_scatter((ids_t == cfg.image_token_id).unsqueeze(-1), torch.cat(feats).to(x.dtype))
         live_t = torch.tensor(live)
         counts_t = torch.tensor(counts)
         view = cache.plan(live_t, counts_t)
-        hidden = model.run_layers(torch.cat(chunk_emb), torch.cat(chunk_pos, dim=1), None, cache, view)
+        hidden = model.run_layers(x, torch.cat(chunk_pos, dim=1), None, cache, view)
         logits = F.linear(hidden[(torch.cumsum(counts_t, 0) - 1).to(device)], model.lm_head_weight)
         rows = live_t
 
