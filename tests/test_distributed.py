@@ -82,6 +82,7 @@ def _sharded_grads_worker(env, out_dir):
     # Metrics with rank-dependent key sets are averaged over the ranks that report them.
     local = {"a": 1.0 + 2 * env.rank, **({"b": 5.0} if env.rank == 0 else {})}
     assert mean_across_ranks(local, env.device) == {"a": 2.0, "b": 5.0}
+    assert mean_across_ranks({"a": float(env.rank), "c": 1.0}, env.device) == {"a": 0.5, "c": 1.0}
 
 
 def _vlm_batch(config, seed):

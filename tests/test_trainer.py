@@ -139,6 +139,12 @@ def test_metrics_lines_phases_and_curves(tmp_path, env):
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
+def test_resume_without_checkpoint_warns_and_starts_fresh(tmp_path, env):
+    trainer = Trainer(ToyVLM(), token_ce_objective, _source(), _cfg(tmp_path, resume=True, max_steps=1), env=env)
+    with pytest.warns(UserWarning, match="no checkpoint under"):
+        assert trainer.fit().step == 1
+
+
 def test_warmup_cosine_schedule_values():
     sched = WarmupDecay(total_steps=10, warmup_steps=2, schedule="cosine", min_ratio=0.1)
     expected = {0: 1 / 3, 1: 2 / 3, 2: 1.0, 6: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)), 10: 0.1}

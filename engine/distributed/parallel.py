@@ -21,8 +21,9 @@ recomputes each block in backward instead of storing its activations; it uses th
 parameter names (FQNs) do not change — checkpoints and HF export see the model's own names. The model's own
 ``set_gradient_checkpointing`` is switched off then, so nothing is recomputed twice.
 
-Entry points other than ``__call__`` that start a forward (``forward_packed``) are registered with FSDP2 so that
-they gather the root's parameters too; methods built on them (``logits``) then work unchanged.
+Every forward must enter through ``model.__call__`` (engine.models' ``forward_packed`` and ``logits`` do), so that
+FSDP2's hooks gather the root's parameters; a model method that bypasses it needs
+``torch.distributed.fsdp.register_fsdp_forward_method``.
 """
 
 from __future__ import annotations
@@ -34,11 +35,10 @@ import torch
 from torch import nn
 from torch.distributed._composable import checkpoint as composable_checkpoint
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 _FALLBACK_BLOCK_PATHS = ("layers", "model.layers", "language_model.layers", "model.language_model.layers")
 _RESHARD_ATTR = "_sif_reshard_after_forward"
-_FORWARD_METHODS = ("forward_packed",)
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
@@ -123,9 +123,6 @@ def parallelize(
             composable_checkpoint(block)
         _shard(block, mesh, policy, reshard_after_forward and i < len(blocks) - 1)
     _shard(model, mesh, policy, False)
-    for method in _FORWARD_METHODS:
-        if callable(getattr(model, method, None)):
-            register_fsdp_forward_method(model, method)
     return model
 
 
