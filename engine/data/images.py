@@ -87,15 +87,16 @@ def load_depth(path: PathLike) -> torch.Tensor:
     return torch.from_numpy(spectral_r_to_depth(rgb))
 
 
-def save_image(path: PathLike, rgb: np.ndarray | torch.Tensor) -> None:
-    """Write uint8 [H, W, 3] RGB to a file whose format follows the suffix (PNG losslessly, optimised)."""
+def save_image(path: PathLike, rgb: np.ndarray | torch.Tensor, optimize: bool = False) -> None:
+    """Write uint8 [H, W, 3] RGB to a file whose format follows the suffix (PNG: lossless; ``optimize`` makes it
+    ~8 % smaller at ~10x the encode time)."""
     arr = rgb.numpy() if isinstance(rgb, torch.Tensor) else np.asarray(rgb)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3:
         raise ValueError(f"{path}: expected uint8 [H, W, 3], got {arr.dtype} {arr.shape}")
-    Image.fromarray(arr).save(path, optimize=True)
+    Image.fromarray(arr).save(path, optimize=optimize)
 
 
-def save_depth(path: PathLike, depth: np.ndarray | torch.Tensor) -> None:
+def save_depth(path: PathLike, depth: np.ndarray | torch.Tensor, optimize: bool = False) -> None:
     """Write float depth [H, W] in [0, 1]: ``.npy`` as float32, ``.png`` as 16-bit greyscale (round(d · 65535))."""
     path = Path(path)
     arr = depth.numpy() if isinstance(depth, torch.Tensor) else np.asarray(depth)
@@ -103,6 +104,6 @@ def save_depth(path: PathLike, depth: np.ndarray | torch.Tensor) -> None:
     if path.suffix.lower() == ".npy":
         np.save(path, arr)
     elif path.suffix.lower() == ".png":
-        Image.fromarray(np.round(arr * 65535.0).astype(np.uint16)).save(path, optimize=True)
+        Image.fromarray(np.round(arr * 65535.0).astype(np.uint16)).save(path, optimize=optimize)
     else:
         raise ValueError(f"{path}: depth is saved as .npy or .png")

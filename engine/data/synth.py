@@ -62,6 +62,7 @@ class SynthConfig:
     qtypes: tuple[str, ...] = QTYPES
     with_trace: bool = True
     distractor_prob: float = 0.5
+    png_optimize: bool = False  # ~8 % smaller PNGs at ~10x the encode time (used for the bundled set)
 
 
 @dataclass
@@ -197,9 +198,10 @@ def _render_and_write(args: tuple[int, int, SynthConfig, str]) -> list[dict[str,
     seed, index, cfg, out = args
     scene = make_scene(seed, index, cfg)
     root = Path(out)
-    save_image(root / "images" / f"{scene.scene_id}.png", scene.rendered.rgb)
-    save_depth(root / "depth" / f"{scene.scene_id}.png", scene.rendered.depth)
-    save_image(root / "depth_color" / f"{scene.scene_id}.png", depth_to_spectral_r(scene.rendered.depth))
+    opt = cfg.png_optimize
+    save_image(root / "images" / f"{scene.scene_id}.png", scene.rendered.rgb, optimize=opt)
+    save_depth(root / "depth" / f"{scene.scene_id}.png", scene.rendered.depth, optimize=opt)
+    save_image(root / "depth_color" / f"{scene.scene_id}.png", depth_to_spectral_r(scene.rendered.depth), optimize=opt)
     return scene_records(scene, cfg, seed, index)
 
 
@@ -238,7 +240,7 @@ def generate_dataset(
     return records
 
 
-BUNDLED_CONFIG = SynthConfig(questions_per_scene=2)
+BUNDLED_CONFIG = SynthConfig(questions_per_scene=2, png_optimize=True)
 BUNDLED_SPECS = {"train": {"seed": 0, "n": 200}, "heldout": {"seed": 1, "n": 50}}
 
 
