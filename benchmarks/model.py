@@ -28,7 +28,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.models import ModelConfig, TextConfig, VisionConfig, VLModel, mrope_position_ids, tiny_config  # noqa: E402
-from engine.models.rope import inv_freq  # noqa: E402
 from engine.models.tiny import init_weights  # noqa: E402
 
 
@@ -106,7 +105,6 @@ def run_case(
         model = VLModel(cfg)
     model = model.to_empty(device="cpu")
     init_weights(model, seed=0)
-    model.rope_inv_freq = inv_freq(cfg.text.head_dim, cfg.text.rope_theta)
     model = model.to(device=dev, dtype=dtype).train()
     model.set_gradient_checkpointing(ckpt)
     ids, pos, cu, pv, grid = make_batch(cfg, batch, seq, image, dev)

@@ -21,7 +21,6 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig, load_config
 from .model import VLModel
-from .rope import inv_freq
 
 
 class CheckpointError(ValueError):
@@ -173,7 +172,6 @@ def load_weights(model: VLModel, path: str | Path, dtype: torch.dtype, device: t
             raise
         except Exception as e:  # safetensors raises its own error types for corrupt data
             raise CheckpointError(f"{file}: cannot read tensors ({e})") from e
-    model.rope_inv_freq = inv_freq(model.config.text.head_dim, model.config.text.rope_theta, torch.device(device))
 
 
 def from_pretrained(

@@ -32,7 +32,6 @@ class VLModel(nn.Module):
             if config.tie_word_embeddings
             else nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         )
-        self.register_buffer("rope_inv_freq", inv_freq(config.text.head_dim, config.text.rope_theta), persistent=False)
         self.gradient_checkpointing = False
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
@@ -62,8 +61,13 @@ class VLModel(nn.Module):
         return x.masked_scatter(is_image.unsqueeze(-1), feats.to(x.dtype))
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """M-RoPE cos/sin [T, head_dim] for position_ids [3, T]."""
-        return mrope_cos_sin(position_ids, self.rope_inv_freq, self.config.text.mrope_section, dtype)
+        """M-RoPE cos/sin [T, head_dim] for position_ids [3, T].
+
+        The frequencies are recomputed in fp32 on every call (head_dim/2 values) rather than kept as a buffer, so
+        that ``model.to(bfloat16)`` or meta-device init can never degrade them.
+        """
+        freqs = inv_freq(self.config.text.head_dim, self.config.text.rope_theta, position_ids.device)
+        return mrope_cos_sin(position_ids, freqs, self.config.text.mrope_section, dtype)
 
     def run_layers(
         self,
