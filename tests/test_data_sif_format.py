@@ -124,7 +124,6 @@ def _wrap(area: str, text: str = "t", answer: str = "a") -> str:
         (_wrap('<area>[{"bbox_2d":[0.1,0.2,0.5,0.6],"depth":1.5}]</area>'), "depth=1.5 outside [0, 1]"),
         (_wrap('<area>[{"bbox_2d":[0.5,0.2,0.5,0.6],"depth":0.3}]</area>'), "x2=0.5 must exceed x1=0.5"),
         (_wrap('<area>[{"bbox_2d":[0.1,0.7,0.5,0.6],"depth":0.3}]</area>'), "y2=0.6 must exceed y1=0.7"),
-        (_wrap('<area>[{"bbox_2d":[0.1,0.2,0.5,0.6],"depth":0.3,"x":1}]</area>'), "unexpected field"),
         (
             _wrap(
                 GOOD_AREA + '<text>t</text><area>[{"bbox_2d":[0.1,0.2,0.5,0.6],"depth":0.3},'
@@ -137,6 +136,11 @@ def _wrap(area: str, text: str = "t", answer: str = "a") -> str:
 def test_malformed_names_the_fault(text, expected):
     parsed = parse_response(text)
     assert parsed.error is not None and expected in parsed.error, parsed.error
+
+
+def test_extra_box_fields_are_tolerated_as_in_the_release():
+    p = parse_response(_wrap('<area>[{"bbox_2d":[0.1,0.2,0.5,0.6],"depth":0.3,"label":"cup"}]</area>'))
+    assert p.error is None and p.areas == [[DepthBox(0.1, 0.2, 0.5, 0.6, 0.3)]]
 
 
 def test_lenient_extraction_from_malformed():

@@ -7,7 +7,8 @@ A response is
 with area/text pairs strictly alternating (first an ``<area>``, last a ``</text>``). Every area is a JSON list of one
 or more boxes; coordinates are normalised to [0, 1] with x2 > x1 and y2 > y1; ``depth`` is the box's mean depth in
 [0, 1] (0 = nearest, 1 = farthest); every number has at most 3 decimals. These are the rules of the released
-SIFThinker format check, except that we reject JSON booleans as numbers and only our eight tags are reserved in text.
+SIFThinker format check (extra fields in a box object are tolerated, as there), anchored at both ends as the
+release's regex check is, except that JSON booleans are not numbers and only our eight tags are reserved in text.
 
 The parser never evaluates text: it scans tags with one regular expression and reads area payloads with
 ``json.loads`` (NaN/Infinity rejected). It never raises on a ``str``; malformed input yields ``error`` naming the
@@ -179,9 +180,6 @@ def _read_box(item: object, strict: bool) -> tuple[DepthBox | None, str | None]:
         depth = math.nan
     depth = float(depth)
     if strict:
-        extra = set(item) - {"bbox_2d", "depth"}
-        if extra:
-            return None, f"unexpected field(s) {sorted(extra)[:3]}"
         problem = _box_problem(coords, depth)
         if problem:
             return None, problem
