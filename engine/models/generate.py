@@ -149,68 +149,14 @@ def generate(
         raise ValueError("generate: num_samples and max_new_tokens must be >= 1")
     cfg = model.config
     device = model.lm_head_weight.device
-    dtype = model.lm_head_weight.dtype
     tok = processor.tokenizer
     if (tok.image_pad_id, tok.vision_start_id) != (cfg.image_token_id, cfg.vision_start_token_id):
         raise ValueError("generate: the tokenizer's image/vision-start ids differ from the model config's")
     eos = set(tok.eos_token_ids)
     banned = (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
     stream = _TextStream(processor)
-    g = num_samples
-
-    # prefill every prompt once, packed
-    ids_list, pos_list, pv_list, grid_list = [], [], [], []
-    for i, p in enumerate(prompts):
-        ids = p["input_ids"].to("cpu", torch.long)
-        grid = p.get("image_grid_thw")
-        if ids.dim() != 1 or ids.numel() == 0:
-            raise ValueError(f"generate: prompt {i} input_ids must be a non-empty 1-D tensor")
-        ids_list.append(ids)
-        pos_list.append(mrope_position_ids(ids, grid, cfg))
-        if p.get("pixel_values") is not None:
-            pv_list.append(p["pixel_values"])
-            grid_list.append(grid.to("cpu", torch.long))
-    lens = torch.tensor([len(x) for x in ids_list])
-    n_rows = len(prompts) * g
-    head_dim = cfg.text.head_dim
-    cache = KVCache(
-        cfg.text.num_hidden_layers,
-        n_rows,
-        cfg.text.num_key_value_heads,
-        head_dim,
-        int(lens.max()) + max_new_tokens + 1,
-        dtype,
-        device,
-    )
-    first_rows = torch.arange(len(prompts)) * g
-    pv = torch.cat(pv_list).to(device) if pv_list else None
-    grid = torch.cat(grid_list) if grid_list else None
-    x = model.embed(torch.cat(ids_list).to(device), pv, grid)
-    view = cache.plan(first_rows, lens, prefill=True)
-    hidden = model.run_layers(x, torch.cat(pos_list, dim=1), None, cache, view)
-    last = torch.cumsum(lens, 0) - 1
-    logits = F.linear(hidden[last.to(device)], model.lm_head_weight).repeat_interleave(g, dim=0)
-    for k in range(1, g):
-        cache.copy_rows(first_rows, first_rows + k)
-
-    samples: list[_Sample] = []
-    for i, p in enumerate(prompts):
-        pv_i = [p["pixel_values"]] if p.get("pixel_values") is not None else []
-        grid_i = [p["image_grid_thw"].to("cpu", torch.long)] if pv_i else []
-        for j in range(g):
-            samples.append(
-                _Sample(
-                    i,
-                    j,
-                    ids_list[i].tolist(),
-                    [False] * len(ids_list[i]),
-                    [0.0] * len(ids_list[i]),
-                    list(pv_i),
-                    list(grid_i),
-                    int(pos_list[i].max()) + 1,
-                )
-            )
-    rows = torch.arange(n_rows)
+    cache, logits, samples = _prefill(model, prompts, num_samples, max_new_tokens)
+    rows = torch.arange(len(samples))
     while True:
         tokens, logps = sample_tokens(logits, temperature, top_p, generator, banned)
         requests: list[tuple[int, FocusRequest]] = []
@@ -230,39 +176,10 @@ def generate(
             ):
                 requests.append((r, FocusRequest(s.prompt_index, s.sample_index, s.text)))
         spliced = _run_focus_hook(model, processor, focus_hook, requests, samples, device) if requests else {}
-        live = [r for r in rows.tolist() if not samples[r].done]
-        if not live:
+        rows = torch.tensor([r for r in rows.tolist() if not samples[r].done])
+        if len(rows) == 0:
             break
-        chunk_ids, chunk_pos, counts, feats = [], [], [], []
-        for r in live:
-            s = samples[r]
-            images = spliced.get(r)
-            if images is None:  # the common case: one token at the sample's next position
-                chunk_ids.append(s.ids[-1])
-                chunk_pos.append(torch.full((3, 1), s.next_pos))
-                s.next_pos += 1
-                counts.append(1)
-                continue
-            ids = [s.ids[-1], *images[0]]
-            pos = mrope_position_ids(torch.tensor(ids), images[1], cfg, start=s.next_pos)
-            s.next_pos = int(pos.max()) + 1
-            s.ids += images[0]
-            s.mask += [False] * len(images[0])
-            s.logprobs += [0.0] * len(images[0])
-            chunk_ids += ids
-            chunk_pos.append(pos)
-            counts.append(len(ids))
-            feats.append(images[2])
-        ids_t = torch.tensor(chunk_ids, device=device)
-        x = model.model.embed_tokens(ids_t)
-        if feats:
-            x = x.masked_scatter((ids_t == cfg.image_token_id).unsqueeze(-1), torch.cat(feats).to(x.dtype))
-        live_t = torch.tensor(live)
-        counts_t = torch.tensor(counts)
-        view = cache.plan(live_t, counts_t)
-        hidden = model.run_layers(x, torch.cat(chunk_pos, dim=1), None, cache, view)
-        logits = F.linear(hidden[(torch.cumsum(counts_t, 0) - 1).to(device)], model.lm_head_weight)
-        rows = live_t
+        logits = _append_step(model, cache, samples, rows, spliced)
 
     out = []
     for s in samples:
@@ -281,6 +198,97 @@ def generate(
             )
         )
     return out
+
+
+def _prefill(
+    model: VLModel, prompts: list[dict], g: int, max_new_tokens: int
+) -> tuple[KVCache, torch.Tensor, list[_Sample]]:
+    """Run every prompt once (packed), copy its cache row to its g sample rows; logits [P*g, V] of the next token."""
+    cfg = model.config
+    device, dtype = model.lm_head_weight.device, model.lm_head_weight.dtype
+    ids_list, pos_list, pv_list, grid_list = [], [], [], []
+    for i, p in enumerate(prompts):
+        ids = p["input_ids"].to("cpu", torch.long)
+        if ids.dim() != 1 or ids.numel() == 0:
+            raise ValueError(f"generate: prompt {i} input_ids must be a non-empty 1-D tensor")
+        grid = p.get("image_grid_thw")
+        grid = None if grid is None else grid.to("cpu", torch.long)
+        ids_list.append(ids)
+        pos_list.append(mrope_position_ids(ids, grid, cfg))
+        if p.get("pixel_values") is not None:
+            pv_list.append(p["pixel_values"])
+            grid_list.append(grid)
+    lens = torch.tensor([len(x) for x in ids_list])
+    t = cfg.text
+    capacity = int(lens.max()) + max_new_tokens + 1  # grows when images are spliced in
+    cache = KVCache(t.num_hidden_layers, len(prompts) * g, t.num_key_value_heads, t.head_dim, capacity, dtype, device)
+    first_rows = torch.arange(len(prompts)) * g
+    pv = torch.cat(pv_list).to(device) if pv_list else None
+    x = model.embed(torch.cat(ids_list).to(device), pv, torch.cat(grid_list) if grid_list else None)
+    view = cache.plan(first_rows, lens, prefill=True)
+    hidden = model.run_layers(x, torch.cat(pos_list, dim=1), None, cache, view)
+    last = (torch.cumsum(lens, 0) - 1).to(device)
+    logits = F.linear(hidden[last], model.lm_head_weight).repeat_interleave(g, dim=0)
+    for k in range(1, g):
+        cache.copy_rows(first_rows, first_rows + k)
+    samples = []
+    for i, p in enumerate(prompts):
+        has_images = p.get("pixel_values") is not None
+        n = len(ids_list[i])
+        for j in range(g):
+            samples.append(
+                _Sample(
+                    prompt_index=i,
+                    sample_index=j,
+                    ids=ids_list[i].tolist(),
+                    mask=[False] * n,
+                    logprobs=[0.0] * n,
+                    pixel_values=[p["pixel_values"]] if has_images else [],
+                    grids=[p["image_grid_thw"].to("cpu", torch.long)] if has_images else [],
+                    next_pos=int(pos_list[i].max()) + 1,
+                )
+            )
+    return cache, logits, samples
+
+
+def _append_step(
+    model: VLModel,
+    cache: KVCache,
+    samples: list[_Sample],
+    rows: torch.Tensor,
+    spliced: dict[int, tuple[list[int], torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """Feed each live row its last sampled token (plus spliced vision tokens) → next-token logits [n, V]."""
+    cfg = model.config
+    device = model.lm_head_weight.device
+    chunk_ids, chunk_pos, counts, feats = [], [], [], []
+    for r in rows.tolist():
+        s = samples[r]
+        images = spliced.get(r)
+        if images is None:  # the common case: one token at the sample's next position
+            chunk_ids.append(s.ids[-1])
+            chunk_pos.append(torch.full((3, 1), s.next_pos))
+            s.next_pos += 1
+            counts.append(1)
+            continue
+        ids = [s.ids[-1], *images[0]]
+        pos = mrope_position_ids(torch.tensor(ids), images[1], cfg, start=s.next_pos)
+        s.next_pos = int(pos.max()) + 1
+        s.ids += images[0]
+        s.mask += [False] * len(images[0])
+        s.logprobs += [0.0] * len(images[0])
+        chunk_ids += ids
+        chunk_pos.append(pos)
+        counts.append(len(ids))
+        feats.append(images[2])
+    ids_t = torch.tensor(chunk_ids, device=device)
+    x = model.model.embed_tokens(ids_t)
+    if feats:
+        x = x.masked_scatter((ids_t == cfg.image_token_id).unsqueeze(-1), torch.cat(feats).to(x.dtype))
+    counts_t = torch.tensor(counts)
+    view = cache.plan(rows, counts_t)
+    hidden = model.run_layers(x, torch.cat(chunk_pos, dim=1), None, cache, view)
+    return F.linear(hidden[(torch.cumsum(counts_t, 0) - 1).to(device)], model.lm_head_weight)
 
 
 def _run_focus_hook(
