@@ -5,8 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
+from engine.data import bundled_dataset_dir
 from engine.data.dali import CorruptImageError, DaliImageLoader, check_encoded, shard_order, smart_resize
-from engine.data.images import load_depth, save_depth
+from engine.data.images import load_depth, load_image, save_depth
+from engine.data.schema import load_records
 
 
 def test_smart_resize_rule():
@@ -102,6 +104,17 @@ def test_corrupt_files_are_named_and_skipped(image_dir, caplog):
     assert "huffman.jpg" in caplog.text
     with pytest.raises(CorruptImageError, match="name.jpg: truncated JPEG"):
         check_encoded((d / "cut.jpg").read_bytes(), "name.jpg")
+
+
+def test_loader_from_bundled_records():
+    records, _ = load_records(bundled_dataset_dir("heldout") / "records.jsonl")
+    records = records[:4]
+    loader = DaliImageLoader.from_records(records, 4, max_pixels=None)
+    (batch,) = list(loader)
+    assert batch.indices == [0, 1, 2, 3]
+    for i, img, depth in zip(batch.indices, batch.images, batch.depths):
+        assert torch.equal(img, load_image(records[i].image))  # PNG: lossless, exact
+        assert torch.equal(depth, records[i].load_depth_map())
 
 
 def test_sharding():

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from engine.data.depth_colormap import depth_to_spectral_r
@@ -81,6 +82,8 @@ def test_record_fields_and_write_round_trip(files):
     (rec,), _ = load_records(files / "records.jsonl")
     assert rec.image == files / "img.png" and rec.depth == files / "d.png" and rec.depth_image is None
     assert (rec.width, rec.height) == (60, 40)
+    depth = rec.load_depth_map()
+    assert depth.shape == (40, 60) and depth.dtype == torch.float32 and float(depth.abs().max()) == 0.0
     assert rec.trace[1].boxes == (DepthBox(0.1, 0.1, 0.5, 0.5, 0.25),)
     assert rec.response() == format_response(
         [[DepthBox(0, 0, 1, 1, 0.5)], [DepthBox(0.1, 0.1, 0.5, 0.5, 0.25)]], ["whole", "target"], "B"

@@ -158,6 +158,13 @@ class DaliImageLoader:
         self._known_bad: dict[int, tuple[int, str, str]] = {}  # not re-read in later epochs
         self._pipe = None
 
+    @classmethod
+    def from_records(cls, records: Sequence, batch_size: int, **kwargs) -> DaliImageLoader:
+        """Loader over :class:`engine.data.schema.Record` images, with each record's depth (scalar file, else the
+        colour-mapped image) beside it; ``batch.indices`` index ``records``."""
+        depth = [r.depth or r.depth_image for r in records]
+        return cls([r.image for r in records], batch_size, depth_paths=depth, **kwargs)
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from engine.data.answers import ANSWER_TYPES, choice_letter, parse_box, parse_number
@@ -72,6 +73,13 @@ class Record:
         if not self.trace:
             raise ValueError(f"record {self.id}: has no trace")
         return format_response([list(s.boxes) for s in self.trace], [s.text for s in self.trace], self.answer)
+
+    def load_depth_map(self) -> torch.Tensor | None:
+        """Scalar depth float32 [H, W] in [0, 1] (0 = near) from ``depth``, else inverted from ``depth_image``."""
+        from engine.data.images import load_depth
+
+        path = self.depth or self.depth_image
+        return None if path is None else load_depth(path)
 
     def to_json(self, base_dir: str | os.PathLike | None = None) -> dict[str, Any]:
         """JSON-ready dict; paths are made relative to ``base_dir`` when given."""
