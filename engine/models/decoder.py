@@ -52,7 +52,7 @@ class CacheView:
 
     rows: torch.Tensor
     flat_dst: torch.Tensor
-    q_index: torch.Tensor
+    q_index: torch.Tensor | None
     mask: torch.Tensor | None
     valid: torch.Tensor | None
     cu_seqlens: torch.Tensor | None = None
