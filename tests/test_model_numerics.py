@@ -8,7 +8,7 @@ batches; greedy generation must produce the same tokens.
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", minversion="5.0")  # v5 API (mm_token_type_ids)
 
 from engine.models import (  # noqa: E402
     Processor,
