@@ -99,6 +99,7 @@ class TrainConfig:
     epochs: int = 1
     checkpoint_every: int = 0  # steps; 0: only at the end
     keep_last: int = 2
+    checkpoint_frozen: bool = False  # also save frozen parameters (a LoRA base); off: they come from model.path
     resume: bool = False
     export_hf: bool = True
     export_dtype: Literal["float32", "bfloat16"] = "float32"

@@ -4,12 +4,13 @@ import shutil
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from _toys import ToyVLM, collate, make_dataset, run_distributed, token_ce_objective
 from safetensors.torch import load_file, save_file
 
-from engine.config import TrainConfig
+from engine.config import LoRAConfig, TrainConfig
 from engine.distributed import init_distributed
-from engine.train import Checkpointer, IndexedBatchSource, Trainer, full_state_dict, read_metrics
+from engine.train import Checkpointer, IndexedBatchSource, Trainer, apply_lora, full_state_dict, read_metrics
 
 
 def _trainer(env, root, run, *, resume=False, world=2):
@@ -92,3 +93,33 @@ def test_resume_bit_for_bit_then_reshard_and_fall_back(tmp_path):
         after2 = load_file(str(tmp_path / "after2.safetensors"))
         for name, param in trainer.model.named_parameters():
             assert torch.equal(param.full_tensor(), after2[name]), name
+
+
+def test_lora_checkpoints_skip_the_frozen_base_and_refuse_another_setup(tmp_path):
+    def lora_trainer(env, targets, resume=False):
+        model = ToyVLM(dropout=0.1, seed=5)
+        apply_lora(model, LoRAConfig(enabled=True, rank=2, alpha=4, dropout=0.1, target_modules=targets), seed=1)
+        source = IndexedBatchSource(make_dataset(16), micro_batch_size=2, grad_accum_steps=2, collate=collate)
+        cfg = TrainConfig(output_dir=str(tmp_path), lr=1e-2, max_steps=2, resume=resume, progress_bar=False)
+        return Trainer(model, token_ce_objective, source, cfg, env=env)
+
+    torch.set_num_threads(1)
+    with init_distributed("cpu") as env:
+        trained = lora_trainer(env, ("up_proj",))
+        trained.fit()
+        ckpt = trained.checkpointer.latest_valid()
+        saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+        model_keys = {k.removeprefix("model.") for k in saved if k.startswith("model.")}
+        assert model_keys == {n for n, p in trained.model.named_parameters() if p.requires_grad}
+
+        resumed = lora_trainer(env, ("up_proj",), resume=True)
+        assert resumed.resume() and resumed.step == 2
+        for (name, p), (_, q) in zip(trained.model.named_parameters(), resumed.model.named_parameters()):
+            assert torch.equal(p.full_tensor(), q.full_tensor()), name
+
+        with pytest.raises(RuntimeError, match=r"lacks 6 of its tensors \['layers.0.down_proj.lora_A'"):
+            lora_trainer(env, ("down_proj",), resume=True).resume()
+        full = lora_trainer(env, ("up_proj",), resume=True)
+        full.model.requires_grad_(True)  # full fine-tuning cannot resume from a checkpoint without the base
+        with pytest.raises(RuntimeError, match="saved without its 24 frozen parameters"):
+            full.resume()

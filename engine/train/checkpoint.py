@@ -11,9 +11,11 @@ Layout of ``<run>/checkpoints/step_00000012/``:
 A checkpoint is written to ``step_N.tmp`` and renamed to ``step_N`` only once complete, so a crash never leaves a
 ``step_N`` that looks finished. On resume, the newest ``step_N`` whose manifest exists and whose files all exist
 with the recorded sizes is loaded; newer incomplete or truncated ones are reported by name and skipped.
-Only the last ``keep_last`` complete checkpoints are kept. Resume on the same world size is bit-for-bit (model,
-optimiser, schedule, data order and RNG streams all restored); on another world size the tensors reshard and the
-RNG streams are re-seeded (with a warning).
+Only the last ``keep_last`` complete checkpoints are kept. Frozen parameters (a LoRA base, a frozen vision
+tower) are not saved unless ``save_frozen``: they are the base checkpoint's, which the run loads again before
+resuming; their names are recorded, and a resume whose model freezes a different set is refused.
+Resume on the same world size is bit-for-bit (model, optimiser, schedule, data order and RNG streams all
+restored); on another world size the tensors reshard and the RNG streams are re-seeded (with a warning).
 """
 
 from __future__ import annotations
@@ -87,12 +89,19 @@ def checkpoint_problem(path: Path) -> str | None:
 class Checkpointer:
     """Saves / finds / loads checkpoints under ``root`` (collective calls: every rank must call them)."""
 
-    def __init__(self, root: str | Path, keep_last: int, env: DistEnv) -> None:
+    def __init__(self, root: str | Path, keep_last: int, env: DistEnv, save_frozen: bool = False) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.root = Path(root)
         self.keep_last = keep_last
         self.env = env
+        self.save_frozen = save_frozen
+
+    def _options(self) -> StateDictOptions:
+        return StateDictOptions(ignore_frozen_params=not self.save_frozen, strict=self.save_frozen)
+
+    def _frozen_names(self, model: nn.Module) -> list[str]:
+        return [] if self.save_frozen else sorted(n for n, p in model.named_parameters() if not p.requires_grad)
 
     def step_dirs(self) -> list[tuple[int, Path]]:
         """(step, path) of every finished-looking ``step_N`` directory, newest first."""
@@ -111,11 +120,11 @@ class Checkpointer:
                 shutil.rmtree(stale)
             tmp.mkdir()
         dist.barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=self._options())
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
         save_file(_rng_state(), str(tmp / f"rng_rank{self.env.rank}.safetensors"))
         if self.env.is_main:
-            state = dict(trainer_state, world_size=self.env.world_size)
+            state = dict(trainer_state, world_size=self.env.world_size, frozen_not_saved=self._frozen_names(model))
             _write_durable(tmp / TRAINER_STATE, json.dumps(state, indent=1))
         dist.barrier()
         if self.env.is_main:
@@ -158,15 +167,27 @@ class Checkpointer:
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
         """Restore from the checkpoint directory ``path`` (resharding if the world size changed)."""
         trainer_state = json.loads((path / TRAINER_STATE).read_text())
+        not_saved = trainer_state.get("frozen_not_saved", [])
+        frozen_now = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
+        if not_saved and not_saved != frozen_now:
+            raise RuntimeError(
+                f"{path} was saved without its {len(not_saved)} frozen parameters (e.g. {not_saved[0]}), but this "
+                f"model freezes {len(frozen_now)} others: resume with the same base model and LoRA / freeze setup"
+            )
+        options = StateDictOptions(ignore_frozen_params=bool(not_saved), strict=not not_saved)
         if optimizer is None:
-            state = {"model": get_model_state_dict(model)}
+            state = {"model": get_model_state_dict(model, options=options)}
+            _check_model_keys(path, state["model"])
             dcp.load(state, checkpoint_id=str(path))
-            set_model_state_dict(model, state["model"])
+            set_model_state_dict(model, state["model"], options=options)
         else:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+            _check_model_keys(path, model_sd)
             state = {"model": model_sd, "optim": optim_sd}
             dcp.load(state, checkpoint_id=str(path))
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            set_state_dict(
+                model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options
+            )
         rng_file = path / f"rng_rank{self.env.rank}.safetensors"
         if trainer_state.get("world_size") == self.env.world_size and rng_file.is_file():
             _set_rng_state(load_file(str(rng_file)))
@@ -177,6 +198,19 @@ class Checkpointer:
                 stacklevel=2,
             )
         return trainer_state
+
+
+def _check_model_keys(path: Path, model_sd: dict[str, Any]) -> None:
+    """Refuse, naming the tensors, a checkpoint whose model tensors differ from the model's (before any load)."""
+    saved = {k.removeprefix("model.") for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata}
+    saved = {k for k in saved if not k.startswith("optim.")}
+    missing = sorted(set(model_sd) - saved)
+    extra = sorted(saved - set(model_sd))
+    if missing or extra:
+        raise RuntimeError(
+            f"{path} does not match this model: it lacks {len(missing)} of its tensors {missing[:3]} and holds "
+            f"{len(extra)} it does not have {extra[:3]} (different architecture, LoRA targets or freezing?)"
+        )
 
 
 def _rng_state() -> dict[str, torch.Tensor]:

@@ -169,7 +169,9 @@ class Trainer:
         self.timer = PhaseTimer()
         self.run_dir = Path(cfg.output_dir) / cfg.run_name
         self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.env.is_main)
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep_last=cfg.keep_last, env=self.env)
+        self.checkpointer = Checkpointer(
+            self.run_dir / "checkpoints", keep_last=cfg.keep_last, env=self.env, save_frozen=cfg.checkpoint_frozen
+        )
         seed_all(cfg.seed + self.env.rank)
         if self.env.is_main and run_config is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
