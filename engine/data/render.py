@@ -58,9 +58,9 @@ class Camera:
     def project(self, point: np.ndarray) -> tuple[float, float, float]:
         """(u, v, z_view) of a world point."""
         rel = np.asarray(point, dtype=np.float64) - np.asarray(self.position)
-        z = float(rel @ np.asarray(self.forward))
-        u = self.width / 2 + self.f * float(rel @ np.asarray(self.right)) / z
-        v = self.height / 2 + self.f * float(rel @ np.asarray(self.down)) / z
+        z = float(_dot(rel, self.forward))
+        u = self.width / 2 + self.f * float(_dot(rel, self.right)) / z
+        v = self.height / 2 + self.f * float(_dot(rel, self.down)) / z
         return u, v, z
 
 
@@ -91,6 +91,17 @@ class SceneObject:
         return math.pi * self.size**2 * 2.0 * self.half_height
 
 
+def _dot(a: np.ndarray, v) -> np.ndarray:
+    """Dot product over the last axis (size 3) written out elementwise: bit-identical on every CPU, unlike BLAS."""
+    a = np.asarray(a, dtype=np.float64)
+    return a[..., 0] * v[0] + a[..., 1] * v[1] + a[..., 2] * v[2]
+
+
+def _rotate(a: np.ndarray, rot: np.ndarray) -> np.ndarray:
+    """``rot @ a`` for every 3-vector in ``a`` [..., 3], elementwise (see :func:`_dot`)."""
+    return np.stack([_dot(a, rot[k]) for k in range(3)], axis=-1)
+
+
 def _rays(cam: Camera) -> np.ndarray:
     """Unit ray directions [H*W, 3] through pixel centres."""
     v, u = np.mgrid[0 : cam.height, 0 : cam.width].astype(np.float64)
@@ -102,8 +113,8 @@ def _rays(cam: Camera) -> np.ndarray:
 
 def _hit_sphere(o: np.ndarray, d: np.ndarray, obj: SceneObject) -> np.ndarray:
     oc = o - np.asarray(obj.center)
-    b = d @ oc
-    disc = b * b - (oc @ oc - obj.size**2)
+    b = _dot(d, oc)
+    disc = b * b - (_dot(oc, oc) - obj.size**2)
     t = -b - np.sqrt(np.maximum(disc, 0.0))
     return np.where((disc >= 0) & (t > 1e-6), t, np.inf)
 
@@ -115,8 +126,8 @@ def _yaw_matrix(yaw: float) -> np.ndarray:
 
 def _hit_cube(o: np.ndarray, d: np.ndarray, obj: SceneObject) -> np.ndarray:
     rot = _yaw_matrix(obj.yaw)
-    ol = (o - np.asarray(obj.center)) @ rot  # world-to-object: multiply by R^T on the left == row @ R
-    dl = d @ rot
+    ol = _rotate(o - np.asarray(obj.center), rot.T)  # world to object frame
+    dl = _rotate(d, rot.T)
     dl = np.where(np.abs(dl) < 1e-12, 1e-12, dl)
     t1 = (-obj.size - ol) / dl
     t2 = (obj.size - ol) / dl
@@ -152,11 +163,11 @@ def _normals(obj: SceneObject, p: np.ndarray) -> np.ndarray:
         n = rel
     elif obj.shape == "cube":
         rot = _yaw_matrix(obj.yaw)
-        local = rel @ rot
+        local = _rotate(rel, rot.T)
         axis = np.abs(local).argmax(axis=1)
         nl = np.zeros_like(local)
         nl[np.arange(len(local)), axis] = np.sign(local[np.arange(len(local)), axis])
-        n = nl @ rot.T
+        n = _rotate(nl, rot)
     else:
         on_cap = np.abs(np.abs(rel[:, 1]) - obj.half_height) < 1e-4
         n = np.where(on_cap[:, None], np.stack([0 * rel[:, 0], np.sign(rel[:, 1]), 0 * rel[:, 0]], 1), rel * [1, 0, 1])
@@ -192,7 +203,7 @@ def render(objects: list[SceneObject], cam: Camera, light: np.ndarray, z_far: fl
     sky = ~np.isfinite(t)
     ids = np.where(sky, -2, np.where(first == len(objects), -1, first)).astype(np.int16)
 
-    z = np.where(sky, z_far, t * (d @ np.asarray(cam.forward)))
+    z = np.where(sky, z_far, t * _dot(d, cam.forward))
     z = np.minimum(z, z_far)
     color = np.empty((h * w, 3))
     color[sky] = SKY
@@ -203,9 +214,10 @@ def render(objects: list[SceneObject], cam: Camera, light: np.ndarray, z_far: fl
     for k, obj in enumerate(objects):
         m = ids == k
         if m.any():
-            shade = 0.35 + 0.65 * np.clip(_normals(obj, p[m]) @ light, 0.0, 1.0)
+            shade = 0.35 + 0.65 * np.clip(_dot(_normals(obj, p[m]), light), 0.0, 1.0)
             color[m] = np.asarray(COLORS[obj.color]) * shade[:, None]
-    fog = np.clip(z / z_far, 0.0, 1.0)[:, None] ** 1.5 * 0.6
+    zn = np.clip(z / z_far, 0.0, 1.0)[:, None]
+    fog = zn * np.sqrt(zn) * 0.6  # (z / z_far)^1.5 from IEEE-exact ops (np.power's SIMD paths vary by CPU)
     color = color * (1 - fog) + SKY * fog
     rgb = np.clip(np.round(color * 255.0), 0, 255).astype(np.uint8).reshape(h, w, 3)
 
