@@ -119,18 +119,33 @@ def load_config(defaults: T, argv: Sequence[str] = (), *, config_file: str | Pat
     """The recipe's ``defaults`` (a dataclass instance, not modified) updated by a config file, then by ``argv``.
 
     ``argv`` may contain ``--config FILE`` (applied before the other overrides, wherever it appears).
+    ``--help`` / ``-h`` prints every key with its type and resolved value, then exits.
     Raises ConfigError naming the offending key.
     """
     if not dataclasses.is_dataclass(defaults) or isinstance(defaults, type):
         raise ConfigError(f"load_config needs a dataclass instance, got {defaults!r}")
     cfg = copy.deepcopy(defaults)
-    overrides, file_from_argv = parse_cli(argv)
+    wants_help = any(a in ("--help", "-h") for a in argv)
+    overrides, file_from_argv = parse_cli([a for a in argv if a not in ("--help", "-h")])
     for path in (config_file, file_from_argv):
         if path is not None:
             apply_mapping(cfg, read_config_file(path), source=str(path))
     for key, raw in overrides:
         set_value(cfg, key, raw, from_string=True, source="command line")
+    if wants_help:
+        print(format_help(cfg))
+        raise SystemExit(0)
     return cfg
+
+
+def format_help(cfg: Any) -> str:
+    """One line per dotted key: ``--key TYPE = value``; sections in declaration order."""
+    lines = ["options (--section.key VALUE; --config FILE.toml|.json; --resume):"]
+    for key in flat_keys(cfg):
+        target, name, ftype = _resolve(cfg, key, "help")
+        type_name = getattr(ftype, "__name__", None) if not typing.get_args(ftype) else None
+        lines.append(f"  --{key} {type_name or str(ftype).replace('typing.', '')} = {getattr(target, name)!r}")
+    return "\n".join(lines)
 
 
 def parse_cli(argv: Sequence[str]) -> tuple[list[tuple[str, str | None]], str | None]:
@@ -364,6 +379,7 @@ __all__ = [
     "apply_mapping",
     "coerce",
     "flat_keys",
+    "format_help",
     "load_config",
     "parse_cli",
     "read_config_file",

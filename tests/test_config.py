@@ -95,3 +95,12 @@ def test_bad_file_names_file_and_key(tmp_path):
         load_config(RecipeConfig(), ["--config", str(typed)])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(RecipeConfig(), ["--config", str(tmp_path / "missing.toml")])
+
+
+def test_help_lists_every_key_with_its_resolved_value(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_config(RecipeConfig(), ["--rl.mode", "crop", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--rl.mode Literal['text', 'crop'] = 'crop'" in out
+    assert "--train.lr float = 1e-05" in out and "--lora.target_modules tuple[str, ...]" in out
