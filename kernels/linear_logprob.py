@@ -114,53 +114,89 @@ class _TritonTiles:
         vc = tile.shape[1]
         block_v = min(_BLOCK_V, triton.next_power_of_2(vc))
         _tile_fwd_kernel[(tile.shape[0],)](
-            tile, tile.stride(0), target, m, s, t, x_t, vc, v0, temperature,
-            WITH_ENTROPY=with_entropy, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
-        )  # fmt: skip
+            tile,
+            tile.stride(0),
+            target,
+            m,
+            s,
+            t,
+            x_t,
+            vc,
+            v0,
+            temperature,
+            WITH_ENTROPY=with_entropy,
+            BLOCK_V=block_v,
+            num_warps=8 if block_v >= 2048 else 4,
+        )
 
     @staticmethod
     def grad(tile, target, v0, lse, ent, g_logp, g_ent, temperature, out):
         vc = tile.shape[1]
         block_v = min(_BLOCK_V, triton.next_power_of_2(vc))
         _tile_bwd_kernel[(tile.shape[0],)](
-            tile, tile.stride(0), out, out.stride(0), target, lse, ent if g_ent is not None else lse, g_logp,
-            g_ent if g_ent is not None else g_logp, vc, v0, temperature,
-            HAS_G_ENT=g_ent is not None, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
-        )  # fmt: skip
+            tile,
+            tile.stride(0),
+            out,
+            out.stride(0),
+            target,
+            lse,
+            ent if g_ent is not None else lse,
+            g_logp,
+            g_ent if g_ent is not None else g_logp,
+            vc,
+            v0,
+            temperature,
+            HAS_G_ENT=g_ent is not None,
+            BLOCK_V=block_v,
+            num_warps=8 if block_v >= 2048 else 4,
+        )
         return out
 
 
 class _TorchTiles:
-    """The same tile ops in plain PyTorch (the reference path)."""
+    """The same tile ops in plain PyTorch (the reference path). They consume the fresh fp32 tile in place, so a
+    tile costs one buffer (two when the entropy is involved) and a few streaming passes."""
 
     @staticmethod
     def fold(tile, target, v0, state, temperature, with_entropy):
         m, s, t, x_t = state
-        x = tile / temperature
-        m_new = torch.maximum(m, x.amax(dim=1))
-        alpha = torch.exp(m - m_new)
-        e = torch.exp(x - m_new.unsqueeze(1))
-        s.mul_(alpha).add_(e.sum(1))
-        if with_entropy:
-            t.mul_(alpha).add_((e * torch.where(e > 0, x, 0.0)).sum(1))
-        m.copy_(m_new)
+        x = tile if temperature == 1.0 else tile.div_(temperature)
         local = target - v0
-        in_tile = (local >= 0) & (local < tile.shape[1])
-        picked = x.gather(1, local.clamp(0, tile.shape[1] - 1).unsqueeze(1)).squeeze(1)
+        in_tile = (local >= 0) & (local < x.shape[1])
+        picked = x.gather(1, local.clamp(0, x.shape[1] - 1).unsqueeze(1)).squeeze(1)
         x_t.copy_(torch.where(in_tile, picked, x_t))
+        m_tile = x.amax(dim=1)
+        y = x.sub_(m_tile.unsqueeze(1))  # x − max_tile, in place
+        m_new = torch.maximum(m, m_tile)
+        old_scale, tile_scale = torch.exp(m - m_new), torch.exp(m_tile - m_new)
+        if with_entropy:
+            e = torch.exp(y)
+            # sum e^(x−M)·x = scale · (sum e^y·y + max_tile · sum e^y), with 0·(−inf) taken as 0
+            ey = (e * y.clamp_(min=torch.finfo(torch.float32).min)).sum(1)
+            e_sum = e.sum(1)
+            t.mul_(old_scale).add_(tile_scale * (ey + m_tile * e_sum))
+        else:
+            e_sum = y.exp_().sum(1)
+        s.mul_(old_scale).add_(tile_scale * e_sum)
+        m.copy_(m_new)
 
     @staticmethod
     def grad(tile, target, v0, lse, ent, g_logp, g_ent, temperature, out):
-        logp = tile / temperature - lse.unsqueeze(1)
-        p = torch.exp(logp)
+        x = tile if temperature == 1.0 else tile.div_(temperature)
+        logp = x.sub_(lse.unsqueeze(1))
         g = (g_logp / temperature).unsqueeze(1)
-        d = -p * g
-        if g_ent is not None:
-            d -= (g_ent / temperature).unsqueeze(1) * torch.where(p > 0, p * (logp + ent.unsqueeze(1)), 0.0)
+        if g_ent is None:
+            d = logp.exp_().mul_(-g)  # −p·g
+        else:
+            p = torch.exp(logp)
+            # −p·(g + g_H·(log p + H)), with p = 0 where log p = −inf
+            d = logp.clamp_(min=torch.finfo(torch.float32).min).add_(ent.unsqueeze(1))
+            d = d.mul_((g_ent / temperature).unsqueeze(1)).add_(g).mul_(p).neg_()
         local = target - v0
-        rows = torch.nonzero((local >= 0) & (local < tile.shape[1])).squeeze(1)
+        rows = torch.nonzero((local >= 0) & (local < d.shape[1])).squeeze(1)
         d[rows, local[rows]] += g[rows, 0]
-        out.copy_(d)
+        if out.data_ptr() != d.data_ptr():
+            out.copy_(d)
         return out
 
 
@@ -267,8 +303,9 @@ def _check_linear_inputs(hidden, weight, target, temperature, op) -> None:
     check_float(hidden, "hidden", op)
     check_temperature(temperature, op)
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"{op}: need hidden [N, H] and weight [V, H], got {list(hidden.shape)} and "
-                         f"{list(weight.shape)}")  # fmt: skip
+        raise ValueError(
+            f"{op}: need hidden [N, H] and weight [V, H], got {list(hidden.shape)} and {list(weight.shape)}"
+        )
     if weight.dtype != hidden.dtype:
         raise TypeError(f"{op}: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
     if weight.device != hidden.device:
@@ -277,8 +314,7 @@ def _check_linear_inputs(hidden, weight, target, temperature, op) -> None:
 
 
 def _run(hidden, weight, target, temperature, return_entropy, tiles, chunk_tokens, chunk_vocab):
-    n_chunk, v_chunk = _chunk_sizes(hidden.shape[0], weight.shape[0], tiles is _TritonTiles, chunk_tokens,
-                                    chunk_vocab)  # fmt: skip
+    n_chunk, v_chunk = _chunk_sizes(hidden.shape[0], weight.shape[0], tiles is _TritonTiles, chunk_tokens, chunk_vocab)
     logp, ent = LinearTokenLogprobsFunction.apply(
         hidden, weight, target, float(temperature), return_entropy, tiles, n_chunk, v_chunk
     )

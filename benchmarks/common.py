@@ -1,0 +1,118 @@
+"""Small shared helpers for the benchmarks: timing, peak memory, environment stamp, markdown table, JSON output.
+
+Peak memory on CUDA comes from the caching allocator's counters; on CPU from the peak RSS (VmHWM) of a fresh
+subprocess per measurement (``measure_in_subprocess``), so one measurement's high-water mark cannot leak into
+the next and no tracing allocator slows the op down.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+MIB = 1024.0 * 1024.0
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], device: str, warmup: int = 2, iters: int = 10) -> float:
+    """Median wall time of fn() in milliseconds (CUDA: synchronised around each call)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def cuda_peak_extra_mib(fn: Callable[[], object]) -> float:
+    """Peak CUDA memory allocated during fn() beyond what was allocated before it, in MiB."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / MIB
+
+
+def rss_peak_mib() -> float:
+    """Peak resident set size of this process image in MiB: VmHWM from /proc (reset by exec, unlike ru_maxrss,
+    which a subprocess inherits from its parent), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def measure_in_subprocess(argv: Sequence[str], timeout: float = 600.0) -> dict:
+    """Run ``python <argv>`` and return the JSON object printed on its last stdout line."""
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"measurement {argv} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def environment(device: str) -> dict:
+    """Device, library versions, commit and UTC time to stamp a results file with."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine()
+    env = {
+        "device": name,
+        "torch": torch.__version__,
+        "commit": commit,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
+    """rows: dicts; columns: (key, header). Floats print with 2 decimals, None as an en dash."""
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [
+            fmt(row.get(k)) if isinstance(row.get(k), float) or row.get(k) is None else str(row[k]) for k, _ in columns
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")

@@ -1,0 +1,414 @@
+"""Kernel microbenchmarks for the RL path: forward and forward+backward time, peak extra memory, % of bound.
+
+    python -m benchmarks.kernels --device cuda --out benchmarks/results/kernels_h100.json
+    python -m benchmarks.kernels --device cpu --out results_cpu.json
+
+Ops and implementations compared:
+- token_logprobs (logits → per-token log-probs): ours (Triton), torch reference eager / torch.compile, TRL-style
+  selective_log_softmax, Liger's fused_selective_log_softmax (forward only, it has no backward).
+- grpo_from_logits (fwd+bwd of the GRPO loss from logits): ours (in-place gradient), Liger triton_grpo_loss
+  (inplace=True), torch reference eager / torch.compile.
+- linear_logprobs (hidden, lm_head → log-probs): ours (Triton tiles on CUDA, chunked torch on CPU), materialised
+  logits in torch (eager / compile).
+- grpo_from_hidden (hidden → GRPO loss): ours (linear_token_logprobs + grpo_loss), Liger LigerFusedLinearGRPOLoss.
+
+% of bound (CUDA only): memory-bound ops against a measured device copy bandwidth (forward reads the logits once;
+forward+backward = 3 passes: read, read, write), matmul-bound ops against a measured bf16 cuBLAS matmul rate
+(2·N·V·H forward, 6·N·V·H forward+backward, i.e. without the recompute a memory-lean backward needs).
+Peak MiB is the memory beyond the inputs during one forward+backward: CUDA allocator peak, or on CPU the peak
+RSS growth of a fresh subprocess that builds the inputs and runs the op once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from benchmarks.common import (
+    cuda_peak_extra_mib,
+    environment,
+    markdown_table,
+    measure_in_subprocess,
+    rss_peak_mib,
+    time_ms,
+    write_json,
+)
+from kernels import GRPOLossConfig, grpo_loss, grpo_loss_from_logits, linear_token_logprobs, token_logprobs
+from kernels.logprob import token_logprobs_reference
+
+CFG = GRPOLossConfig(beta=0.04, eps_low=0.2, eps_high=0.28, loss_type="grpo")
+
+
+@dataclass
+class Case:
+    impl: str
+    fwd: Callable[[], object] | None
+    fwdbwd: Callable[[], object] | None
+
+
+@dataclass(frozen=True)
+class Group:
+    """One op at one shape; ``kind`` says how its bound is computed ("bytes" per pass or "flops")."""
+
+    op: str
+    shape: dict
+    kind: str
+    timed: bool = True
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.shape.items() if k != "dtype") + f" {self.shape['dtype']}"
+
+
+def selective_log_softmax_trl(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """TRL's selective_log_softmax, re-stated: gather minus a per-row logsumexp for fp32/fp64, else a row loop."""
+    if logits.dtype in (torch.float32, torch.float64):
+        selected = torch.gather(logits, -1, index.unsqueeze(-1)).squeeze(-1)
+        lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
+        return selected - lse
+    out = []
+    for row_logits, row_index in zip(logits, index):
+        row_logp = torch.log_softmax(row_logits, dim=-1)
+        out.append(row_logp.gather(-1, row_index.unsqueeze(-1)).squeeze(-1))
+    return torch.stack(out)
+
+
+def _fwdbwd(make_loss: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Callable[[], None]:
+    def run() -> None:
+        for t in leaves:
+            t.grad = None
+        make_loss().backward()
+
+    return run
+
+
+def _maybe_compile(fn, enabled: bool):
+    return torch.compile(fn, dynamic=False) if enabled else None
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def build_token_logprobs(shape: dict, device: str, compile_: bool) -> list[Case]:
+    n, v, dtype = shape["N"], shape["V"], _dtype(shape["dtype"])
+    logits = torch.randn(n, v, device=device, dtype=dtype)
+    target = torch.randint(0, v, (n,), device=device)
+    leaf = logits.clone().requires_grad_(True)
+    cases = [
+        Case(
+            "torch eager",
+            lambda: token_logprobs_reference(logits, target),
+            _fwdbwd(lambda: token_logprobs_reference(leaf, target).sum(), [leaf]),
+        ),
+        Case(
+            "TRL selective_log_softmax",
+            lambda: selective_log_softmax_trl(logits, target),
+            _fwdbwd(lambda: selective_log_softmax_trl(leaf, target).sum(), [leaf]),
+        ),
+    ]
+    compiled = _maybe_compile(token_logprobs_reference, compile_)
+    if compiled is not None:
+        cases.append(
+            Case(
+                "torch.compile",
+                lambda: compiled(logits, target),
+                _fwdbwd(lambda: compiled(leaf, target).sum(), [leaf]),
+            )
+        )
+    if device == "cuda":
+        from liger_kernel.ops.grpo_loss import fused_selective_log_softmax
+
+        cases.append(
+            Case(
+                "liger fused_selective_log_softmax",
+                lambda: fused_selective_log_softmax(logits[None], target[None, 1:], 1.0),
+                None,
+            )
+        )
+        cases.append(
+            Case(
+                "ours (triton, in-place bwd)",
+                lambda: token_logprobs(logits, target),
+                _fwdbwd(lambda: token_logprobs(leaf, target, inplace_backward=True).sum(), [leaf]),
+            )
+        )
+    return cases
+
+
+def _grpo_inputs(b: int, length: int, device: str):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    old = (-torch.rand(b, length, generator=gen) * 5).to(device)
+    ref = old + (torch.randn(b, length, generator=gen) * 0.1).to(device)
+    adv = torch.randn(b, generator=gen).to(device)
+    mask = torch.ones(b, length, dtype=torch.bool, device=device)
+    mask[:, int(length * 0.8) :] = False
+    return old, ref, adv, mask
+
+
+def build_grpo_from_logits(shape: dict, device: str, compile_: bool) -> list[Case]:
+    b, length, v, dtype = shape["B"], shape["L"], shape["V"], _dtype(shape["dtype"])
+    full = torch.randn(b, length + 1, v, device=device, dtype=dtype)
+    ids = torch.randint(0, v, (b, length), device=device)
+    old, ref, adv, mask = _grpo_inputs(b, length, device)
+    leaf = full.clone().requires_grad_(True)
+
+    def ours(x):
+        return grpo_loss_from_logits(x[:, :-1], ids, old, ref, adv, mask, CFG)[0]
+
+    def reference(x):
+        return grpo_loss_from_logits(x[:, :-1], ids, old, ref, adv, mask, CFG, backend="torch")[0]
+
+    cases = [Case("torch eager", lambda: reference(full), _fwdbwd(lambda: reference(leaf), [leaf]))]
+    compiled = _maybe_compile(reference, compile_)
+    if compiled is not None:
+        cases.append(Case("torch.compile", lambda: compiled(full), _fwdbwd(lambda: compiled(leaf), [leaf])))
+    if device == "cuda":
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+        def liger(x):
+            return triton_grpo_loss(
+                x,
+                old,
+                ref,
+                ids,
+                adv,
+                mask,
+                temperature=CFG.temperature,
+                beta=CFG.beta,
+                eps_low=CFG.eps_low,
+                eps_high=CFG.eps_high,
+                inplace=True,
+                loss_type="grpo",
+                reduce=True,
+            )[0]
+
+        cases.append(Case("liger triton_grpo_loss", lambda: liger(full), _fwdbwd(lambda: liger(leaf), [leaf])))
+        cases.append(Case("ours (triton, in-place bwd)", lambda: ours(full), _fwdbwd(lambda: ours(leaf), [leaf])))
+    return cases
+
+
+def build_linear_logprobs(shape: dict, device: str, compile_: bool) -> list[Case]:
+    n, h, v, dtype = shape["N"], shape["H"], shape["V"], _dtype(shape["dtype"])
+    hidden = torch.randn(n, h, device=device, dtype=dtype)
+    weight = torch.randn(v, h, device=device, dtype=dtype) / math.sqrt(h)
+    target = torch.randint(0, v, (n,), device=device)
+    hl, wl = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+
+    def materialised(x, w):
+        return token_logprobs_reference(x @ w.T, target)
+
+    ours_name = "ours (triton tiles)" if device == "cuda" else "ours (chunked torch)"
+    cases = [
+        Case(
+            "materialised logits (torch)",
+            lambda: materialised(hidden, weight),
+            _fwdbwd(lambda: materialised(hl, wl).sum(), [hl, wl]),
+        ),
+        Case(
+            ours_name,
+            lambda: linear_token_logprobs(hidden, weight, target),
+            _fwdbwd(lambda: linear_token_logprobs(hl, wl, target).sum(), [hl, wl]),
+        ),
+    ]
+    compiled = _maybe_compile(materialised, compile_)
+    if compiled is not None:
+        cases.append(
+            Case(
+                "materialised (torch.compile)",
+                lambda: compiled(hidden, weight),
+                _fwdbwd(lambda: compiled(hl, wl).sum(), [hl, wl]),
+            )
+        )
+    return cases
+
+
+def build_grpo_from_hidden(shape: dict, device: str, compile_: bool) -> list[Case]:
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    b, length, h, v, dtype = shape["B"], shape["L"], shape["H"], shape["V"], _dtype(shape["dtype"])
+    hidden = torch.randn(b, length, h, device=device, dtype=dtype)
+    weight = torch.randn(v, h, device=device, dtype=dtype) / math.sqrt(h)
+    ids = torch.randint(0, v, (b, length), device=device)
+    old, ref, adv, mask = _grpo_inputs(b, length, device)
+    hl, wl = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    liger_loss = LigerFusedLinearGRPOLoss(
+        beta=CFG.beta,
+        compiled=compile_,
+        use_ref_model=True,
+        epsilon_low=CFG.eps_low,
+        epsilon_high=CFG.eps_high,
+        loss_type="grpo",
+        temperature=CFG.temperature,
+    )
+
+    def ours(x, w):
+        logp = linear_token_logprobs(x.reshape(-1, h), w, ids.reshape(-1)).view(b, length)
+        return grpo_loss(logp, old, ref, adv, mask, CFG)[0]
+
+    def liger(x, w):
+        return liger_loss(x, w, ids, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old)[0]
+
+    return [
+        Case("liger LigerFusedLinearGRPOLoss", lambda: liger(hidden, weight), _fwdbwd(lambda: liger(hl, wl), [hl, wl])),
+        Case("ours (linear + grpo_loss)", lambda: ours(hidden, weight), _fwdbwd(lambda: ours(hl, wl), [hl, wl])),
+    ]
+
+
+BUILDERS = {
+    "token_logprobs": build_token_logprobs,
+    "grpo_from_logits": build_grpo_from_logits,
+    "linear_logprobs": build_linear_logprobs,
+    "grpo_from_hidden": build_grpo_from_hidden,
+}
+
+
+def groups_for(device: str) -> list[Group]:
+    if device == "cuda":
+        out = []
+        for n in (4096, 8192, 16384):
+            out.append(Group("token_logprobs", {"N": n, "V": 151936, "dtype": "bf16"}, "bytes"))
+            out.append(Group("grpo_from_logits", {"B": n // 1024, "L": 1024, "V": 151936, "dtype": "bf16"}, "bytes"))
+            out.append(Group("linear_logprobs", {"N": n, "H": 3584, "V": 152064, "dtype": "bf16"}, "flops"))
+            out.append(
+                Group("grpo_from_hidden", {"B": n // 1024, "L": 1024, "H": 3584, "V": 152064, "dtype": "bf16"}, "flops")
+            )
+        return out
+    big = {"H": 64, "V": 152064, "dtype": "fp32"}
+    return [
+        Group("token_logprobs", {"N": 512, "V": 32000, "dtype": "fp32"}, "bytes"),
+        Group("grpo_from_logits", {"B": 4, "L": 128, "V": 32000, "dtype": "fp32"}, "bytes"),
+        Group("linear_logprobs", {"N": 512, "H": 64, "V": 32000, "dtype": "fp32"}, "flops"),
+        Group("grpo_from_hidden", {"B": 2, "L": 256, "H": 64, "V": 32000, "dtype": "fp32"}, "flops"),
+        # the issue's CPU memory target: fused-linear vs materialised logits at N=2048, V=152064 (memory only)
+        Group("linear_logprobs", {"N": 2048, **big}, "flops", timed=False),
+        Group("grpo_from_hidden", {"B": 4, "L": 512, **big}, "flops", timed=False),
+    ]
+
+
+def device_limits(device: str) -> dict:
+    """Measured copy bandwidth (bytes/s, read+write) and bf16 matmul rate (FLOP/s) on CUDA; empty on CPU."""
+    if device != "cuda":
+        return {}
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src), device, warmup=3, iters=20)
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    mm_ms = time_ms(lambda: a @ a, device, warmup=3, iters=20)
+    return {"copy_bytes_per_s": 2 * (1 << 30) / (copy_ms * 1e-3), "bf16_flops_per_s": 2 * 8192**3 / (mm_ms * 1e-3)}
+
+
+def bounds_ms(group: Group, limits: dict) -> tuple[float | None, float | None]:
+    """(forward, forward+backward) lower bounds in ms, or None where no device limit was measured."""
+    s = group.shape
+    if not limits:
+        return None, None
+    if group.kind == "bytes":
+        rows = s["N"] if "N" in s else s["B"] * s["L"]
+        one_pass = rows * s["V"] * _dtype(s["dtype"]).itemsize / limits["copy_bytes_per_s"] * 1e3
+        return one_pass, 3 * one_pass
+    n = s["N"] if "N" in s else s["B"] * s["L"]
+    fwd = 2.0 * n * s["V"] * s["H"] / limits["bf16_flops_per_s"] * 1e3
+    return fwd, 3 * fwd
+
+
+def _child(group_index: int, impl: str, device: str, compile_: bool) -> None:
+    """Subprocess entry: build one group's inputs, run one impl's forward+backward once, print peak RSS growth."""
+    group = groups_for(device)[group_index]
+    cases = {c.impl: c for c in BUILDERS[group.op](group.shape, device, compile_)}
+    gc.collect()
+    base = rss_peak_mib()
+    case = cases[impl]
+    (case.fwdbwd or case.fwd)()
+    print(json.dumps({"peak_mib": rss_peak_mib() - base}))
+
+
+def run(device: str, compile_: bool, iters: int, only: set[str] | None, limits: dict) -> list[dict]:
+    rows = []
+    for index, group in enumerate(groups_for(device)):
+        if only and group.op not in only:
+            continue
+        cases = BUILDERS[group.op](group.shape, device, compile_)
+        bound_f, bound_fb = bounds_ms(group, limits)
+        for case in cases:
+            row = {"op": group.op, "shape": group.label, "impl": case.impl}
+            try:
+                if group.timed:
+                    with torch.no_grad():
+                        row["fwd_ms"] = time_ms(case.fwd, device, warmup=1, iters=iters) if case.fwd else None
+                    row["fwdbwd_ms"] = time_ms(case.fwdbwd, device, warmup=1, iters=iters) if case.fwdbwd else None
+                if device == "cuda":
+                    row["peak_mib"] = cuda_peak_extra_mib(case.fwdbwd or case.fwd)
+                else:
+                    argv = ["-m", "benchmarks.kernels", "--device", device, "--child", str(index), case.impl]
+                    row["peak_mib"] = measure_in_subprocess(argv + (["--compile"] if compile_ else []))["peak_mib"]
+            except (RuntimeError, torch.OutOfMemoryError) as err:  # report, keep going
+                row["error"] = str(err).splitlines()[0][:200]
+            row["fwd_pct_bound"] = 100 * bound_f / row["fwd_ms"] if bound_f and row.get("fwd_ms") else None
+            row["fwdbwd_pct_bound"] = 100 * bound_fb / row["fwdbwd_ms"] if bound_fb and row.get("fwdbwd_ms") else None
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+        del cases
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+COLUMNS = [
+    ("op", "op"),
+    ("shape", "shape"),
+    ("impl", "impl"),
+    ("fwd_ms", "fwd ms"),
+    ("fwdbwd_ms", "fwd+bwd ms"),
+    ("peak_mib", "peak MiB"),
+    ("fwd_pct_bound", "fwd % of bound"),
+    ("fwdbwd_pct_bound", "fwd+bwd % of bound"),
+]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", help="write rows and environment as JSON here")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="include torch.compile variants (default: on for cuda, off for cpu)",
+    )
+    parser.add_argument("--iters", type=int, default=None, help="timed iterations (default: 10 cuda, 2 cpu)")
+    parser.add_argument("--ops", nargs="*", choices=sorted(BUILDERS), help="only these ops")
+    parser.add_argument("--child", nargs=2, metavar=("GROUP", "IMPL"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA device is available")
+    compile_ = args.device == "cuda" if args.compile is None else args.compile
+    if args.child:
+        _child(int(args.child[0]), args.child[1], args.device, compile_)
+        return
+    torch.manual_seed(0)
+    iters = args.iters or (10 if args.device == "cuda" else 2)
+    limits = device_limits(args.device)
+    rows = run(args.device, compile_, iters, set(args.ops) if args.ops else None, limits)
+    env = environment(args.device)
+    print(f"\n{env['device']} · torch {env['torch']} · commit {env['commit']} · {env['date']}\n")
+    print(markdown_table(rows, COLUMNS))
+    for row in rows:
+        if "error" in row:
+            print(f"\n{row['op']} {row['shape']} {row['impl']}: {row['error']}")
+    if args.out:
+        write_json(
+            args.out, {"environment": env, "limits": device_limits(args.device) if False else None, "rows": rows}
+        )
+
+
+if __name__ == "__main__":
+    main()
