@@ -1,20 +1,17 @@
 """AdamW and the warmup + cosine learning-rate schedule.
 
-Implementation choice (``build_optimizer``): apex ``FusedAdam`` (adam_w_mode) when apex is importable and the
-parameters are plain CUDA tensors; with FSDP2 the parameters are DTensors, which apex's multi-tensor kernels
-cannot take, so there torch's ``AdamW(fused=True)`` (one fused kernel over all local shards) is used; on CPU
-``AdamW(foreach=True)``. Weight decay applies to matrices only — biases, norm gains and other 1-D parameters
+Implementation: torch's ``AdamW(fused=True)`` on CUDA — the multi-tensor-apply kernel ported from apex's
+``FusedAdam``, which handles FSDP2's DTensor parameters natively (apex's own kernels take raw data pointers and
+fail on DTensors, which is all the Trainer ever holds, so apex is not used) — and ``AdamW(foreach=True)`` on CPU. Weight decay applies to matrices only — biases, norm gains and other 1-D parameters
 are excluded, as is standard for transformers. Only parameters with ``requires_grad`` are optimised.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from engine.config import TrainConfig
@@ -33,31 +30,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def optimizer_kind(params: Iterable[torch.Tensor]) -> str:
-    """``"apex"``, ``"fused"`` or ``"foreach"``: which AdamW implementation fits these parameters."""
-    params = list(params)
-    on_cuda = all(p.is_cuda for p in params)
-    if on_cuda and not any(isinstance(p, DTensor) for p in params):
-        try:
-            import apex.optimizers  # noqa: F401
-
-            return "apex"
-        except ImportError:
-            pass
-    return "fused" if on_cuda else "foreach"
-
-
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over ``model``'s trainable parameters with ``cfg.lr``, ``betas``, ``eps``, ``weight_decay``."""
     groups = param_groups(model, cfg.weight_decay)
-    kind = optimizer_kind(p for g in groups for p in g["params"])
-    if kind == "apex":
-        from apex.optimizers import FusedAdam
-
-        return FusedAdam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, adam_w_mode=True)
-    return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=kind == "fused", foreach=kind == "foreach"
-    )
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=on_cuda, foreach=not on_cuda)
 
 
 class WarmupDecay:
