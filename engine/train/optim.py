@@ -2,8 +2,9 @@
 
 Implementation: torch's ``AdamW(fused=True)`` on CUDA — the multi-tensor-apply kernel ported from apex's
 ``FusedAdam``, which handles FSDP2's DTensor parameters natively (apex's own kernels take raw data pointers and
-fail on DTensors, which is all the Trainer ever holds, so apex is not used) — and ``AdamW(foreach=True)`` on CPU. Weight decay applies to matrices only — biases, norm gains and other 1-D parameters
-are excluded, as is standard for transformers. Only parameters with ``requires_grad`` are optimised.
+fail on DTensors, which is all the Trainer ever holds, so apex is not used) — and ``AdamW(foreach=True)`` on CPU.
+Weight decay applies to matrices only — biases, norm gains and other 1-D parameters are excluded, as is standard
+for transformers. Only parameters with ``requires_grad`` are optimised.
 """
 
 from __future__ import annotations
