@@ -33,7 +33,6 @@ the same decision because both figures are global.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import random
 import time
@@ -54,8 +53,6 @@ from engine.distributed import DistEnv, all_reduce_max, all_reduce_sum, init_dis
 from engine.train.batch_source import BatchSource, StepContext
 from engine.train.metrics import MetricsLog, PhaseTimer, mean_across_ranks
 from engine.train.optim import build_optimizer, build_scheduler
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -126,8 +123,12 @@ class Trainer:
     phase: ``"sft"`` or ``"grpo"``, written on every metrics line.
     run_config: the full run config as a dict, saved as ``<run dir>/config.json``.
     total_steps: overrides ``cfg.max_steps`` / epochs x ``batch_source.steps_per_epoch``.
-    export_fn: ``(full_state_dict, out_dir) -> None`` on rank 0 for the final HF export (default: safetensors with
-        the model's own parameter names, LoRA merged; see engine.train.checkpoint.export_hf).
+    export_fn: ``(full_state_dict, out_dir) -> None`` on rank 0 for the final HF export of the LoRA-merged weights
+        (default: engine.models.save_pretrained for a VLModel, else safetensors with the model's own parameter
+        names; see engine.train.checkpoint.export_hf).
+
+    RNG: every rank is seeded with ``cfg.seed + rank`` here (distinct dropout masks and samples per rank); a
+    resume restores the saved streams instead.
     """
 
     def __init__(
