@@ -160,11 +160,11 @@ def build_grpo_from_logits(shape: dict, device: str, compile_: bool) -> list[Cas
     old, ref, adv, mask = _grpo_inputs(b, length, device)
     leaf = full.clone().requires_grad_(True)
 
-    def ours(x):
-        return grpo_loss_from_logits(x[:, :-1], ids, old, ref, adv, mask, CFG)[0]
+    def ours(x):  # x: [B, L + 1, V], as Liger takes it; the gradient lands in x's buffer
+        return grpo_loss_from_logits(x, ids, old, ref, adv, mask, CFG)[0]
 
     def reference(x):
-        return grpo_loss_from_logits(x[:, :-1], ids, old, ref, adv, mask, CFG, backend="torch")[0]
+        return grpo_loss_from_logits(x, ids, old, ref, adv, mask, CFG, backend="torch")[0]
 
     cases = [Case("torch eager", lambda: reference(full), _fwdbwd(lambda: reference(leaf), [leaf]))]
     compiled = _maybe_compile(reference, compile_)

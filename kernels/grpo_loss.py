@@ -377,20 +377,31 @@ def grpo_loss_from_logits(
     inplace_backward: bool = True,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """GRPO loss straight from logits [B, L, V] (logits[b, t] scores completion_ids[b, t]; rows may be strided,
-    e.g. ``full_logits[:, :-1]``), with log-probs at cfg.temperature. Other arguments as ``grpo_loss``.
+    """GRPO loss straight from logits, with log-probs at cfg.temperature. Other arguments as ``grpo_loss``.
+
+    logits: [B, L, V] scoring completion_ids[b, t] at logits[b, t] (rows may be strided, e.g. a slice), or
+    [B, L + 1, V], the model's logits including the position after the last token, which is ignored. Pass the
+    latter rather than ``logits[:, :-1]`` when the logits require grad: the gradient then lands in the logits'
+    own buffer (its last position zeroed) instead of a fresh tensor allocated by the slice's backward.
 
     Triton path: one read of the logits in the forward (rows with mask == 0 are skipped); the backward writes
     d(loss)/d(logits) into the logits buffer when inplace_backward (default; the caller must not need the logits
     afterwards, see ``token_logprobs``), so no N×V buffer beyond the logits exists.
     """
     op = "grpo_loss_from_logits"
-    if logits.dim() != 3:
-        raise ValueError(f"{op}: logits must be [B, L, V], got shape {list(logits.shape)}")
-    _check_inputs(logits, completion_ids, cfg.temperature, op)
-    _check_grpo_inputs(logits.new_empty(logits.shape[:2]), old_logp, ref_logp, advantages, mask, cfg, op)
+    if logits.dim() != 3 or completion_ids.dim() != 2:
+        raise ValueError(
+            f"{op}: need logits [B, L(+1), V] and completion_ids [B, L], got {list(logits.shape)} "
+            f"and {list(completion_ids.shape)}"
+        )
+    length = completion_ids.shape[1]
+    if logits.shape[1] not in (length, length + 1):
+        raise ValueError(f"{op}: logits.shape[1] = {logits.shape[1]} must be L or L + 1 with L = {length}")
+    scored = logits[:, :length]
+    _check_inputs(scored, completion_ids, cfg.temperature, op)
+    _check_grpo_inputs(scored.new_empty(scored.shape[:2]), old_logp, ref_logp, advantages, mask, cfg, op)
     if resolve_backend(backend, logits, op) == "torch":
-        logp = token_logprobs_reference(logits, completion_ids, cfg.temperature)
+        logp = token_logprobs_reference(scored, completion_ids, cfg.temperature)
         return grpo_loss_reference(logp, old_logp, ref_logp, advantages, mask, cfg, num_items_in_batch)
     row_mask = (mask != 0).to(torch.int8)
     logp, _ = TokenLogprobsFunction.apply(

@@ -116,11 +116,11 @@ def _logprob_bwd_kernel(
         tl.store(d_row + cols, d.to(DX.dtype.element_ty), mask=valid)
 
 
-def _rows_view(x: torch.Tensor) -> tuple[int, int, int]:
-    """(L, stride_b, stride_l) addressing the leading dims of x ([N, V] or [B, L, V]) as rows b*L + l."""
+def _rows_view(x: torch.Tensor, target: torch.Tensor) -> tuple[int, int, int]:
+    """(L, stride_b, stride_l) addressing the rows of x ([N, V] or [B, >= L, V]) as b*L + l, L = target.shape[1]."""
     if x.dim() == 2:
         return 1, x.stride(0), 0
-    return x.shape[1], x.stride(0), x.stride(1)
+    return target.shape[1], x.stride(0), x.stride(1)
 
 
 def _num_warps(block_v: int) -> int:
@@ -134,19 +134,20 @@ def logprob_fwd_triton(
     with_entropy: bool,
     row_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel. logits [N, V] or [B, L, V] (unit stride on V); target and row_mask [N] / [B, L].
+    """Launch the forward kernel. logits [N, V] or [B, L', V] with L' >= L (unit stride on V; only the first L
+    positions are read); target and row_mask [N] / [B, L].
 
-    Returns fp32 (logp, lse, entropy) with the leading shape of logits; entropy is empty unless requested.
+    Returns fp32 (logp, lse, entropy) shaped like target; entropy is empty unless requested.
     Rows where row_mask == 0 are skipped and read as 0.
     """
-    lead = logits.shape[:-1]
+    lead = target.shape
     n, v = lead.numel(), logits.shape[-1]
     logp = torch.empty(lead, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
     ent = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
     if n == 0:
         return logp, lse, ent
-    rows_l, sb, sl = _rows_view(logits)
+    rows_l, sb, sl = _rows_view(logits, target)
     block_v = min(_BLOCK_V, triton.next_power_of_2(v))
     _logprob_fwd_kernel[(n,)](
         logits,
@@ -179,12 +180,15 @@ def logprob_bwd_triton(
     out: torch.Tensor,
     row_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Write d(loss)/d(logits) into ``out`` (same shape as logits; may be logits itself) and return it."""
+    """Write d(loss)/d(logits) into ``out`` (same shape as logits; may be logits itself) and return it.
+    Positions of a [B, L', V] logits tensor past the L scored ones get a zero gradient."""
     n, v = lse.numel(), logits.shape[-1]
+    if logits.dim() == 3 and logits.shape[1] > target.shape[1]:
+        out[:, target.shape[1] :].zero_()
     if n == 0:
         return out
-    rows_l, sb, sl = _rows_view(logits)
-    _, db, dl = _rows_view(out)
+    rows_l, sb, sl = _rows_view(logits, target)
+    _, db, dl = _rows_view(out, target)
     block_v = min(_BLOCK_V, triton.next_power_of_2(v))
     g_logp = g_logp.float().contiguous()
     _logprob_bwd_kernel[(n,)](

@@ -100,9 +100,15 @@ def assert_matches_trl(loss, metrics, grad, lp64, trl_loss, trl_metrics):
 def cfg_for(loss_type, level, variant, **extra):
     delta, beta, _ = VARIANTS[variant]
     return GRPOLossConfig(
-        beta=beta, eps_low=0.2, eps_high=0.28, delta=delta, importance_level=level, loss_type=loss_type,
-        max_completion_length=12, **extra,
-    )  # fmt: skip
+        beta=beta,
+        eps_low=0.2,
+        eps_high=0.28,
+        delta=delta,
+        importance_level=level,
+        loss_type=loss_type,
+        max_completion_length=12,
+        **extra,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -123,11 +129,12 @@ def test_grpo_loss_matches_trl(loss_type, level, variant, backend):
 
 
 @needs_triton
+@pytest.mark.parametrize("layout", ["sliced", "full"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_grpo_from_logits_matches_trl(loss_type, level, temperature, dtype):
+def test_grpo_from_logits_matches_trl(loss_type, level, temperature, dtype, layout):
     torch.manual_seed(7)
     b, length, v = 3, 6, 37
     cfg = cfg_for(loss_type, level, "delta+kl", temperature=temperature)
@@ -144,7 +151,8 @@ def test_grpo_from_logits_matches_trl(loss_type, level, temperature, dtype):
     mask[2, 4:] = False
 
     leaf = full.clone().requires_grad_(True)
-    logits = leaf[:, :-1]  # shifted, row-strided view: the gradient is written into leaf's buffer via this view
+    # sliced: a row-strided view [B, L, V]; full: [B, L + 1, V] whose last position is ignored
+    logits = leaf[:, :-1] if layout == "sliced" else leaf
     loss, metrics = grpo_loss_from_logits(logits, ids, old, ref, adv, mask, cfg, num_items_in_batch=9, backend="triton")
     loss.backward()
 
@@ -165,22 +173,20 @@ def test_grpo_from_logits_matches_trl(loss_type, level, temperature, dtype):
 def test_from_logits_writes_gradient_in_place_without_nv_buffer():
     torch.manual_seed(8)
     cfg = GRPOLossConfig(beta=0.0)
-    leaf = torch.randn(2, 5, 29, device=DEVICE, requires_grad=True)
-    logits = leaf * 1.0
+    leaf = torch.randn(2, 6, 29, device=DEVICE, requires_grad=True)
+    logits = leaf * 1.0  # [B, L + 1, V] activations, as an lm_head would produce
     ids = torch.randint(0, 29, (2, 5), device=DEVICE)
+    adv, mask = torch.tensor([1.0, -1.0], device=DEVICE), torch.ones(2, 5, device=DEVICE)
     seen = []
     logits.register_hook(lambda g: seen.append(g.data_ptr()))
-    loss, _ = grpo_loss_from_logits(logits, ids, None, None, torch.tensor([1.0, -1.0]), torch.ones(2, 5), cfg,
-                                    backend="triton")  # fmt: skip
+    loss, _ = grpo_loss_from_logits(logits, ids, None, None, adv, mask, cfg, backend="triton")
     loss.backward()
     assert seen == [logits.data_ptr()]
     expected = torch.autograd.functional.jacobian(
-        lambda x: grpo_loss_from_logits(
-            x, ids, None, None, torch.tensor([1.0, -1.0]), torch.ones(2, 5), cfg, backend="torch"
-        )[0],  # fmt: skip
-        leaf.detach(),
+        lambda x: grpo_loss_from_logits(x, ids, None, None, adv, mask, cfg, backend="torch")[0], leaf.detach()
     )
     torch.testing.assert_close(leaf.grad, expected, atol=1e-6, rtol=1e-5)
+    assert (leaf.grad[:, -1] == 0).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -247,9 +253,14 @@ def test_bad_config_and_inputs_raise():
         grpo_loss(lp, old, ref, adv, mask[:, :3], GRPOLossConfig())
     with pytest.raises(ValueError, match="old_logp shape"):
         grpo_loss(lp, old.T, ref, adv, mask, GRPOLossConfig())
-    with pytest.raises(ValueError, match="logits must be"):
-        grpo_loss_from_logits(torch.randn(4, 7), torch.zeros(4, dtype=torch.long), old, ref, adv, mask,
-                              GRPOLossConfig())  # fmt: skip
+    with pytest.raises(ValueError, match=r"need logits \[B, L\(\+1\), V\]"):
+        grpo_loss_from_logits(
+            torch.randn(4, 7), torch.zeros(4, dtype=torch.long), old, ref, adv, mask, GRPOLossConfig()
+        )
+    with pytest.raises(ValueError, match="must be L or L \\+ 1"):
+        grpo_loss_from_logits(
+            torch.randn(4, 12, 5), torch.zeros(4, 9, dtype=torch.long), old, ref, adv, mask, GRPOLossConfig()
+        )
     with pytest.raises(ValueError, match="outside the vocabulary"):
         grpo_loss_from_logits(torch.randn(4, 9, 5), torch.full((4, 9), 5), old, ref, adv, mask, GRPOLossConfig())
 
@@ -276,11 +287,17 @@ def test_property_triton_matches_trl(b, length, keep, spread, loss_type, level, 
     adv = torch.randn(b, generator=gen)
     mask = torch.rand(b, length, generator=gen) < keep
     lp, old, ref, adv, mask = (t.to(DEVICE) for t in (lp, old, ref, adv, mask))
-    cfg = GRPOLossConfig(beta=beta, eps_low=eps[0], eps_high=eps[1], delta=delta, importance_level=level,
-                         loss_type=loss_type, max_completion_length=length + 3)  # fmt: skip
+    cfg = GRPOLossConfig(
+        beta=beta,
+        eps_low=eps[0],
+        eps_high=eps[1],
+        delta=delta,
+        importance_level=level,
+        loss_type=loss_type,
+        max_completion_length=length + 3,
+    )
     x = lp.clone().requires_grad_(True)
-    loss, metrics = grpo_loss(x, old, ref, adv, mask, cfg, num_items_in_batch=max(1, b * length // 2),
-                              backend="triton")  # fmt: skip
+    loss, metrics = grpo_loss(x, old, ref, adv, mask, cfg, num_items_in_batch=max(1, b * length // 2), backend="triton")
     (grad,) = torch.autograd.grad(loss, x)
     lp64 = lp.double().requires_grad_(True)
     trl_loss, trl_metrics = trl_compute_loss(lp64, old, ref, adv, mask, cfg, max(1, b * length // 2))
