@@ -94,6 +94,12 @@ def test_resume_bit_for_bit_then_reshard_and_fall_back(tmp_path):
         for name, param in trainer.model.named_parameters():
             assert torch.equal(param.full_tensor(), after2[name]), name
 
+        # The next save removes the broken directories and keeps the newest keep_last=3 complete ones.
+        trainer.step = 3
+        with pytest.warns(UserWarning, match="removing unusable checkpoint step_00000005"):
+            trainer.save_checkpoint()
+        assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000002", "step_00000003"]
+
 
 def test_lora_checkpoints_skip_the_frozen_base_and_refuse_another_setup(tmp_path):
     def lora_trainer(env, targets, resume=False):

@@ -135,10 +135,21 @@ class Checkpointer:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(self.root)
-            for _, old in self.step_dirs()[self.keep_last :]:
-                shutil.rmtree(old)
+            self._prune()
         dist.barrier()
         return final
+
+    def _prune(self) -> None:
+        """Keep the newest ``keep_last`` complete checkpoints; remove older ones and any broken directory."""
+        kept = 0
+        for _, path in self.step_dirs():
+            problem = checkpoint_problem(path)
+            if problem is not None:
+                warnings.warn(f"removing unusable checkpoint {path.name} ({problem})", stacklevel=3)
+            elif kept < self.keep_last:
+                kept += 1
+                continue
+            shutil.rmtree(path)
 
     def latest_valid(self) -> Path | None:
         """Rank 0 picks the newest complete checkpoint (warning about each newer broken one); all ranks agree."""
