@@ -131,6 +131,7 @@ def test_metrics_lines_phases_and_curves(tmp_path, env):
     assert records[-1]["loss"] < records[0]["loss"]
     assert (run / "curves.png").stat().st_size > 10_000
     assert {"reward", "time", "loss", "lr"} <= set(metric_groups(records))
+    assert "wall_time" not in metric_groups(records) and records[-1]["wall_time"] > records[0]["wall_time"]
     assert json.loads((run / "config.json").read_text()) == {"a": 1}
 
     # A fresh (non-resumed) run under the same name starts a fresh curve.

@@ -214,6 +214,7 @@ class Trainer:
         record: dict[str, Any] = {
             "step": self.step,
             "phase": self.phase,
+            "wall_time": time.time(),
             "loss": stats.loss,
             "grad_norm": stats.grad_norm,
             "lr": lr,
@@ -361,9 +362,11 @@ class Trainer:
                 if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
                     self.metrics_log.write(record)
                 bar.update(1)
-                bar.set_postfix(
-                    loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2e}", gnorm=f"{record['grad_norm']:.3g}"
-                )
+                postfix = {"loss": f"{record['loss']:.4g}", "lr": f"{record['lr']:.2e}"}
+                postfix["gnorm"] = f"{record['grad_norm']:.3g}"
+                if "reward/total" in record:
+                    postfix["reward"] = f"{record['reward/total']:.3g}"
+                bar.set_postfix(postfix)
                 every = self.cfg.checkpoint_every
                 if (every > 0 and self.step % every == 0) or self.step == self.total_steps:
                     last_ckpt = self.save_checkpoint()
