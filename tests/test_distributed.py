@@ -1,6 +1,7 @@
 """FSDP2 on 2 gloo processes: sharded gradients equal one process's; unsharded inference; cross-rank checks."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from _toys import ToyVLM, collate, make_dataset, run_distributed, token_ce_objective
 
 from engine.config import LoRAConfig, TrainConfig
-from engine.distributed import fsdp_modules, unsharded
+from engine.distributed import fsdp_modules, init_distributed, unsharded
 from engine.models import VLModel, from_pretrained, mrope_position_ids, tiny_config
 from engine.models.tiny import init_weights
 from engine.train import IndexedBatchSource, ObjectiveOutput, Trainer, export_hf, mean_across_ranks
@@ -148,3 +149,22 @@ def _all_workers(env, out_dir):
 def test_fsdp2_sharded_gradients_equal_single_process(tmp_path):
     """Toy model (plain, activation-checkpointed + clipped, LoRA) and the real tiny VLModel, on 2 processes."""
     run_distributed(_all_workers, 2, tmp_path)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_compute_with_fp32_master_weights_and_grads(tmp_path):
+    """On CUDA: parameters all-gathered in bf16 for compute, sharded fp32 masters and fp32 gradients, fused AdamW."""
+    with init_distributed("cuda") as env:
+        items = [{k: v.cuda() for k, v in item.items()} for item in make_dataset(4)]
+        source = IndexedBatchSource(items, micro_batch_size=2, grad_accum_steps=2, collate=collate)
+        cfg = TrainConfig(output_dir=str(tmp_path), max_steps=1, progress_bar=False)
+        trainer = Trainer(ToyVLM(), token_ce_objective, source, cfg, env=env)
+        batch = collate(items[:2])
+        with torch.no_grad():
+            assert trainer.model(batch["ids"], batch["image"]).dtype == torch.bfloat16
+        stats = trainer.compute_gradients(source.next_step())
+        assert math.isfinite(stats.loss) and stats.grad_norm > 0
+        for name, param in trainer.model.named_parameters():
+            assert param.dtype == torch.float32 and param.grad.dtype == torch.float32, name
+            assert param.device.type == "cuda", name
+        assert trainer.optimizer.defaults["fused"] is True
