@@ -24,7 +24,7 @@ from common import frozen_copy, hf_exporter, load_policy, load_split, resolve_ch
 from engine.config import DataConfig, LoRAConfig, ModelConfig, TrainConfig, load_config, to_dict
 from engine.distributed import init_distributed, parallelize
 from engine.rl.grpo import GRPOObjective, RLConfig
-from engine.rl.rewards import REWARD_TERMS
+from engine.rl.rewards import REWARD_TERMS, http_judge
 from engine.rl.source import GRPOBatchSource
 from engine.train.trainer import Trainer, TrainResult
 
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
         seed=cfg.train.seed,
         shuffle=cfg.data.shuffle,
         reference=reference,
+        judge=http_judge(cfg.rl.judge_url) if cfg.rl.judge_url else None,
     )
     trainer = Trainer(
         model,

@@ -216,3 +216,38 @@ def test_total_is_the_weighted_sum_and_metrics_are_named() -> None:
 def test_bad_prompt_index_is_named() -> None:
     with pytest.raises(IndexError, match="completion 1"):
         score_completions(["a", "b"], [0, 3], [_target()])
+
+
+def test_http_judge_posts_json_and_reads_the_score() -> None:
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from engine.rl.rewards import http_judge
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            reply = json.dumps({"score": 0.25} if len(seen) == 1 else {"verdict": "yes"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        judge = http_judge(f"http://127.0.0.1:{server.server_port}/score", timeout_s=5)
+        assert answer_score("crimson", _target(answer="red", answer_type="word"), judge, ("word",)) == 0.25
+        assert seen == [{"question": "q?", "prediction": "crimson", "reference": "red"}]
+        with pytest.raises(ValueError, match="numeric 'score'"):
+            judge("q", "p", "r")
+    finally:
+        server.shutdown()
+        server.server_close()

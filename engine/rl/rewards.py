@@ -27,7 +27,9 @@ The total is ``Σ w_k r_k`` with all weights 1 by default (the release sums unwe
 
 from __future__ import annotations
 
+import json
 import math
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -109,6 +111,26 @@ def answer_score(
         return score
     options = dict(target.options) if target.options else None
     return float(answers_match(prediction, target.answer, target.answer_type, options=options))
+
+
+def http_judge(url: str, timeout_s: float = 30.0) -> Judge:
+    """A ``Judge`` that POSTs ``{"question", "prediction", "reference"}`` as JSON to ``url`` and reads ``{"score"}``.
+
+    Opt-in only (``rl.judge_url``); the engine makes no network calls otherwise. The reply is parsed as JSON,
+    never evaluated; a reply without a numeric ``score`` raises naming the endpoint.
+    """
+
+    def judge(question: str, prediction: str, reference: str) -> float:
+        body = json.dumps({"question": question, "prediction": prediction, "reference": reference}).encode()
+        request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+            payload = json.loads(reply.read().decode("utf-8"))
+        score = payload.get("score") if isinstance(payload, dict) else None
+        if not isinstance(score, (int, float)) or isinstance(score, bool):
+            raise ValueError(f"judge {url}: expected a JSON object with a numeric 'score', got {str(payload)[:200]}")
+        return float(score)
+
+    return judge
 
 
 def progress_reward(score: float, previous: float | None) -> float:

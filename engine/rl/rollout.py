@@ -70,8 +70,10 @@ def generate_rollouts(
     cfg: RLConfig,
     *,
     generator: torch.Generator | None = None,
+    num_samples: int | None = None,
 ) -> RolloutBatch:
-    """Sample ``cfg.num_generations`` completions for every prompt in one batched ``generate`` call."""
+    """Sample ``num_samples`` (default ``cfg.num_generations``) completions per prompt in one ``generate`` call."""
+    num_samples = num_samples or cfg.num_generations
     hook = None
     if cfg.focus_mode == "crop":
         hook = CropFocusHook(
@@ -86,7 +88,7 @@ def generate_rollouts(
         model,
         processor,
         [p.inputs for p in prompts],
-        num_samples=cfg.num_generations,
+        num_samples=num_samples,
         max_new_tokens=cfg.max_completion_length,
         temperature=cfg.temperature,
         top_p=cfg.top_p,
@@ -100,7 +102,7 @@ def generate_rollouts(
     return RolloutBatch(
         prompts=list(prompts),
         rollouts=rollouts,
-        num_generations=cfg.num_generations,
+        num_generations=num_samples,
         seconds=seconds,
         focus_seconds=hook.seconds if hook is not None else 0.0,
         num_views=hook.num_views if hook is not None else 0,
