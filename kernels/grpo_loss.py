@@ -117,6 +117,12 @@ def _grpo_seq_kernel(
     BLOCK_L: tl.constexpr,
 ):
     """Sequence ``pid``: its weighted loss, masked KL / clip-flag sums and d(loss)/d(lp) for all its tokens."""
+    # hyper-parameters stay fp32 even if a caller hands over fp64 scalars
+    beta = tl.cast(beta, tl.float32)
+    eps_low = tl.cast(eps_low, tl.float32)
+    eps_high = tl.cast(eps_high, tl.float32)
+    delta = tl.cast(delta, tl.float32)
+    clamp = tl.cast(clamp, tl.float32)
     b = tl.program_id(0).to(tl.int64)
     row = b * L
     adv = tl.load(ADV + b)

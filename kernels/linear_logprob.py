@@ -42,6 +42,7 @@ def _tile_fwd_kernel(
 ):
     """Fold row ``pid`` of an fp32 logits tile (vocab columns [v0, v0 + vc)) into the running fp32 state:
     max M, sum S of exp(x − M), sum T_ACC of exp(x − M)·x, and the target's scaled logit X_T if in the tile."""
+    temperature = tl.cast(temperature, tl.float32)  # stay fp32 even if a caller hands over an fp64 scalar
     row = tl.program_id(0).to(tl.int64)
     t_row = TILE + row * stride_t
     m = tl.load(M + row)
@@ -85,6 +86,7 @@ def _tile_bwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     """Row ``pid`` of d(loss)/d(logits) for an fp32 logits tile, written to OUT in OUT's dtype (may alias TILE)."""
+    temperature = tl.cast(temperature, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     t_row = TILE + row * stride_t
     o_row = OUT + row * stride_o

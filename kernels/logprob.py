@@ -35,6 +35,7 @@ def _logprob_fwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     """Row ``pid`` of the [B*L, V] logits: logp of the target, lse and (optionally) entropy, all fp32."""
+    temperature = tl.cast(temperature, tl.float32)  # stay fp32 even if a caller hands over an fp64 scalar
     row = tl.program_id(0).to(tl.int64)
     if HAS_ROW_MASK:
         if tl.load(ROW_MASK + row) == 0:
@@ -88,6 +89,7 @@ def _logprob_bwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     """d(loss)/d(logits) of row ``pid``; DX may alias X (each block is read before it is overwritten)."""
+    temperature = tl.cast(temperature, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     b = row // L
     r = row % L
