@@ -51,7 +51,7 @@ def _resume_worker(env, root):
     assert restarted.optimizer.state_dict()["state"].keys() == straight.optimizer.state_dict()["state"].keys()
 
 
-def test_resume_bit_for_bit_then_reshard_and_fall_back(tmp_path):
+def test_resume_bit_for_bit_then_reshard_and_fall_back(tmp_path, one_thread):
     run_distributed(_resume_worker, 2, tmp_path)
     straight = read_metrics(tmp_path / "straight" / "metrics.jsonl")
     resumed = read_metrics(tmp_path / "interrupted" / "metrics.jsonl")
@@ -101,7 +101,16 @@ def test_resume_bit_for_bit_then_reshard_and_fall_back(tmp_path):
         assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000002", "step_00000003"]
 
 
-def test_lora_checkpoints_skip_the_frozen_base_and_refuse_another_setup(tmp_path):
+@pytest.fixture
+def one_thread():
+    """Tiny ops: thread hand-offs would dominate on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_lora_checkpoints_skip_the_frozen_base_and_refuse_another_setup(tmp_path, one_thread):
     def lora_trainer(env, targets, resume=False):
         model = ToyVLM(dropout=0.1, seed=5)
         apply_lora(model, LoRAConfig(enabled=True, rank=2, alpha=4, dropout=0.1, target_modules=targets), seed=1)
@@ -109,7 +118,6 @@ def test_lora_checkpoints_skip_the_frozen_base_and_refuse_another_setup(tmp_path
         cfg = TrainConfig(output_dir=str(tmp_path), lr=1e-2, max_steps=2, resume=resume, progress_bar=False)
         return Trainer(model, token_ce_objective, source, cfg, env=env)
 
-    torch.set_num_threads(1)
     with init_distributed("cpu") as env:
         trained = lora_trainer(env, ("up_proj",))
         trained.fit()
