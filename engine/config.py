@@ -45,11 +45,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Which checkpoint to load and how. ``path`` empty: the tiny embedded default (created on first use)."""
+    """Which checkpoint to load. ``path`` empty: the tiny embedded default (created on first use).
+
+    ``dtype``: storage of the loaded weights. Trainable parameters are always fp32 masters (FSDP2 computes in bf16
+    on CUDA, see engine.distributed.parallel); ``bfloat16`` keeps a frozen LoRA base in bf16 (half the memory).
+    """
 
     path: str = ""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 compute on CUDA, fp32 on CPU
-    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
 @dataclass
