@@ -25,7 +25,7 @@ import torch.distributed as dist
 from common import load_split, resolve_checkpoint
 
 from engine.config import DataConfig, ModelConfig, load_config
-from engine.distributed import init_distributed
+from engine.distributed import DistEnv, init_distributed
 from engine.models import from_pretrained, processor_from_pretrained
 from engine.rl.grpo import RLConfig
 from engine.rl.iou import box_set_iou
@@ -117,7 +117,12 @@ def summarise(rows: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(EvalRecipeConfig(), sys.argv[1:] if argv is None else argv)
-    env = init_distributed()
+    with init_distributed() as env:
+        return run(cfg, env)
+
+
+def run(cfg: EvalRecipeConfig, env: DistEnv) -> dict:
+    """Evaluate in an initialised process group; rank 0 prints the table and writes eval.json."""
     checkpoint = resolve_checkpoint(cfg.model.path, cfg.output_dir, env)
     model = from_pretrained(checkpoint, device=env.device).eval()
     processor = processor_from_pretrained(checkpoint)

@@ -22,7 +22,7 @@ import sft_sif
 from common import frozen_copy, hf_exporter, load_policy, load_split, resolve_checkpoint, window_means
 
 from engine.config import DataConfig, LoRAConfig, ModelConfig, TrainConfig, load_config, to_dict
-from engine.distributed import init_distributed, parallelize
+from engine.distributed import DistEnv, init_distributed, parallelize
 from engine.rl.grpo import GRPOObjective, RLConfig
 from engine.rl.rewards import REWARD_TERMS, http_judge
 from engine.rl.source import GRPOBatchSource
@@ -58,7 +58,12 @@ class GRPORecipeConfig:
 
 def main(argv: list[str] | None = None) -> TrainResult:
     cfg = load_config(GRPORecipeConfig(), sys.argv[1:] if argv is None else argv)
-    env = init_distributed()
+    with init_distributed() as env:
+        return run(cfg, env)
+
+
+def run(cfg: GRPORecipeConfig, env: DistEnv) -> TrainResult:
+    """SFT warm-up if needed, then GRPO-SIF, in an initialised process group; prints the reward summary."""
     if not cfg.model.path:
         sft_result = sft_sif.run(cfg.sft, env)
         cfg.model.path = str(sft_result.export_dir)

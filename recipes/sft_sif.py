@@ -49,7 +49,8 @@ class SFTRecipeConfig:
 
 def main(argv: list[str] | None = None) -> TrainResult:
     cfg = load_config(SFTRecipeConfig(), sys.argv[1:] if argv is None else argv)
-    return run(cfg, init_distributed())
+    with init_distributed() as env:
+        return run(cfg, env)
 
 
 def run(cfg: SFTRecipeConfig, env: DistEnv) -> TrainResult:
