@@ -7,6 +7,7 @@ from engine.distributed.parallel import (
     fsdp_modules,
     parallelize,
     unsharded,
+    vision_blocks,
     vision_tower,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "init_distributed",
     "parallelize",
     "unsharded",
+    "vision_blocks",
     "vision_tower",
 ]
