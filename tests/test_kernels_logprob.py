@@ -31,13 +31,20 @@ def check_against_oracle(logits, target, temperature, dtype, inplace=False):
     assert lp.shape == target.shape and ent.shape == target.shape
     x64 = logits.detach().double().requires_grad_(True)
     lp_ref, ent_ref = oracle(x64, target, temperature)
-    torch.testing.assert_close(lp.double(), lp_ref.detach(), **TOL[torch.float32], check_dtype=False)
-    torch.testing.assert_close(ent.double(), ent_ref.detach(), atol=5e-5, rtol=1e-5, check_dtype=False)
+    # fp32 rounding of the log-sum-exp grows with the magnitude of the scaled logits
+    magnitude = 1.0 + (float(logits.abs().max()) / temperature if logits.numel() else 0.0)
+    atol = max(2e-5, 2e-7 * magnitude)
+    torch.testing.assert_close(lp.double(), lp_ref.detach(), atol=atol, rtol=1e-5, check_dtype=False)
+    torch.testing.assert_close(ent.double(), ent_ref.detach(), atol=2.5 * atol, rtol=1e-5, check_dtype=False)
     g_lp, g_ent = torch.randn_like(lp), torch.randn_like(ent)
     (lp * g_lp + ent * g_ent).sum().backward()
     (lp_ref * g_lp.double() + ent_ref * g_ent.double()).sum().backward()
     assert x.grad.dtype == dtype
-    torch.testing.assert_close(x.grad.double(), x64.grad, **TOL[dtype], check_dtype=False)
+    tol = dict(TOL[dtype])
+    if dtype == torch.float32 and lp.numel():
+        g_max = float(torch.cat([g_lp, g_ent]).abs().max())
+        tol["atol"] = max(tol["atol"], 2e-7 * magnitude * g_max / temperature)
+    torch.testing.assert_close(x.grad.double(), x64.grad, **tol, check_dtype=False)
     return x
 
 
