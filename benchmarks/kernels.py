@@ -41,6 +41,7 @@ from benchmarks.common import (
     write_json,
 )
 from kernels import GRPOLossConfig, grpo_loss, grpo_loss_from_logits, linear_token_logprobs, token_logprobs
+from kernels._dispatch import interpreter_enabled
 from kernels.logprob import token_logprobs_reference
 
 CFG = GRPOLossConfig(beta=0.04, eps_low=0.2, eps_high=0.28, loss_type="grpo")
@@ -93,6 +94,11 @@ def _maybe_compile(fn, enabled: bool):
     return torch.compile(fn, dynamic=False) if enabled else None
 
 
+def _triton(device: str) -> bool:
+    """Whether Triton implementations (ours, Liger's) run: on CUDA, or on CPU under TRITON_INTERPRET=1 (smoke)."""
+    return device == "cuda" or interpreter_enabled()
+
+
 def _dtype(name: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
@@ -123,8 +129,10 @@ def build_token_logprobs(shape: dict, device: str, compile_: bool) -> list[Case]
                 _fwdbwd(lambda: compiled(leaf, target).sum(), [leaf]),
             )
         )
-    if device == "cuda":
+    if _triton(device):
         from liger_kernel.ops.grpo_loss import fused_selective_log_softmax
+
+        own = logits.clone().requires_grad_(True)  # in-place backward: its data become gradients, keep it apart
 
         cases.append(
             Case(
@@ -136,8 +144,8 @@ def build_token_logprobs(shape: dict, device: str, compile_: bool) -> list[Case]
         cases.append(
             Case(
                 "ours (triton, in-place bwd)",
-                lambda: token_logprobs(logits, target),
-                _fwdbwd(lambda: token_logprobs(leaf, target, inplace_backward=True).sum(), [leaf]),
+                lambda: token_logprobs(logits, target, backend="triton"),
+                _fwdbwd(lambda: token_logprobs(own, target, inplace_backward=True, backend="triton").sum(), [own]),
             )
         )
     return cases
@@ -161,7 +169,7 @@ def build_grpo_from_logits(shape: dict, device: str, compile_: bool) -> list[Cas
     leaf = full.clone().requires_grad_(True)
 
     def ours(x):  # x: [B, L + 1, V], as Liger takes it; the gradient lands in x's buffer
-        return grpo_loss_from_logits(x, ids, old, ref, adv, mask, CFG)[0]
+        return grpo_loss_from_logits(x, ids, old, ref, adv, mask, CFG, backend="triton")[0]
 
     def reference(x):
         return grpo_loss_from_logits(x, ids, old, ref, adv, mask, CFG, backend="torch")[0]
@@ -170,7 +178,7 @@ def build_grpo_from_logits(shape: dict, device: str, compile_: bool) -> list[Cas
     compiled = _maybe_compile(reference, compile_)
     if compiled is not None:
         cases.append(Case("torch.compile", lambda: compiled(full), _fwdbwd(lambda: compiled(leaf), [leaf])))
-    if device == "cuda":
+    if _triton(device):
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
 
         def liger(x):
@@ -190,8 +198,15 @@ def build_grpo_from_logits(shape: dict, device: str, compile_: bool) -> list[Cas
                 reduce=True,
             )[0]
 
-        cases.append(Case("liger triton_grpo_loss", lambda: liger(full), _fwdbwd(lambda: liger(leaf), [leaf])))
-        cases.append(Case("ours (triton, in-place bwd)", lambda: ours(full), _fwdbwd(lambda: ours(leaf), [leaf])))
+        # both backwards write the gradient into their logits: each gets its own copy (whose values then stay
+        # gradient-sized, which neither kernel's speed depends on)
+        liger_leaf, ours_leaf = (full.clone().requires_grad_(True) for _ in range(2))
+        cases.append(
+            Case("liger triton_grpo_loss", lambda: liger(full), _fwdbwd(lambda: liger(liger_leaf), [liger_leaf]))
+        )
+        cases.append(
+            Case("ours (triton, in-place bwd)", lambda: ours(full), _fwdbwd(lambda: ours(ours_leaf), [ours_leaf]))
+        )
     return cases
 
 
@@ -205,7 +220,8 @@ def build_linear_logprobs(shape: dict, device: str, compile_: bool) -> list[Case
     def materialised(x, w):
         return token_logprobs_reference(x @ w.T, target)
 
-    ours_name = "ours (triton tiles)" if device == "cuda" else "ours (chunked torch)"
+    backend = "triton" if _triton(device) else "torch"
+    ours_name = "ours (triton tiles)" if backend == "triton" else "ours (chunked torch)"
     cases = [
         Case(
             "materialised logits (torch)",
@@ -214,8 +230,8 @@ def build_linear_logprobs(shape: dict, device: str, compile_: bool) -> list[Case
         ),
         Case(
             ours_name,
-            lambda: linear_token_logprobs(hidden, weight, target),
-            _fwdbwd(lambda: linear_token_logprobs(hl, wl, target).sum(), [hl, wl]),
+            lambda: linear_token_logprobs(hidden, weight, target, backend=backend),
+            _fwdbwd(lambda: linear_token_logprobs(hl, wl, target, backend=backend).sum(), [hl, wl]),
         ),
     ]
     compiled = _maybe_compile(materialised, compile_)
@@ -249,9 +265,11 @@ def build_grpo_from_hidden(shape: dict, device: str, compile_: bool) -> list[Cas
         temperature=CFG.temperature,
     )
 
+    backend = "triton" if _triton(device) else "torch"
+
     def ours(x, w):
-        logp = linear_token_logprobs(x.reshape(-1, h), w, ids.reshape(-1)).view(b, length)
-        return grpo_loss(logp, old, ref, adv, mask, CFG)[0]
+        logp = linear_token_logprobs(x.reshape(-1, h), w, ids.reshape(-1), backend=backend).view(b, length)
+        return grpo_loss(logp, old, ref, adv, mask, CFG, backend=backend)[0]
 
     def liger(x, w):
         return liger_loss(x, w, ids, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old)[0]
@@ -270,7 +288,17 @@ BUILDERS = {
 }
 
 
-def groups_for(device: str) -> list[Group]:
+SMOKE = [
+    Group("token_logprobs", {"N": 6, "V": 300, "dtype": "fp32"}, "bytes"),
+    Group("grpo_from_logits", {"B": 2, "L": 3, "V": 300, "dtype": "fp32"}, "bytes"),
+    Group("linear_logprobs", {"N": 6, "H": 8, "V": 300, "dtype": "fp32"}, "flops"),
+    Group("grpo_from_hidden", {"B": 2, "L": 3, "H": 8, "V": 300, "dtype": "fp32"}, "flops"),
+]
+
+
+def groups_for(device: str, smoke: bool = False) -> list[Group]:
+    if smoke:
+        return SMOKE
     if device == "cuda":
         out = []
         for n in (4096, 8192, 16384):
@@ -283,10 +311,10 @@ def groups_for(device: str) -> list[Group]:
         return out
     big = {"H": 64, "V": 152064, "dtype": "fp32"}
     return [
-        Group("token_logprobs", {"N": 512, "V": 32000, "dtype": "fp32"}, "bytes"),
-        Group("grpo_from_logits", {"B": 4, "L": 128, "V": 32000, "dtype": "fp32"}, "bytes"),
+        Group("token_logprobs", {"N": 256, "V": 32000, "dtype": "fp32"}, "bytes"),
+        Group("grpo_from_logits", {"B": 2, "L": 128, "V": 32000, "dtype": "fp32"}, "bytes"),
         Group("linear_logprobs", {"N": 512, "H": 64, "V": 32000, "dtype": "fp32"}, "flops"),
-        Group("grpo_from_hidden", {"B": 2, "L": 256, "H": 64, "V": 32000, "dtype": "fp32"}, "flops"),
+        Group("grpo_from_hidden", {"B": 2, "L": 128, "H": 64, "V": 32000, "dtype": "fp32"}, "flops"),
         # the issue's CPU memory target: fused-linear vs materialised logits at N=2048, V=152064 (memory only)
         Group("linear_logprobs", {"N": 2048, **big}, "flops", timed=False),
         Group("grpo_from_hidden", {"B": 4, "L": 512, **big}, "flops", timed=False),
@@ -330,9 +358,9 @@ def _child(group_index: int, impl: str, device: str, compile_: bool) -> None:
     print(json.dumps({"peak_mib": rss_peak_mib() - base}))
 
 
-def run(device: str, compile_: bool, iters: int, only: set[str] | None, limits: dict) -> list[dict]:
+def run(device: str, compile_: bool, iters: int, only: set[str] | None, limits: dict, smoke: bool) -> list[dict]:
     rows = []
-    for index, group in enumerate(groups_for(device)):
+    for index, group in enumerate(groups_for(device, smoke)):
         if only and group.op not in only:
             continue
         cases = BUILDERS[group.op](group.shape, device, compile_)
@@ -346,7 +374,7 @@ def run(device: str, compile_: bool, iters: int, only: set[str] | None, limits: 
                     row["fwdbwd_ms"] = time_ms(case.fwdbwd, device, warmup=1, iters=iters) if case.fwdbwd else None
                 if device == "cuda":
                     row["peak_mib"] = cuda_peak_extra_mib(case.fwdbwd or case.fwd)
-                else:
+                elif not smoke:
                     argv = ["-m", "benchmarks.kernels", "--device", device, "--child", str(index), case.impl]
                     row["peak_mib"] = measure_in_subprocess(argv + (["--compile"] if compile_ else []))["peak_mib"]
             except (RuntimeError, torch.OutOfMemoryError) as err:  # report, keep going
@@ -386,6 +414,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--iters", type=int, default=None, help="timed iterations (default: 10 cuda, 2 cpu)")
     parser.add_argument("--ops", nargs="*", choices=sorted(BUILDERS), help="only these ops")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny shapes, one iteration, no memory: checks every implementation runs (with "
+        "TRITON_INTERPRET=1 on CPU this includes the Triton ones)",
+    )
     parser.add_argument("--child", nargs=2, metavar=("GROUP", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -395,9 +429,9 @@ def main(argv: list[str] | None = None) -> None:
         _child(int(args.child[0]), args.child[1], args.device, compile_)
         return
     torch.manual_seed(0)
-    iters = args.iters or (10 if args.device == "cuda" else 2)
-    limits = device_limits(args.device)
-    rows = run(args.device, compile_, iters, set(args.ops) if args.ops else None, limits)
+    iters = 1 if args.smoke else args.iters or (10 if args.device == "cuda" else 2)
+    limits = {} if args.smoke else device_limits(args.device)
+    rows = run(args.device, compile_, iters, set(args.ops) if args.ops else None, limits, args.smoke)
     env = environment(args.device)
     print(f"\n{env['device']} · torch {env['torch']} · commit {env['commit']} · {env['date']}\n")
     print(markdown_table(rows, COLUMNS))
