@@ -1,10 +1,11 @@
 """Token log-probs (and entropy) of ``hidden @ weight.T / T`` without ever holding the N×V logits.
 
-The logits are produced one tile ``[n_chunk, v_chunk]`` at a time by a matmul (cuBLAS; fp32 output for bf16/fp16
-inputs on CUDA) and folded into fp32 online log-sum-exp / entropy state per token by a Triton kernel. The
-backward recomputes each tile, turns it into d(loss)/d(logits) in place of a second buffer, and feeds it straight
-into two matmuls: dW[v-chunk] accumulates over token chunks in an fp32 [v_chunk, H] buffer, dH accumulates over
-vocab chunks in fp32 [N, H]. Extra memory: O(tile) + O(N·H), never O(N·V).
+The logits are produced one tile ``[n_chunk, v_chunk]`` at a time by a matmul (cuBLAS with fp32 output for
+bf16/fp16 inputs on CUDA; on CPU a bf16/fp16 product is rounded to its dtype before the upcast) and folded into
+fp32 online log-sum-exp / entropy state per token by a Triton kernel. The backward recomputes each tile, turns it
+into d(loss)/d(logits) (in place for fp32, else into one tile in the input dtype) and feeds it straight into two
+matmuls: dW[v-chunk] accumulates over token chunks in an fp32 [v_chunk, H] buffer, dH accumulates over vocab
+chunks in fp32 [N, H]. Extra memory: O(tile) + O(N·H), never O(N·V).
 
 The reference (CPU) path runs the same chunked algorithm with PyTorch tile ops (vocabulary in one chunk, tokens
 chunked), so its peak memory also stays far below the materialised logits.
