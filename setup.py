@@ -47,7 +47,8 @@ def _extension_modules() -> list:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
-    # C++20: torch >= 2.10 headers need it. No FMA contraction: the sampling positions follow ATen's rounding.
+    # C++20: torch >= 2.10 headers need it. No implicit FMA contraction: the sampling positions follow ATen's
+    # rounding (csrc/crop_boxes_geometry.h has the one explicit FMA).
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off"]
     link_flags = ["-fopenmp"]
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("SIF_NO_CUDA") != "1"

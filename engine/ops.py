@@ -15,7 +15,8 @@ axis (x shown, y alike), for a box ``[x1, x2)``:
   ``lo = hi = min(floor((c1 + c2) / 2), W - 1)``;
 * output sample ``j`` (``0 <= j < out_w``) reads, in pixel-index coordinates (centre of pixel ``i`` at ``i``),
   ``src_x = c1 + (j + 0.5) * (c2 - c1) / out_w - 0.5``, computed in float32 as
-  ``lo + ((step * (j + 0.5) - 0.5) + (c1 - lo))`` with ``step = (c2 - c1) / out_w`` (ATen's rounding);
+  ``lo + (fma(step, j + 0.5, -0.5) + (c1 - lo))`` with ``step = (c2 - c1) / out_w`` (ATen's rounding: its
+  bilinear kernels compute ``fma(scale, j + 0.5, -0.5)`` on CUDA and in their AVX2/AVX512 CPU builds);
 * bilinear with edge clamping to the support: ``s = clamp(src_x, lo, hi)``, taps ``floor(s)`` and
   ``min(floor(s) + 1, hi)``, the second weighted ``s - floor(s)``.
 
@@ -228,7 +229,9 @@ def _axis(a: float, b: float, size: int, out: int) -> tuple[int, int, torch.Tens
     if hi < lo:
         lo = hi = min(max(math.floor(float((c1 + c2) * 0.5)), 0), size - 1)
     step = (c2 - c1) / torch.tensor(float(out), dtype=f32)
-    rel = (step * (torch.arange(out, dtype=f32) + 0.5) - 0.5) + (c1 - lo)
+    # fma(step, j + 0.5, -0.5) in float32: exact in float64, then one rounding.
+    fma = (step.double() * (torch.arange(out, dtype=torch.float64) + 0.5) - 0.5).to(f32)
+    rel = fma + (c1 - lo)
     return lo, hi, rel
 
 

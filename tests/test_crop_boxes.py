@@ -57,6 +57,18 @@ def test_integer_boxes_equal_slice_and_interpolate(uint8: bool, out_size: tuple[
         torch.testing.assert_close(got.depth_stats[k], stats, atol=1e-6, rtol=1e-5)
 
 
+def test_large_integer_boxes_equal_interpolate_within_1e_4() -> None:
+    # ~1000-pixel boxes of noise: a source index rounded differently from ATen's would show here (~1.5e-4).
+    images, _ = _images(1, 1024, 1000, True, seed=5)
+    boxes = torch.tensor([[3, 5, 1000, 1021], [100, 7, 987, 600], [0, 0, 1000, 1024]])
+    got = crop_boxes(images, boxes.float(), torch.zeros(3, dtype=torch.int64), (448, 448), mean=MEAN, std=STD)
+    m, s = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    for k, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
+        region = images[0, y1:y2, x1:x2].permute(2, 0, 1).float() / 255.0
+        want = F.interpolate(region[None], (448, 448), mode="bilinear", align_corners=False)[0]
+        torch.testing.assert_close(got.crops[k], (want - m) / s, atol=1e-4, rtol=0)
+
+
 @st.composite
 def _problems(draw: st.DrawFn) -> dict:
     n = draw(st.integers(1, 3))

@@ -1,0 +1,176 @@
+"""crop_boxes throughput: the native op vs a Python loop (slice + F.interpolate per box) and, when torchvision is
+importable, torchvision.ops.roi_align.
+
+Workload (issue 3): 8 uint8 images of 1024 x 1024 (HWC, as decoded) with float32 depth maps, K = 64 / 256 / 1024
+boxes with integer corners and side lengths uniform in [32, 1024] (fixed seed), each resized to 448 x 448,
+scaled to [0, 1] and normalised with the CLIP mean/std, depth resampled the same way, plus per-box depth
+statistics (median, mean, min). Every method produces the same outputs:
+
+- ``native``: ``engine.ops.crop_boxes`` (one call for all boxes).
+- ``loop``: per box, slice the region, ``float() / 255``, ``F.interpolate(bilinear, align_corners=False)``,
+  normalise, the same for depth, ``median/mean/min`` of the depth region, written into preallocated outputs.
+- ``roi_align``: ``torchvision.ops.roi_align(aligned=True, sampling_ratio=2)`` on the float image and on depth
+  (averages sample points per bin, so its values differ; stats still come from a loop) - a speed reference.
+
+GB/s counts the bytes of crops, depth crops and stats written plus the source pixels read (each box's region of
+RGB uint8 and depth float32, once). Prints a markdown table and writes JSON.
+
+    python benchmarks/crop_boxes.py --device cpu --threads 2 --out benchmarks/out/crop_boxes_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import environment, markdown_table, synchronize, time_ms, write_json  # noqa: E402
+from engine.ops import crop_boxes  # noqa: E402
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def make_problem(k: int, device: str, n: int = 8, size: int = 1024, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g)
+    depth = torch.rand((n, size, size), generator=g)
+    wh = torch.randint(32, size + 1, (k, 2), generator=g)
+    xy = (torch.rand((k, 2), generator=g) * (size - wh + 1)).long()
+    boxes = torch.cat([xy, xy + wh], 1).float()
+    index = torch.randint(0, n, (k,), generator=g)
+    return {
+        "images": images.to(device),
+        "depth": depth.to(device),
+        "boxes": boxes.to(device),
+        "index": index.to(device),
+        "box_list": boxes.long().tolist(),
+        "index_list": index.tolist(),
+    }
+
+
+def run_native(p: dict, out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r = crop_boxes(p["images"], p["boxes"], p["index"], (out, out), depth=p["depth"], mean=MEAN, std=STD)
+    return r.crops, r.depth_crops, r.depth_stats
+
+
+def run_loop(p: dict, out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    images, depth, dev = p["images"], p["depth"], p["images"].device
+    k = len(p["box_list"])
+    crops = torch.empty((k, 3, out, out), device=dev)
+    depth_crops = torch.empty((k, 1, out, out), device=dev)
+    stats = torch.empty((k, 3), device=dev)
+    mean = torch.tensor(MEAN, device=dev).view(3, 1, 1)
+    std = torch.tensor(STD, device=dev).view(3, 1, 1)
+    for i, ((x1, y1, x2, y2), n) in enumerate(zip(p["box_list"], p["index_list"])):
+        region = images[n, y1:y2, x1:x2].permute(2, 0, 1).float().div_(255.0)
+        crop = F.interpolate(region[None], (out, out), mode="bilinear", align_corners=False)[0]
+        crops[i] = (crop - mean) / std
+        dregion = depth[n, y1:y2, x1:x2]
+        depth_crops[i] = F.interpolate(dregion[None, None], (out, out), mode="bilinear", align_corners=False)[0]
+        stats[i, 0], stats[i, 1], stats[i, 2] = dregion.median(), dregion.mean(), dregion.min()
+    return crops, depth_crops, stats
+
+
+def run_roi_align(p: dict, out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from torchvision.ops import roi_align
+
+    dev = p["images"].device
+    rois = torch.cat([p["index"].float()[:, None], p["boxes"]], 1)
+    chw = p["images"].permute(0, 3, 1, 2).float().div_(255.0)
+    crops = roi_align(chw, rois, (out, out), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    crops = (crops - torch.tensor(MEAN, device=dev).view(1, 3, 1, 1)) / torch.tensor(STD, device=dev).view(1, 3, 1, 1)
+    depth_crops = roi_align(p["depth"][:, None], rois, (out, out), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    stats = torch.empty((len(p["box_list"]), 3), device=dev)
+    for i, ((x1, y1, x2, y2), n) in enumerate(zip(p["box_list"], p["index_list"])):
+        dregion = p["depth"][n, y1:y2, x1:x2]
+        stats[i, 0], stats[i, 1], stats[i, 2] = dregion.median(), dregion.mean(), dregion.min()
+    return crops, depth_crops, stats
+
+
+def traffic_bytes(p: dict, out: int) -> int:
+    k = len(p["box_list"])
+    written = k * (3 + 1) * out * out * 4 + k * 3 * 4
+    read = sum((x2 - x1) * (y2 - y1) * (3 + 4) for x1, y1, x2, y2 in p["box_list"])
+    return written + read
+
+
+def max_diff(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b)) if a[0].numel() else 0.0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the native op uses as many)")
+    parser.add_argument("--boxes", type=int, nargs="+", default=[64, 256, 1024])
+    parser.add_argument("--out-size", type=int, default=448)
+    parser.add_argument("--iters", type=int, default=None, help="timed calls per method (default: cpu 3, cuda 20)")
+    parser.add_argument("--out", default="benchmarks/out/crop_boxes.json", help="JSON output path")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA device")
+    iters = args.iters or (3 if args.device == "cpu" else 20)
+    try:
+        import torchvision.ops  # noqa: F401
+
+        methods = {"native": run_native, "loop": run_loop, "roi_align": run_roi_align}
+    except ImportError:
+        methods = {"native": run_native, "loop": run_loop}
+
+    rows = []
+    for k in args.boxes:
+        problem = make_problem(k, args.device)
+        nbytes = traffic_bytes(problem, args.out_size)
+        # The loop's first call is its timing on the CPU (seconds per call, so one call is stable) and the
+        # outputs every method is compared with.
+        start = time.perf_counter()
+        reference = run_loop(problem, args.out_size)
+        synchronize(args.device)
+        times = {"loop": (time.perf_counter() - start) * 1e3}
+        if args.device == "cuda":
+            loop = functools.partial(run_loop, problem, args.out_size)
+            times["loop"] = time_ms(loop, args.device, warmup=0, iters=iters)
+        for name, fn in methods.items():
+            diff = 0.0 if name == "loop" else max_diff(fn(problem, args.out_size), reference)
+            if name != "loop":
+                call = functools.partial(fn, problem, args.out_size)
+                times[name] = time_ms(call, args.device, warmup=1, iters=iters)
+            rows.append(
+                {
+                    "K": k,
+                    "method": name,
+                    "ms": times[name],
+                    "GB/s": nbytes / times[name] / 1e6,
+                    "max_abs_diff_vs_loop": diff,
+                    "bytes": nbytes,
+                    "speedup_vs_loop": times["loop"] / times[name],
+                }
+            )
+
+    columns = [
+        ("K", "K"),
+        ("method", "method"),
+        ("ms", "ms"),
+        ("speedup_vs_loop", "speedup vs loop"),
+        ("GB/s", "GB/s"),
+        ("diff", "max abs diff vs loop"),
+    ]
+    shown = [{**row, "diff": f"{row['max_abs_diff_vs_loop']:.1e}"} for row in rows]
+    print(f"crop_boxes: 8 x 1024^2 uint8 + depth -> {args.out_size}^2, device={args.device}, threads={args.threads}")
+    print(markdown_table(shown, columns))
+    payload = {"env": environment(args.device), "args": vars(args), "rows": rows}
+    write_json(args.out, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
