@@ -227,14 +227,27 @@ def test_all_masked_batch_gives_zero_loss_and_grad(backend):
 @pytest.mark.gpu
 def test_hyper_parameters_do_not_recompile():
     from kernels.grpo_loss import _grpo_seq_kernel
+    from kernels.logprob import _logprob_bwd_kernel, _logprob_fwd_kernel
 
-    lp, old, ref, adv, mask = make_batch(seed=9)
-    grpo_loss(lp, old, ref, adv, mask, GRPOLossConfig(beta=0.04, eps_low=0.2), backend="triton")
-    compiled = sum(len(c) for c in _grpo_seq_kernel.device_caches.values())
-    for beta, eps, delta in [(0.1, 0.1, 2.0), (0.5, 0.3, None), (0.01, 0.05, 1.5)]:
-        cfg = GRPOLossConfig(beta=beta, eps_low=eps, eps_high=eps, delta=delta)
-        grpo_loss(lp, old, ref, adv, mask, cfg, backend="triton")
-    assert sum(len(c) for c in _grpo_seq_kernel.device_caches.values()) == compiled
+    kernels = (_grpo_seq_kernel, _logprob_fwd_kernel, _logprob_bwd_kernel)
+
+    def compiled_variants() -> int:  # device_caches: device -> (kernel_cache, key_cache, target, backend, binder)
+        return sum(len(cache[0]) for k in kernels for cache in k.device_caches.values())
+
+    _, old, ref, adv, mask = make_batch(seed=9)
+    logits = torch.randn(*old.shape, 50, device=DEVICE)
+    ids = torch.randint(0, 50, old.shape, device=DEVICE)
+
+    def step(cfg):
+        x = logits.clone().requires_grad_(True)
+        grpo_loss_from_logits(x, ids, old, ref, adv, mask, cfg, backend="triton")[0].backward()
+
+    step(GRPOLossConfig(beta=0.04, eps_low=0.2, temperature=1.0))
+    compiled = compiled_variants()
+    assert compiled >= 3
+    for beta, eps, delta, temperature in [(0.1, 0.1, 2.0, 0.7), (0.5, 0.3, None, 1.3), (0.01, 0.05, 1.5, 0.9)]:
+        step(GRPOLossConfig(beta=beta, eps_low=eps, eps_high=eps, delta=delta, temperature=temperature))
+    assert compiled_variants() == compiled
 
 
 def test_bad_config_and_inputs_raise():
