@@ -282,7 +282,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crop_boxes_cuda(const at::Tensor&
   TORCH_CHECK_VALUE(plan.num_images * plan.height * plan.width * 3 < (int64_t{1} << 62), "crop_boxes: images too large");
 
   const at::Tensor img = images.contiguous();
-  const at::Tensor b = boxes.contiguous();
+  at::Tensor b = boxes.contiguous();
+  if (reinterpret_cast<uintptr_t>(b.const_data_ptr()) % alignof(float4) != 0) b = b.clone();  // read as float4
   const at::Tensor idx = box_image_index.contiguous();
   const at::Tensor dep = plan.with_depth ? depth->contiguous() : at::Tensor();
   const float* dep_ptr = plan.with_depth ? dep.const_data_ptr<float>() : nullptr;
