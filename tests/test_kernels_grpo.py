@@ -264,6 +264,8 @@ def test_bad_config_and_inputs_raise():
         grpo_loss(lp, old, ref, adv[:2], mask, GRPOLossConfig())
     with pytest.raises(ValueError, match="mask shape"):
         grpo_loss(lp, old, ref, adv, mask[:, :3], GRPOLossConfig())
+    with pytest.raises(ValueError, match="advantages is on meta"):
+        grpo_loss(lp, old, ref, adv.to("meta"), mask, GRPOLossConfig())
     with pytest.raises(ValueError, match="old_logp shape"):
         grpo_loss(lp, old.T, ref, adv, mask, GRPOLossConfig())
     with pytest.raises(ValueError, match=r"need logits \[B, L\(\+1\), V\]"):

@@ -159,6 +159,8 @@ def test_bad_inputs_raise_clear_errors():
         token_logprobs(logits, torch.zeros(4, dtype=torch.long), temperature=0.0)
     with pytest.raises(ValueError, match="backend must be one of"):
         token_logprobs(logits, torch.zeros(4, dtype=torch.long), backend="cuda")
+    with pytest.raises(ValueError, match="target is on meta but the scores are on cpu"):
+        token_logprobs(logits, torch.zeros(4, dtype=torch.long, device="meta"))
     with pytest.raises(ValueError, match=r"logits must be \[N, V\] or \[B, L, V\]"):
         token_logprobs(torch.randn(10), torch.zeros((), dtype=torch.long))
 
