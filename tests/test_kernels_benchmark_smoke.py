@@ -1,0 +1,37 @@
+"""benchmarks/kernels.py --smoke runs every implementation it compares (Triton ones through the interpreter) on
+tiny shapes and writes its JSON: the benchmark cannot rot unnoticed between GPU runs. No timing is asserted."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="the Triton implementations need CUDA or TRITON_INTERPRET=1")
+def test_kernel_benchmark_smoke(tmp_path):
+    out = tmp_path / "kernels.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cmd = [sys.executable, "-m", "benchmarks.kernels", "--device", device, "--smoke", "--no-compile", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r for r in rows if "error" in r] == []
+    impls = {(r["op"], r["impl"]) for r in rows}
+    for op, impl in [
+        ("token_logprobs", "ours (triton, in-place bwd)"),
+        ("grpo_from_logits", "ours (triton, in-place bwd)"),
+        ("grpo_from_logits", "liger triton_grpo_loss"),
+        ("linear_logprobs", "ours (triton tiles)"),
+        ("grpo_from_hidden", "liger LigerFusedLinearGRPOLoss"),
+    ]:
+        assert (op, impl) in impls
+    assert all(r["fwdbwd_ms"] is None or r["fwdbwd_ms"] > 0 for r in rows)
+    assert "| op | shape | impl |" in proc.stdout
