@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../crop_boxes.h"
@@ -179,7 +180,6 @@ void crop_kernel(const at::Tensor& images, const std::optional<at::Tensor>& dept
                  const std::vector<BoxGeometry>& geo, const std::vector<Tap>& xtaps, const std::vector<Tap>& ytaps,
                  at::Tensor& crops, at::Tensor& depth_crops, at::Tensor& depth_stats) {
   const int64_t K = plan.num_boxes, H = plan.height, W = plan.width, oh = plan.out_h, ow = plan.out_w;
-  const bool nhwc = plan.channels_last_uint8;
   const scalar_t* img = images.const_data_ptr<scalar_t>();
   const float* dep = plan.with_depth ? depth->const_data_ptr<float>() : nullptr;
   float* out = crops.mutable_data_ptr<float>();
@@ -192,7 +192,8 @@ void crop_kernel(const at::Tensor& images, const std::optional<at::Tensor>& dept
   {
     std::vector<float> scratch(static_cast<size_t>(W) * 3);
     std::vector<float> dscratch(plan.with_depth ? static_cast<size_t>(W) : 0);
-#pragma omp for collapse(2) schedule(static)
+    // Rows cost more in wide boxes (the vertical blend spans the box): dynamic chunks balance the threads.
+#pragma omp for collapse(2) schedule(dynamic, 32)
     for (int64_t k = 0; k < K; ++k) {
       for (int64_t i = 0; i < oh; ++i) {
         const BoxGeometry& g = geo[k];
@@ -201,11 +202,11 @@ void crop_kernel(const at::Tensor& images, const std::optional<at::Tensor>& dept
         const int64_t x0 = tx[0].i0;  // taps are monotone: the row span is [first i0, last i1]
         const int64_t span = tx[ow - 1].i1 - x0 + 1;
         float* o = out + k * 3 * plane + i * ow;
-        if (nhwc) {
+        if constexpr (std::is_same_v<scalar_t, uint8_t>) {  // uint8 [N, H, W, 3]
           const scalar_t* base = img + g.image * H * W * 3;
           blend_rows(base + (ty.i0 * W + x0) * 3, base + (ty.i1 * W + x0) * 3, ty.w, span * 3, scratch.data());
           blend_columns_rgb(scratch.data(), tx, x0, ow, plan.scale, plan.shift, plane, o);
-        } else {
+        } else {  // float32 [N, 3, H, W]
           for (int c = 0; c < 3; ++c) {
             const scalar_t* base = img + (g.image * 3 + c) * H * W;
             blend_rows(base + ty.i0 * W + x0, base + ty.i1 * W + x0, ty.w, span, scratch.data());
