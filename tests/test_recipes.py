@@ -25,7 +25,8 @@ def test_grpo_recipe_runs_sft_then_grpo_and_logs_rewards(recipes, tmp_path: Path
     common = ["--train.progress_bar", "false", "--train.plot", "false"]
     argv = [
         "--train.output_dir", out, "--train.max_steps", "2", "--train.micro_batch_size", "1", *common,
-        "--rl.num_generations", "2", "--rl.max_completion_length", "16", "--data.limit", "4",
+        "--rl.num_generations", "2", "--rl.max_completion_length", "16", "--rl.num_iterations", "2",
+        "--data.limit", "4",
         "--sft.train.output_dir", out, "--sft.train.max_steps", "2", "--sft.train.micro_batch_size", "1",
         "--sft.data.limit", "2", "--sft.train.progress_bar", "false", "--sft.train.plot", "false",
         "--summary_window", "1",
@@ -36,12 +37,14 @@ def test_grpo_recipe_runs_sft_then_grpo_and_logs_rewards(recipes, tmp_path: Path
     assert [r["phase"] for r in sft_lines] == ["sft", "sft"]
     lines = [json.loads(line) for line in (tmp_path / "runs/grpo-tiny/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2]
+    assert lines[0]["reward/total"] == lines[1]["reward/total"]  # num_iterations 2: step 2 reuses step 1's rollouts
     for record in lines:
         assert record["phase"] == "grpo"
         for key in ("format", "answer", "grounding", "depth", "total"):
             assert 0.0 <= record[f"reward/{key}"] <= 4.0
-        for key in ("kl", "clip_fraction", "entropy", "time/rollout", "time/reward", "time/update"):
+        for key in ("kl", "clip_fraction", "entropy", "time/update"):
             assert key in record
+    assert "time/rollout" in lines[0] and "time/reward" in lines[0] and "time/rollout" not in lines[1]
     assert (tmp_path / "runs/grpo-tiny/hf/model.safetensors").is_file()
     printed = capsys.readouterr().out
     assert "[sft] 2 steps" in printed and "reward/total" in printed
