@@ -102,7 +102,7 @@ class GRPOBatchSource:
             (self.seed * 1_000_003 + ctx.step) * 65_537 + ctx.rank
         )
         with ctx.timer("rollout"), torch.no_grad():
-            self._initialise_fsdp(ctx.model, prompts[0])
+            self._initialise_fsdp(ctx.model, prompts[0], ctx.device)
         with ctx.timer("rollout"), torch.no_grad(), unsharded(ctx.model):
             batch = generate_rollouts(ctx.model, self.processor, prompts, cfg, generator=generator)
         self.last_batch = batch
@@ -144,7 +144,7 @@ class GRPOBatchSource:
         self._cache, self._cache_metrics, self._uses_left = micro_batches, metrics, cfg.num_iterations - 1
         return micro_batches
 
-    def _initialise_fsdp(self, model: nn.Module, prompt: SIFPrompt) -> None:
+    def _initialise_fsdp(self, model: nn.Module, prompt: SIFPrompt, device: torch.device) -> None:
         """Run one root forward before the first generation: FSDP2 initialises lazily from the root's first
         forward, and generation calls submodules (the vision tower) directly, which would claim the root role."""
         if self._fsdp_ready or not isinstance(model, FSDPModule):
@@ -155,13 +155,9 @@ class GRPOBatchSource:
             self.model_config,
             [prompt.inputs["pixel_values"]],
             [prompt.inputs["image_grid_thw"]],
-        ).to(self.device_of(model))
+        ).to(device)
         model(packed.input_ids, packed.position_ids, packed.cu_seqlens, packed.pixel_values, packed.image_grid_thw)
         self._fsdp_ready = True
-
-    @staticmethod
-    def device_of(model: nn.Module) -> torch.device:
-        return next(model.parameters()).device
 
     def _share_progress(self, record_ids: list[str]) -> None:
         """Make this step's answer-progress updates of every rank known to all ranks."""
