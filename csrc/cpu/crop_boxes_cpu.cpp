@@ -18,6 +18,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "../crop_boxes.h"
 #include "../crop_boxes_geometry.h"
 
@@ -175,6 +179,20 @@ class DepthStats {
   std::vector<uint32_t> counts_ = std::vector<uint32_t>(static_cast<size_t>(kBins) * 4);
 };
 
+// Asks Linux for transparent huge pages on a large output before its first touch (a hint; THP's usual
+// "madvise" mode honours it, errors are ignored). Faulting in and zeroing fresh 4 KiB pages is otherwise about
+// half of this op's CPU time (~1.2 GB of outputs at K=256, 448x448); 2 MiB pages cut that several-fold. It is
+// what torch's THP_MEM_ALLOC_ENABLE=1 does for every large CPU tensor, applied to these buffers only.
+void advise_huge_pages(at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(t.mutable_data_ptr());
+  const uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (start + t.nbytes()) & ~(kHuge - 1);
+  if (end >= begin + 4 * kHuge) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+}
+
 template <typename scalar_t>
 void crop_kernel(const at::Tensor& images, const std::optional<at::Tensor>& depth, const CropPlan& plan,
                  const std::vector<BoxGeometry>& geo, const std::vector<Tap>& xtaps, const std::vector<Tap>& ytaps,
@@ -242,6 +260,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crop_boxes_cpu(const at::Tensor& 
   auto [crops, depth_crops, depth_stats] = allocate_outputs(images, plan);
   const int64_t K = plan.num_boxes;
   if (K == 0) return {crops, depth_crops, depth_stats};
+  advise_huge_pages(crops);
+  if (plan.with_depth) advise_huge_pages(depth_crops);
 
   const at::Tensor img = images.contiguous();
   const at::Tensor b = boxes.contiguous();
