@@ -134,8 +134,8 @@ class DepthStats {
       return;
     }
     auto bin_of = [&](float v) {
-      const float f = (v - mn) * scale;  // in [0, kBins] for finite v in [mn, mx]; monotone in v
-      return f < static_cast<float>(kBins - 1) ? static_cast<int>(f) : kBins - 1;
+      // In [0, kBins] and monotone in v: here every value is finite (NaN and infinities returned above).
+      return static_cast<int>(std::min((v - mn) * scale, static_cast<float>(kBins - 1)));
     };
     // Four interleaved count arrays so that runs of equal bins (smooth depth) do not serialise on one counter.
     std::fill(counts_.begin(), counts_.end(), 0u);
