@@ -14,10 +14,10 @@ statistics (median, mean, min). Every method produces the same outputs:
 
 Timing: the fastest of ``--iters`` calls after one warm-up (on the CPU the loop is timed by its one call, which
 also gives the outputs the others are compared with). GB/s counts the bytes of crops, depth crops and stats
-written plus the source pixels read (each box's region of RGB uint8 and depth float32, once). On the CPU about
-half of the native op's time is the kernel zeroing the fresh output pages (~1.2 GB at K=256); torch's
-``THP_MEM_ALLOC_ENABLE=1`` (huge pages for large CPU tensors) cuts that several-fold, for every method alike.
-Prints a markdown table and writes JSON.
+written plus the source pixels read (each box's region of RGB uint8 and depth float32, once). On the CPU,
+faulting in fresh output pages (~0.8 GB at K=256) costs as much as the crops themselves with 4 KiB pages: the
+native op advises huge pages for its outputs; the loop's preallocated outputs get them only under torch's
+``THP_MEM_ALLOC_ENABLE=1`` (stamped in the JSON). Prints a markdown table and writes JSON.
 
     python benchmarks/crop_boxes.py --device cpu --threads 2 --out benchmarks/out/crop_boxes_cpu.json
 """
