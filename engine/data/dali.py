@@ -36,42 +36,15 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from engine.data.images import load_depth
+from engine.pixel_budget import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, PATCH_FACTOR, smart_resize
 
 logger = logging.getLogger(__name__)
 
-PATCH_FACTOR = 28
-DEFAULT_MIN_PIXELS = 56 * 56
-DEFAULT_MAX_PIXELS = 28 * 28 * 1280
 MAX_DECODED_PIXELS = 1 << 28
 
 
 class CorruptImageError(ValueError):
     """An encoded image failed the integrity check or could not be decoded; the message names the file."""
-
-
-def smart_resize(
-    height: int,
-    width: int,
-    factor: int = PATCH_FACTOR,
-    min_pixels: int = DEFAULT_MIN_PIXELS,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> tuple[int, int]:
-    """Target (height, width): multiples of ``factor``, aspect ratio kept, area in [min_pixels, max_pixels]."""
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image size must be positive, got {height}x{width}")
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"aspect ratio of {height}x{width} exceeds 200")
-    h = max(factor, round(height / factor) * factor)
-    w = max(factor, round(width / factor) * factor)
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * beta / factor) * factor
-        w = math.ceil(width * beta / factor) * factor
-    return h, w
 
 
 def check_encoded(data: bytes, name: str) -> tuple[int, int]:

@@ -13,7 +13,6 @@ target size and are otherwise resized with torch's antialiased bicubic filter.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,32 +22,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from engine.pixel_budget import smart_resize
+
 from .tokenizer import IM_END, IM_START, IMAGE_PAD, VISION_END, VISION_START, Tokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_SYSTEM = "You are a helpful assistant."
-
-
-def smart_resize(
-    height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280
-) -> tuple[int, int]:
-    """Target (height, width): multiples of ``factor``, area within [min_pixels, max_pixels], aspect kept."""
-    if min(height, width) <= 0:
-        raise ValueError(f"smart_resize: empty image {height}x{width}")
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"smart_resize: aspect ratio of {height}x{width} exceeds 200")
-    h = round(height / factor) * factor
-    w = round(width / factor) * factor
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * beta / factor) * factor
-        w = math.ceil(width * beta / factor) * factor
-    return h, w
 
 
 @dataclass
