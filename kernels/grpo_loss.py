@@ -93,6 +93,26 @@ def _aggregation_scale(
 
 
 @triton.jit
+def _clipped_surrogate(lw, adv, lo, hi, delta, clamp):
+    """TRL's clipped surrogate of one importance log-weight ``lw`` (scalar or block).
+
+    Returns (loss, dloss_dlw, c1): loss = −min(c1·A, c2·A) with c = exp(clamp(lw)), c1 = min(c, delta),
+    c2 = clip(c, lo, hi); its derivative w.r.t. lw (torch.min splits the gradient evenly on ties, zero outside the
+    clamp); and c1, from which the clip-fraction flags are read.
+    """
+    c = tl.exp(tl.minimum(tl.maximum(lw, -clamp), clamp))
+    c1 = tl.minimum(c, delta)
+    c2 = tl.minimum(tl.maximum(c, lo), hi)
+    l1 = c1 * adv
+    l2 = c2 * adv
+    d1 = tl.where(c <= delta, 1.0, 0.0)
+    d2 = tl.where((c >= lo) & (c <= hi), 1.0, 0.0)
+    dmin = tl.where(l1 < l2, d1, tl.where(l1 > l2, d2, 0.5 * (d1 + d2)))
+    inside = tl.where((lw >= -clamp) & (lw <= clamp), 1.0, 0.0)
+    return -tl.minimum(l1, l2), -adv * dmin * c * inside, c1
+
+
+@triton.jit
 def _grpo_seq_kernel(
     LP,
     OLD,
@@ -151,19 +171,9 @@ def _grpo_seq_kernel(
         n_b = tl.sum(cnt, axis=0)
         len_b = tl.maximum(n_b, 1.0)
         lw = tl.sum(acc, axis=0) / len_b
-        lw_c = tl.minimum(tl.maximum(lw, -clamp), clamp)
-        c = tl.exp(lw_c)
-        c1 = tl.minimum(c, delta)
-        c2 = tl.minimum(tl.maximum(c, lo), hi)
-        l1 = c1 * adv
-        l2 = c2 * adv
-        d1 = tl.where(c <= delta, 1.0, 0.0)
-        d2 = tl.where((c >= lo) & (c <= hi), 1.0, 0.0)
-        dmin = tl.where(l1 < l2, d1, tl.where(l1 > l2, d2, 0.5 * (d1 + d2)))
-        inside = tl.where((lw >= -clamp) & (lw <= clamp), 1.0, 0.0)
-        seq_loss = -tl.minimum(l1, l2)
+        seq_loss, dloss_dlw, c1 = _clipped_surrogate(lw, adv, lo, hi, delta, clamp)
         # d/d lp[b,t] of s_b·n_b·seq_loss, through lw = sum_t (lp − old)·m / len_b
-        seq_grad = -s_b * n_b * adv * dmin * c * inside / len_b
+        seq_grad = s_b * n_b * dloss_dlw / len_b
         tl.store(LOW_B + b, tl.where((c1 < lo) & (adv < 0), 1.0, 0.0))
         tl.store(HIGH_B + b, tl.where((c1 > hi) & (adv > 0), 1.0, 0.0))
     loss_acc = tl.zeros([BLOCK_L], dtype=tl.float32)
@@ -185,18 +195,8 @@ def _grpo_seq_kernel(
                 lw = lp - tl.load(OLD + row + cols, mask=valid, other=0.0)
             else:
                 lw = tl.zeros([BLOCK_L], dtype=tl.float32)
-            lw_c = tl.minimum(tl.maximum(lw, -clamp), clamp)
-            c = tl.exp(lw_c)
-            c1 = tl.minimum(c, delta)
-            c2 = tl.minimum(tl.maximum(c, lo), hi)
-            l1 = c1 * adv
-            l2 = c2 * adv
-            d1 = tl.where(c <= delta, 1.0, 0.0)
-            d2 = tl.where((c >= lo) & (c <= hi), 1.0, 0.0)
-            dmin = tl.where(l1 < l2, d1, tl.where(l1 > l2, d2, 0.5 * (d1 + d2)))
-            inside = tl.where((lw >= -clamp) & (lw <= clamp), 1.0, 0.0)
-            tok_loss = -tl.minimum(l1, l2)
-            dlp = -w * adv * dmin * c * inside
+            tok_loss, dloss_dlw, c1 = _clipped_surrogate(lw, adv, lo, hi, delta, clamp)
+            dlp = w * dloss_dlw
             low_acc += tl.where(c1 < lo, m * is_neg, 0.0)
             high_acc += tl.where(c1 > hi, m * is_pos, 0.0)
         if HAS_REF:
