@@ -26,6 +26,7 @@ from engine.distributed import DistEnv, init_distributed, parallelize
 from engine.rl.grpo import GRPOObjective, RLConfig
 from engine.rl.rewards import REWARD_TERMS, http_judge
 from engine.rl.source import GRPOBatchSource
+from engine.train.sft import SFTViews
 from engine.train.trainer import Trainer, TrainResult
 
 
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> TrainResult:
 def run(cfg: GRPORecipeConfig, env: DistEnv) -> TrainResult:
     """SFT warm-up if needed, then GRPO-SIF, in an initialised process group; prints the reward summary."""
     if not cfg.model.path:
+        if cfg.rl.focus_mode == "crop":  # warm up on the sequences a crop-mode policy generates
+            cfg.sft.views = SFTViews("crop", cfg.rl.max_views, cfg.rl.crop_size, cfg.rl.depth_views)
         sft_result = sft_sif.run(cfg.sft, env)
         cfg.model.path = str(sft_result.export_dir)
     checkpoint = resolve_checkpoint(cfg.model.path, cfg.train.output_dir, env)

@@ -6,8 +6,10 @@
         --model.path /ckpt/Qwen2.5-VL-7B-Instruct --data.path /data/sif50k/records.jsonl
 
 Every field of ``SFTRecipeConfig`` can be overridden as ``--section.key value``. The loss is the token mean of
-the cross-entropy on assistant tokens over the whole global batch. Outputs: ``runs/<run_name>/metrics.jsonl``,
-``curves.png``, DCP checkpoints and the merged HF export in ``hf/`` (what ``recipes/grpo_sif.py`` starts from).
+the cross-entropy on assistant tokens over the whole global batch. ``--views.focus_mode crop`` inserts the crop
+views after every ``</area>``, as a crop-mode rollout sees them (view tokens are not scored). Outputs:
+``runs/<run_name>/metrics.jsonl``, ``curves.png``, DCP checkpoints and the merged HF export in ``hf/`` (what
+``recipes/grpo_sif.py`` starts from).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from common import hf_exporter, load_policy, load_split, resolve_checkpoint, win
 from engine.config import DataConfig, LoRAConfig, ModelConfig, TrainConfig, load_config, to_dict
 from engine.distributed import DistEnv, init_distributed
 from engine.train.batch_source import IndexedBatchSource
-from engine.train.sft import SFTDataset, SFTObjective, collate_sft
+from engine.train.sft import SFTDataset, SFTObjective, SFTViews, collate_sft
 from engine.train.trainer import Trainer, TrainResult
 
 
@@ -33,6 +35,7 @@ class SFTRecipeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(max_seq_len=2048, max_pixels=224 * 224))
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    views: SFTViews = field(default_factory=SFTViews)
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
             run_name="sft-tiny",
@@ -60,7 +63,9 @@ def run(cfg: SFTRecipeConfig, env: DistEnv) -> TrainResult:
     model, processor = load_policy(checkpoint, cfg.model, cfg.lora, cfg.data, cfg.train.seed)
 
     records = load_split(cfg.data.path, "train", cfg.data.limit)
-    dataset = SFTDataset(records, processor, with_depth=cfg.data.with_depth, max_seq_len=cfg.data.max_seq_len)
+    dataset = SFTDataset(
+        records, processor, with_depth=cfg.data.with_depth, max_seq_len=cfg.data.max_seq_len, views=cfg.views
+    )
     source = IndexedBatchSource(
         dataset,
         micro_batch_size=cfg.train.micro_batch_size,

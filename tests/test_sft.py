@@ -13,7 +13,7 @@ from engine.data.sif_format import DepthBox
 from engine.models import ImageConfig, Processor, Tokenizer, VLModel
 from engine.models.tiny import init_weights
 from engine.models.tokenizer import build_byte_tokenizer
-from engine.train.sft import SFTDataset, SFTObjective, chunked_cross_entropy, collate_sft
+from engine.train.sft import SFTDataset, SFTObjective, SFTViews, chunked_cross_entropy, collate_sft
 
 
 def test_chunked_cross_entropy_matches_full_logits() -> None:
@@ -85,3 +85,27 @@ def test_sft_errors_name_the_record(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="r4.*inside an image"):
         data[0]
     assert len(SFTDataset([_record(tmp_path, 5)], processor, with_depth=True, max_seq_len=150)[0].input_ids) == 150
+
+
+def test_crop_mode_traces_carry_views_that_are_never_scored(tmp_path: Path) -> None:
+    tok = Tokenizer(build_byte_tokenizer())
+    cfg = micro_config(tok)
+    processor = Processor(tok, ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56))
+    record = _record(tmp_path, 6)
+    views = SFTViews(focus_mode="crop", max_views=4, crop_size=56)
+    text = SFTDataset([record], processor, with_depth=True, max_seq_len=4096)[0]
+    crop = SFTDataset([record], processor, with_depth=True, max_seq_len=4096, views=views)[0]
+    # two areas of one box each -> an RGB and a depth view after each </area>: 2 prompt images + 4 views
+    assert crop.image_grid_thw.shape[0] == 6
+    assert crop.image_grid_thw[2:].tolist() == [[1, 4, 4]] * 4  # 56 x 56 views
+    vision = torch.isin(crop.input_ids, torch.tensor([tok.vision_start_id, tok.image_pad_id, tok.vision_end_id]))
+    assert not bool((crop.assistant_mask & vision).any())
+    assert int(crop.assistant_mask.sum()) == int(text.assistant_mask.sum())  # the same trace bytes are scored
+    ends = (crop.input_ids == tok.vision_end_id).nonzero().squeeze(1).tolist()
+    starts = (crop.input_ids == tok.vision_start_id).nonzero().squeeze(1).tolist()
+    assert tok.decode(crop.input_ids[starts[2] - 7 : starts[2]].tolist()) == "</area>"  # views follow an area
+    assert tok.decode(crop.input_ids[ends[3] + 1 : ends[3] + 7].tolist()) == "<text>"
+    model = VLModel(cfg)
+    init_weights(model, seed=0, std=0.1)
+    out = SFTObjective()(model, collate_sft([crop], cfg))
+    assert torch.isfinite(out.loss_sum) and out.num_loss_tokens == int(crop.assistant_mask.sum())

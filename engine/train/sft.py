@@ -3,8 +3,10 @@
 Each record becomes one conversation: the SIF user turn (RGB + colour-mapped depth image, question, instruction)
 and the assistant turn ``record.response()`` (the canonical trace written by ``sif_format.format_response``).
 ``Processor.apply_chat_template`` marks the assistant tokens (the response and its ``<|im_end|>``); only those
-are scored. Micro-batches are packed (``engine.rl.packing``) and the loss is the *summed* token cross-entropy,
-which the Trainer divides by the global number of assistant tokens.
+are scored. With ``SFTViews(focus_mode="crop")`` the crop views of each area (exactly what the rollout focus hook
+returns) follow its ``</area>`` inside the assistant turn; their tokens are inputs, never targets. Micro-batches
+are packed (``engine.rl.packing``) and the loss is the *summed* token cross-entropy, which the Trainer divides by
+the global number of assistant tokens.
 
 The head: on CUDA, Liger's fused linear cross-entropy (chunked matmul + CE + grad in one pass); on CPU, a plain
 torch loop over row chunks, each under activation checkpointing, so at most one chunk's [rows, V] logits live at
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +27,13 @@ from torch.utils.checkpoint import checkpoint
 from engine.data.images import load_image
 from engine.data.schema import Record
 from engine.models import ModelConfig, Processor
+from engine.rl.focus import CropFocusHook
 from engine.rl.packing import PackedBatch, lm_head_weight, pack_sequences, packed_hidden
 from engine.rl.prompts import record_depth, sif_messages
 from engine.train.trainer import ObjectiveOutput
 
 CE_CHUNK_ROWS = 1024
+AREA_END = "</area>"
 
 
 def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -78,19 +83,73 @@ class SFTExample:
     image_grid_thw: torch.Tensor | None
 
 
-def sft_example(record: Record, processor: Processor, *, with_depth: bool, max_seq_len: int) -> SFTExample:
+@dataclass
+class SFTViews:
+    """How SFT traces show their areas: ``text`` (boxes stay text) or ``crop`` (after every ``</area>`` the area's
+    boxes are cropped, as the rollout hook does, and inserted as views, so a crop-mode policy is trained on the
+    sequences it will generate). The view tokens are inputs only: never scored."""
+
+    focus_mode: Literal["text", "crop"] = "text"
+    max_views: int = 4
+    crop_size: int = 112
+    depth_views: bool = True
+
+
+@dataclass
+class _Prefix:
+    """A focus request for the hook: the response up to and including one ``</area>``."""
+
+    completion_text: str
+    prompt_index: int = 0
+    sample_index: int = 0
+
+
+def _response_with_views(
+    response: str, rgb: torch.Tensor, depth: torch.Tensor | None, views: SFTViews
+) -> tuple[list[dict], list[torch.Tensor]]:
+    """Assistant content parts with the crop views after each ``</area>``, and those views in order."""
+    hook = CropFocusHook(
+        [rgb], [depth], crop_size=(views.crop_size, views.crop_size), max_views=views.max_views,
+        depth_views=views.depth_views,
+    )  # fmt: skip
+    parts: list[dict] = []
+    images: list[torch.Tensor] = []
+    pieces = response.split(AREA_END)
+    done = ""
+    for i, piece in enumerate(pieces):
+        text = piece + (AREA_END if i < len(pieces) - 1 else "")
+        parts.append({"type": "text", "text": text})
+        done += text
+        if i < len(pieces) - 1:
+            crops = hook([_Prefix(done)])[0] or []
+            parts += [{"type": "image"} for _ in crops]
+            images += crops
+    return parts, images
+
+
+def sft_example(
+    record: Record, processor: Processor, *, with_depth: bool, max_seq_len: int, views: SFTViews | None = None
+) -> SFTExample:
     """Tokenise a record's SIF conversation; right-truncate to ``max_seq_len`` (never inside an image)."""
     rgb = load_image(record.image)
-    depth = record_depth(record) if with_depth and record.depth_image is None else None
-    messages, images = sif_messages(record, with_depth, rgb, depth, response=record.response())
+    crop = views is not None and views.focus_mode == "crop"
+    depth = record_depth(record) if crop or (with_depth and record.depth_image is None) else None
+    response = record.response()
+    messages, images = sif_messages(record, with_depth, rgb, depth, response=response)
+    if crop:
+        content, crops = _response_with_views(response, rgb, depth, views)
+        messages[-1] = {"role": "assistant", "content": content}
+        images = images + crops
     out = processor.apply_chat_template(messages, images)
-    ids, mask = out["input_ids"], out["assistant_mask"]
+    tok = processor.tokenizer
+    ids = out["input_ids"]
+    vision = torch.tensor([tok.vision_start_id, tok.image_pad_id, tok.vision_end_id])
+    mask = out["assistant_mask"] & ~torch.isin(ids, vision)
     if ids.numel() > max_seq_len:
-        vision_end = processor.tokenizer.vision_end_id
-        last_image = int((ids == vision_end).nonzero().max()) if bool((ids == vision_end).any()) else -1
+        last_image = int((ids == tok.vision_end_id).nonzero().max()) if bool((ids == tok.vision_end_id).any()) else -1
         if max_seq_len <= last_image:
             raise ValueError(
-                f"record {record.id}: max_seq_len {max_seq_len} would cut inside an image (the prompt's images end "
+                f"record {record.id}: max_seq_len {max_seq_len} would cut inside an image (the last image ends "
                 f"at token {last_image}); raise data.max_seq_len or lower data.max_pixels"
             )
         ids, mask = ids[:max_seq_len], mask[:max_seq_len]
@@ -100,7 +159,15 @@ def sft_example(record: Record, processor: Processor, *, with_depth: bool, max_s
 class SFTDataset(Sequence[SFTExample]):
     """Records with traces, tokenised on access (images decoded lazily, so memory stays flat)."""
 
-    def __init__(self, records: Sequence[Record], processor: Processor, *, with_depth: bool, max_seq_len: int) -> None:
+    def __init__(
+        self,
+        records: Sequence[Record],
+        processor: Processor,
+        *,
+        with_depth: bool,
+        max_seq_len: int,
+        views: SFTViews | None = None,
+    ) -> None:
         missing = [r.id for r in records if not r.trace]
         if missing:
             raise ValueError(f"SFT needs traces: {len(missing)} records have none (first: {missing[0]!r})")
@@ -108,13 +175,18 @@ class SFTDataset(Sequence[SFTExample]):
         self.processor = processor
         self.with_depth = with_depth
         self.max_seq_len = max_seq_len
+        self.views = views
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> SFTExample:  # type: ignore[override]
         return sft_example(
-            self.records[index], self.processor, with_depth=self.with_depth, max_seq_len=self.max_seq_len
+            self.records[index],
+            self.processor,
+            with_depth=self.with_depth,
+            max_seq_len=self.max_seq_len,
+            views=self.views,
         )
 
 
