@@ -9,9 +9,9 @@ that the entropy-coded size is photo-like, ~0.3 MB), then measures images/s end 
 - ``dali-gpu``: the same loader with ``device="gpu"`` (nvJPEG "mixed" decode + GPU resize), when CUDA exists.
 
 Each configuration runs one warm-up pass and ``--repeats`` timed passes; the best pass is reported (the CPU may be
-shared). Prints a markdown table and writes JSON (``--json``, default ``benchmarks/out/decode.json``).
+shared). Prints a markdown table and writes JSON (``--out``, default ``benchmarks/out/decode.json``).
 
-    PYTHONPATH=. python benchmarks/decode.py --num 64 --max-pixels 200704 --json benchmarks/out/decode.json
+    PYTHONPATH=. python benchmarks/decode.py --num 64 --max-pixels 200704 --out benchmarks/out/decode.json
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-pixels", type=int, default=28 * 28 * 256, help="pixel budget (default 448x448)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--data-dir", type=Path, help="reuse/keep the generated JPEGs here")
-    p.add_argument("--json", type=Path, default=Path("benchmarks/out/decode.json"), help="write results here")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/out/decode.json"), help="write results here")
     a = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,9 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
         "load_average": os.getloadavg()[0],
         "rows": [{"mode": m, "decoder": d, "where": wh, "images_per_s": round(r, 2)} for m, d, wh, r in rows],
     }
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {a.json}")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {a.out}")
     return result
 
 

@@ -9,7 +9,7 @@ tower, against the dense bf16 peak given by ``--peak-tflops`` (989 for H100 SXM)
 
     python benchmarks/model.py                 # CPU: tiny + 0.5B-class, short sequences
     python benchmarks/model.py --device cuda   # GPU: bf16, longer sequences, MFU
-Writes a markdown table to stdout and JSON to benchmarks/results/model_<device>.json.
+Writes a markdown table to stdout and JSON to benchmarks/out/model_<device>.json.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU, for MFU")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--case", help="run one case in this process (internal)")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/model_<device>.json)")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/out/model_<device>.json)")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     if args.threads:
@@ -186,7 +186,7 @@ def main() -> None:
     }
     if args.device == "cuda":
         meta["gpu"] = torch.cuda.get_device_name()
-    out = Path(args.out or Path(__file__).parent / "results" / f"model_{args.device}.json")
+    out = Path(args.out or Path(__file__).parent / "out" / f"model_{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
