@@ -1,6 +1,7 @@
 """FSDP2 on 2 gloo processes: sharded gradients equal one process's; unsharded inference; cross-rank checks."""
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -9,9 +10,18 @@ import torch.nn.functional as F
 from _toys import ToyVLM, collate, make_dataset, run_distributed, token_ce_objective
 
 from engine.config import LoRAConfig, TrainConfig
-from engine.distributed import fsdp_modules, init_distributed, unsharded
-from engine.models import VLModel, from_pretrained, mrope_position_ids, tiny_config
+from engine.distributed import fsdp_modules, init_distributed, parallelize, unsharded
+from engine.models import (
+    VLModel,
+    create_tiny_checkpoint,
+    from_pretrained,
+    generate,
+    mrope_position_ids,
+    processor_from_pretrained,
+    tiny_config,
+)
 from engine.models.tiny import init_weights
+from engine.rl.packing import pack_sequences, target_logprobs
 from engine.train import IndexedBatchSource, ObjectiveOutput, Trainer, export_hf, mean_across_ranks
 from engine.train.lora import apply_lora
 
@@ -149,6 +159,53 @@ def _all_workers(env, out_dir):
 def test_fsdp2_sharded_gradients_equal_single_process(tmp_path):
     """Toy model (plain, activation-checkpointed + clipped, LoRA) and the real tiny VLModel, on 2 processes."""
     run_distributed(_all_workers, 2, tmp_path)
+
+
+def _pack_rollouts(rollouts, config):
+    """The rollouts packed with their sampled tokens as targets."""
+    return pack_sequences(
+        [r.input_ids for r in rollouts],
+        [r.completion_mask for r in rollouts],
+        config,
+        [r.pixel_values for r in rollouts],
+        [r.image_grid_thw for r in rollouts],
+    )
+
+
+def _generate_then_train_worker(env, out_dir):
+    """A freshly sharded model generates first (the vision tower runs before any root forward, no warm-up), then
+    trains on its rollouts through the packed objective, whose head weight is read after the forward: rollouts,
+    log-probs and gradients equal one process's, for a tied and an untied head."""
+    proc = processor_from_pretrained(create_tiny_checkpoint(out_dir / f"tiny-{env.rank}", seed=0))
+    gen = torch.Generator().manual_seed(3)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where?"}]}]
+    images = [torch.randint(0, 256, (56, 84, 3), dtype=torch.uint8, generator=gen) for _ in range(2)]
+    prompts = [proc.apply_chat_template(msgs, [im], add_generation_prompt=True) for im in images]
+    for tie in (True, False):
+        config = dataclasses.replace(tiny_config(), tie_word_embeddings=tie)
+        ref = VLModel(config)
+        init_weights(ref, seed=0)
+        model = parallelize(copy.deepcopy(ref), env.mesh)
+        with torch.no_grad(), unsharded(model):
+            rollouts = generate(model, proc, prompts[env.rank : env.rank + 1], 2, 5, temperature=0.0)
+        with torch.no_grad():
+            ref_rollouts = generate(ref, proc, prompts, 2, 5, temperature=0.0)
+        for r, want in zip(rollouts, ref_rollouts[2 * env.rank : 2 * env.rank + 2]):
+            assert torch.equal(r.input_ids, want.input_ids), (tie, r.text, want.text)
+        logp = target_logprobs(model, _pack_rollouts(rollouts, config))
+        ref_logp = [target_logprobs(ref, _pack_rollouts(ref_rollouts[k : k + 2], config)) for k in (0, 2)]
+        torch.testing.assert_close(logp, ref_logp[env.rank], rtol=1e-5, atol=1e-5)
+        (-logp.sum()).backward()  # FSDP2 averages the ranks' gradients
+        (-(ref_logp[0].sum() + ref_logp[1].sum()) / 2).backward()
+        ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+        for name, param in model.named_parameters():
+            got, want = param.grad.full_tensor(), ref_grads[name]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=lambda m, n=name, t=tie: f"{t} {n}: {m}")
+
+
+def test_fsdp2_generates_without_warmup_and_head_gradients_match(tmp_path):
+    """Generation straight after parallelize(), then the head weight used outside the forward, on 2 processes."""
+    run_distributed(_generate_then_train_worker, 2, tmp_path)
 
 
 @pytest.mark.gpu

@@ -14,7 +14,10 @@ Models without ``decoder_blocks()`` fall back to the first of ``model.layers``, 
 Each block becomes one FSDP2 unit (all-gathered just before its forward, resharded after it, its gradients
 reduce-scattered as soon as its backward finishes), so peak memory holds one block's full parameters plus the
 shards. The last decoder block and the root (embeddings, final norm, LM head) keep their parameters after forward:
-backward needs them first, and the GRPO / SFT losses multiply hidden states by the LM head *after* the forward.
+backward needs them first, and the GRPO / SFT losses multiply hidden states by ``model.lm_head_weight`` *after* the
+forward, so it is the gathered parameter there and its gradient reaches the shard through the root's post-backward.
+FSDP2's lazy initialisation runs in ``parallelize`` itself, so any unit may run first (generation calls the vision
+tower and the decoder blocks directly) without a warm-up forward through the root.
 Mixed precision: parameters live (sharded) in fp32 as the optimiser's master copy; on CUDA they are all-gathered in
 bf16 and gradients reduce-scattered in fp32; on CPU everything stays fp32. Activation checkpointing (optional)
 recomputes each block in backward instead of storing its activations; it uses the composable ``checkpoint`` so that
@@ -95,8 +98,9 @@ def parallelize(
     """Shard ``model`` in place with FSDP2 over the 1-D ``mesh``; returns it (now also an ``FSDPModule``).
 
     Trainable parameters must be fp32 (the optimiser's master copy); frozen ones (a LoRA base) may be bf16.
-    FSDP2 moves the parameters to the mesh's device. Call after LoRA injection / freezing, before building the
-    optimiser.
+    FSDP2 moves the parameters to the mesh's device. Call after LoRA injection / freezing, with real (not meta)
+    parameters, before building the optimiser; afterwards load weights in place (DCP does), never by swapping
+    parameter objects: FSDP2's lazy initialisation has already run.
     """
     if isinstance(model, FSDPModule):
         raise ValueError("parallelize: model is already sharded with FSDP2")
@@ -123,6 +127,10 @@ def parallelize(
             composable_checkpoint(block)
         _shard(block, mesh, policy, reshard_after_forward and i < len(blocks) - 1)
     _shard(model, mesh, policy, False)
+    # FSDP2 initialises lazily: the first unit to run forward becomes the root. Generation calls the vision tower
+    # and the blocks directly, so one of them would claim the root and the model's own forward would then fail.
+    # Initialise now, from the model, as its first forward would (private API: torch has no public one).
+    model._get_fsdp_state()._lazy_init()
     return model
 
 

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 
 from engine.data.schema import Record
 from engine.distributed import unsharded
@@ -30,7 +29,7 @@ from engine.models import ModelConfig, Processor
 from engine.rl.advantages import group_advantages
 from engine.rl.grpo import GRPOMicroBatch, RLConfig, reference_logprobs, rollout_logprobs
 from engine.rl.packing import pack_sequences
-from engine.rl.prompts import SIFPrompt, build_prompt
+from engine.rl.prompts import build_prompt
 from engine.rl.rewards import AnswerProgress, Judge, score_completions
 from engine.rl.rollout import RolloutBatch, generate_rollouts
 from engine.train.batch_source import IndexedBatchSource, StepContext
@@ -84,7 +83,6 @@ class GRPOBatchSource:
         self._cache: list[GRPOMicroBatch] = []
         self._cache_metrics: dict[str, float] = {}
         self._uses_left = 0
-        self._fsdp_ready = False
 
     @property
     def steps_per_epoch(self) -> int:
@@ -101,8 +99,6 @@ class GRPOBatchSource:
         generator = torch.Generator(device=ctx.device).manual_seed(
             (self.seed * 1_000_003 + ctx.step) * 65_537 + ctx.rank
         )
-        with ctx.timer("rollout"), torch.no_grad():
-            self._initialise_fsdp(ctx.model, prompts[0], ctx.device)
         with ctx.timer("rollout"), torch.no_grad(), unsharded(ctx.model):
             batch = generate_rollouts(ctx.model, self.processor, prompts, cfg, generator=generator)
         self.last_batch = batch
@@ -143,21 +139,6 @@ class GRPOBatchSource:
         ctx.metrics.update(metrics)
         self._cache, self._cache_metrics, self._uses_left = micro_batches, metrics, cfg.num_iterations - 1
         return micro_batches
-
-    def _initialise_fsdp(self, model: nn.Module, prompt: SIFPrompt, device: torch.device) -> None:
-        """Run one root forward before the first generation: FSDP2 initialises lazily from the root's first
-        forward, and generation calls submodules (the vision tower) directly, which would claim the root role."""
-        if self._fsdp_ready or not isinstance(model, FSDPModule):
-            return
-        packed = pack_sequences(
-            [prompt.inputs["input_ids"]],
-            [torch.zeros_like(prompt.inputs["input_ids"], dtype=torch.bool)],
-            self.model_config,
-            [prompt.inputs["pixel_values"]],
-            [prompt.inputs["image_grid_thw"]],
-        ).to(device)
-        model(packed.input_ids, packed.position_ids, packed.cu_seqlens, packed.pixel_values, packed.image_grid_thw)
-        self._fsdp_ready = True
 
     def _share_progress(self, record_ids: list[str]) -> None:
         """Make this step's answer-progress updates of every rank known to all ranks."""
