@@ -5,11 +5,8 @@ Both objectives (GRPO on sampled completion tokens, SFT on assistant tokens) tra
 restart per sequence) and records, for every scored token, the packed row whose hidden state predicts it (the
 previous position of the same sequence) and its slot in a left-aligned ``[B, L]`` layout (L = the most scored
 tokens of any sequence). Only those N rows of the hidden states are multiplied by the LM head, by the fused
-kernel ``kernels.linear_token_logprobs``: no [T, V] logits ever exist.
-
-Under FSDP2 the root module's parameters (the LM head / tied embedding) may be resharded when its forward returns;
-``lm_head_weight`` gathers them again (a no-op when they are still unsharded) so the head can be used after the
-forward, and the root's post-backward reduce-scatters its gradient as usual.
+kernel ``kernels.linear_token_logprobs``: no [T, V] logits ever exist. Under FSDP2, ``model.lm_head_weight``
+is still gathered after the forward (``engine.distributed.parallelize`` keeps the root unsharded).
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 
 from engine.models import ModelConfig, mrope_position_ids
 from kernels import linear_token_logprobs
@@ -131,13 +127,6 @@ def pack_sequences(
     )
 
 
-def lm_head_weight(model: nn.Module) -> torch.Tensor:
-    """The LM head [V, H], gathered if ``model`` is an FSDP2 root whose parameters were resharded."""
-    if isinstance(model, FSDPModule):
-        model.unshard()
-    return model.lm_head_weight
-
-
 def packed_hidden(model: nn.Module, packed: PackedBatch) -> torch.Tensor:
     """Hidden states [N, H] at the rows predicting the scored tokens (one packed forward; via ``__call__`` so
     FSDP2's hooks run)."""
@@ -151,5 +140,5 @@ def target_logprobs(
     """fp32 [N] log p(target | prefix) at ``temperature`` (and the entropy [N]), via the fused linear kernel."""
     hidden = packed_hidden(model, packed)
     return linear_token_logprobs(
-        hidden, lm_head_weight(model), packed.target_ids, temperature, return_entropy=return_entropy
+        hidden, model.lm_head_weight, packed.target_ids, temperature, return_entropy=return_entropy
     )

@@ -28,7 +28,7 @@ from engine.data.images import load_image
 from engine.data.schema import Record
 from engine.models import ModelConfig, Processor
 from engine.rl.focus import CropFocusHook
-from engine.rl.packing import PackedBatch, lm_head_weight, pack_sequences, packed_hidden
+from engine.rl.packing import PackedBatch, pack_sequences, packed_hidden
 from engine.rl.prompts import record_depth, sif_messages
 from engine.train.trainer import ObjectiveOutput
 
@@ -68,7 +68,7 @@ class SFTObjective:
 
     def __call__(self, model: nn.Module, packed: PackedBatch) -> ObjectiveOutput:
         hidden = packed_hidden(model, packed)
-        loss_sum = fused_linear_cross_entropy(hidden, lm_head_weight(model), packed.target_ids)
+        loss_sum = fused_linear_cross_entropy(hidden, model.lm_head_weight, packed.target_ids)
         return ObjectiveOutput(loss_sum, packed.num_targets, num_tokens=packed.num_tokens)
 
 
