@@ -187,6 +187,20 @@ def test_traces_nested_end_at_target_and_carry_box_depth(bundled):
                 assert abs(b.depth - _mean_depth(depth, b)) <= 5e-4 + 2 / 65535, rec.id
 
 
+def test_trace_texts_name_the_targets_and_conclude_with_the_answer(bundled):
+    """First step: the objects to find (two-object choices in option order, so it does not give the answer away);
+    last step: the conclusion holding the answer; the texts stay short (the tiny model pays a token per byte)."""
+    for rec in bundled["train"] + bundled["heldout"]:
+        first, last = rec.trace[0].text, rec.trace[-1].text
+        assert first.startswith("Find the "), rec.id
+        if rec.qtype in ("nearer_farther", "size_compare"):
+            assert first == f"Find {rec.options['A']} and {rec.options['B']}.", rec.id
+            assert last.startswith("A at depth ") and last.endswith(f": {rec.answer}."), rec.id
+        else:
+            assert rec.answer in last, rec.id
+        assert len(rec.response()) <= 700, rec.id
+
+
 def test_depth_files_agree(bundled):
     rec = bundled["heldout"][0]
     depth = load_depth(rec.depth)

@@ -190,83 +190,61 @@ def make_question(qtype: str, scene: Scene, rng: np.random.Generator) -> Questio
 
 
 class SceneTextWriter:
-    """Writes each trace step's text from the scene's ground truth (forward inference for synthetic data)."""
+    """Writes each trace step's text from the scene's ground truth (forward inference for synthetic data).
+
+    Texts are terse on purpose: the embedded byte-level model spends one token per character, so every step says
+    only what the next step needs: the objects to find (copied from the question), a correction after a
+    distractor, and a conclusion whose numbers (centres or depths of the final boxes, in question order) decide
+    the answer. About 400 bytes per trace, half of a sentence-style trace.
+    """
 
     def __init__(self, scene: Scene, q: Question):
         self.scene, self.q = scene, q
 
-    def _inside(self, region: tuple[float, ...]) -> list[SceneObject]:
-        out = []
-        for ob in self.scene.objects:
-            b = ob.box
-            iw = max(0.0, min(b[2], region[2]) - max(b[0], region[0]))
-            ih = max(0.0, min(b[3], region[3]) - max(b[1], region[1]))
-            if iw * ih >= 0.5 * (b[2] - b[0]) * (b[3] - b[1]):
-                out.append(ob)
-        return out
+    def _compared(self) -> dict[str, SceneObject]:
+        """Option letter -> object for the two-object choice questions (targets are [answer, other])."""
+        q = self.q
+        other = next(k for k in q.options if k != q.answer)
+        return dict(
+            sorted({q.answer: self.scene.objects[q.targets[0]], other: self.scene.objects[q.targets[1]]}.items())
+        )
 
-    def _names(self, obs: list[SceneObject]) -> str:
-        names = [_the(ob) for ob in obs]
-        if not names:
-            return "only the floor"
+    def _targets(self) -> str:
+        """The objects to find; for choice questions in option order, so the first step does not give the answer."""
+        if self.q.qtype in ("nearer_farther", "size_compare"):
+            names = [_the(ob) for ob in self._compared().values()]
+        else:
+            names = [_the(self.scene.objects[k]) for k in self.q.targets]
         return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
-    def _targets(self) -> list[SceneObject]:
-        return [self.scene.objects[k] for k in self.q.targets]
-
     def _conclusion(self) -> str:
-        q, t = self.q, self._targets()
+        q = self.q
+        t = [self.scene.objects[k] for k in q.targets]
         if q.qtype == "left_right":
             u = q.facts["u"]
-            return (
-                f"{_the(t[0]).capitalize()} is centred at x={u[0]:.2f} and {_the(t[1])} at x={u[1]:.2f}, "
-                f"so {_the(t[0])} is to the {q.answer}."
-            )
+            return f"x {u[0]:.2f} vs {u[1]:.2f}: {q.answer}."
         if q.qtype == "above_below":
             v = q.facts["v"]
-            return (
-                f"{_the(t[0]).capitalize()} is centred at y={v[0]:.2f} and {_the(t[1])} at y={v[1]:.2f}, "
-                f"so {_the(t[0])} is {q.answer} it in the image."
-            )
-        if q.qtype == "nearer_farther":
-            a, b = t
-            return (
-                f"{_the(a).capitalize()} has depth {a.visible_depth:.3f} and {_the(b)} {b.visible_depth:.3f}; "
-                f"the smaller depth is nearer, so {_the(a)} is nearer (option {q.answer})."
-            )
+            return f"y {v[0]:.2f} vs {v[1]:.2f}: {q.answer}."
+        if q.qtype in ("nearer_farther", "size_compare"):
+            (a, ob_a), (b, ob_b) = self._compared().items()
+            depths = f"{a} at depth {ob_a.visible_depth:.2f}, {b} at {ob_b.visible_depth:.2f}"
+            if q.qtype == "nearer_farther":
+                return f"{depths}; nearer: {q.answer}."
+            return f"{depths}; larger for its distance: {q.answer}."
         if q.qtype == "counting":
-            return f"Counting the {q.facts['attribute']} objects, I find {self._names(t)}: {q.answer} in total."
-        if q.qtype == "size_compare":
-            a, b = t
-            return (
-                f"{_the(a).capitalize()} is at depth {a.visible_depth:.3f} and {_the(b)} at "
-                f"{b.visible_depth:.3f}; correcting the apparent size for distance, {_the(a)} is larger in "
-                f"real size (option {q.answer})."
-            )
+            return f"{q.answer} found."
         if q.qtype == "attribute":
-            ob = t[0]
-            return f"Zooming in on the farthest {ob.shape} (depth {ob.visible_depth:.3f}), its color is {ob.color}."
+            return f"Farthest {t[0].shape}, depth {t[0].visible_depth:.2f}: {q.answer}."
         if q.qtype == "grounding":
-            return f"{_the(t[0]).capitalize()} lies in {_fmt_box(t[0].box)}, which is option {q.answer}."
-        return f"{_the(t[0]).capitalize()} occupies {_fmt_box(t[0].box)}."
+            return f"It is in box {q.answer}."
+        return f"Found at {q.answer}."
 
     def __call__(self, step: StepContext) -> str:
-        region = step.boxes[0][:4]
-        targets = self._names(self._targets())
-        depth = ", ".join(f"{b.depth:.3f}" for b in step.boxes)
         if step.kind == "full":
-            return (
-                f"The whole image shows {self._names(self.scene.objects)} on a tiled floor. "
-                f"To answer, I need to find {targets}."
-            )
+            return f"Find {self._targets()}."
         if step.kind == "distractor":
-            return (
-                f"This region (mean depth {depth}) shows {self._names(self._inside(region))}, "
-                f"not {targets}; I correct my focus."
-            )
+            return "Not here; refocus."
         if step.kind == "target":
             return self._conclusion()
-        inside = []
-        for b in step.boxes:
-            inside += [ob for ob in self._inside(b[:4]) if all(ob is not seen for seen in inside)]
-        return f"This region (mean depth {depth}) contains {self._names(inside)}; I narrow down to {targets}."
+        return "Closer."
