@@ -15,6 +15,7 @@ Outputs: ``runs/<run_name>/metrics.jsonl`` (``reward/format|answer|grounding|dep
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
 
@@ -24,7 +25,9 @@ from common import frozen_copy, hf_exporter, load_policy, load_split, resolve_ch
 from engine.config import DataConfig, LoRAConfig, ModelConfig, TrainConfig, load_config, to_dict
 from engine.distributed import DistEnv, init_distributed, parallelize
 from engine.rl.grpo import GRPOObjective, RLConfig
-from engine.rl.rewards import REWARD_TERMS, http_judge
+from engine.rl.probe import PROBE_KEYS, probe_rewards
+from engine.rl.prompts import build_prompt
+from engine.rl.rewards import http_judge
 from engine.rl.source import GRPOBatchSource
 from engine.train.sft import SFTViews
 from engine.train.trainer import Trainer, TrainResult
@@ -38,7 +41,11 @@ def _tiny_rl() -> RLConfig:
 
 @dataclass
 class GRPORecipeConfig:
-    """Defaults: the tiny embedded model on the bundled scenes, full fine-tuning, text focusing mode."""
+    """Defaults: the tiny embedded model on the bundled scenes, full fine-tuning, text focusing mode.
+
+    summary_window: steps in the printed first-vs-last means of the logged rewards. probe_prompts: the first N
+    training prompts are scored before and after GRPO with fixed seeds (``engine.rl.probe``; 0: no probe).
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(max_seq_len=4096, max_pixels=224 * 224))
@@ -57,6 +64,7 @@ class GRPORecipeConfig:
     )
     sft: sft_sif.SFTRecipeConfig = field(default_factory=sft_sif.SFTRecipeConfig)
     summary_window: int = 10
+    probe_prompts: int = 32
 
 
 def main(argv: list[str] | None = None) -> TrainResult:
@@ -93,6 +101,9 @@ def run(cfg: GRPORecipeConfig, env: DistEnv) -> TrainResult:
         reference=reference,
         judge=http_judge(cfg.rl.judge_url) if cfg.rl.judge_url else None,
     )
+    probe = [build_prompt(r, processor, with_depth=cfg.rl.depth_in_prompt) for r in records[: cfg.probe_prompts]]
+    probe_kwargs = dict(seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, judge=source.judge)
+    before = probe_rewards(model, processor, probe, cfg.rl, **probe_kwargs) if probe else None
     trainer = Trainer(
         model,
         GRPOObjective(cfg.rl),
@@ -104,17 +115,27 @@ def run(cfg: GRPORecipeConfig, env: DistEnv) -> TrainResult:
         export_fn=hf_exporter(model.config, processor),
     )
     result = trainer.fit()
+    after = probe_rewards(model, processor, probe, cfg.rl, **probe_kwargs) if probe else None
     if env.is_main:
-        keys = [f"reward/{k}" for k in (*REWARD_TERMS, "total", "accuracy")]
-        first, last = window_means(trainer.metrics_log.path, keys, cfg.summary_window)
+        first, last = window_means(trainer.metrics_log.path, PROBE_KEYS, cfg.summary_window)
         w = cfg.summary_window
         print(f"[grpo] {result.step} steps ({cfg.rl.focus_mode} mode); reward means, first {w} vs last {w} steps:")
-        for k in keys:
-            print(f"  {k:<18} {first[k]:7.3f} -> {last[k]:7.3f}")
-        ag_first = first["reward/answer"] + first["reward/grounding"]
-        ag_last = last["reward/answer"] + last["reward/grounding"]
-        print(f"  {'answer+grounding':<18} {ag_first:7.3f} -> {ag_last:7.3f}", flush=True)
+        _print_change(first, last)
+        if before is not None and after is not None:
+            n, g = len(probe), cfg.rl.num_generations
+            print(f"[grpo] probe, the same {n} training prompts x {g} samples with fixed seeds, before vs after:")
+            _print_change(before, after)
+            probe_file = trainer.run_dir / "probe.json"
+            probe_file.write_text(json.dumps({"prompts": n, "samples": g, "before": before, "after": after}) + "\n")
     return result
+
+
+def _print_change(start: dict[str, float], end: dict[str, float]) -> None:
+    for k in PROBE_KEYS:
+        print(f"  {k:<18} {start[k]:7.3f} -> {end[k]:7.3f}")
+    ag_start = start["reward/answer"] + start["reward/grounding"]
+    ag_end = end["reward/answer"] + end["reward/grounding"]
+    print(f"  {'answer+grounding':<18} {ag_start:7.3f} -> {ag_end:7.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def test_grpo_recipe_runs_sft_then_grpo_and_logs_rewards(recipes, tmp_path: Path
         "--data.limit", "4",
         "--sft.train.output_dir", out, "--sft.train.max_steps", "2", "--sft.train.micro_batch_size", "1",
         "--sft.data.limit", "2", "--sft.train.progress_bar", "false", "--sft.train.plot", "false",
-        "--summary_window", "1",
+        "--summary_window", "1", "--probe_prompts", "2",
     ]  # fmt: skip
     result = grpo_sif.main(argv)
     assert result.step == 2
@@ -48,6 +48,11 @@ def test_grpo_recipe_runs_sft_then_grpo_and_logs_rewards(recipes, tmp_path: Path
     assert (tmp_path / "runs/grpo-tiny/hf/model.safetensors").is_file()
     printed = capsys.readouterr().out
     assert "[sft] 2 steps" in printed and "reward/total" in printed
+    probe = json.loads((tmp_path / "runs/grpo-tiny/probe.json").read_text())
+    assert (probe["prompts"], probe["samples"]) == (2, 2)
+    for when in ("before", "after"):
+        assert 0.0 <= probe[when]["reward/format"] <= 1.0 and "reward/accuracy" in probe[when]
+    assert "probe, the same 2 training prompts x 2 samples" in printed
 
     summary = eval_sif.main(
         ["--model.path", str(result.export_dir), "--data.limit", "2", "--eval.max_new_tokens", "8",

@@ -209,7 +209,8 @@ def test_total_is_the_weighted_sum_and_metrics_are_named() -> None:
     assert out.terms["format"].tolist() == [1.0, 0.0]
     assert out.terms["grounding"].tolist() == [1.0, 0.0]
     assert out.total.tolist() == pytest.approx([2 + 1 + 1 + 0.5, 1.0])
-    assert set(out.metrics()) == {"reward/format", "reward/answer", "reward/grounding", "reward/depth", "reward/total"}
+    names = ("format", "answer", "grounding", "depth", "total", "accuracy")
+    assert set(out.metrics()) == {f"reward/{k}" for k in names}
     assert out.metrics()["reward/total"] == pytest.approx((4.5 + 1.0) / 2)
 
 

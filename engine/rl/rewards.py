@@ -234,11 +234,16 @@ class RewardBatch:
     parsed: list[ParsedResponse]
     answer_scores: torch.Tensor
 
-    def metrics(self) -> dict[str, float]:
-        """Batch means as ``reward/<term>`` and ``reward/total``."""
-        out = {f"reward/{k}": float(v.mean()) for k, v in self.terms.items()}
-        out["reward/total"] = float(self.total.mean())
+    def per_sample(self) -> dict[str, torch.Tensor]:
+        """``reward/<term>``, ``reward/total`` and ``reward/accuracy`` (the answer score s, no progress), each [N]."""
+        out = {f"reward/{k}": v for k, v in self.terms.items()}
+        out["reward/total"] = self.total
+        out["reward/accuracy"] = self.answer_scores
         return out
+
+    def metrics(self) -> dict[str, float]:
+        """Batch means of ``per_sample()``."""
+        return {k: float(v.float().mean()) for k, v in self.per_sample().items()}
 
 
 def score_completions(

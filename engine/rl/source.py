@@ -133,7 +133,6 @@ class GRPOBatchSource:
                     mb.old_logp = rollout_logprobs(ctx.model, packed, cfg.temperature)
                 micro_batches.append(mb)
         metrics = rewards.metrics()
-        metrics["reward/accuracy"] = float(rewards.answer_scores.mean())
         metrics["reward/group_std"] = float(rewards.total.view(-1, cfg.num_generations).std(dim=1).mean())
         metrics.update(batch.metrics())
         ctx.metrics.update(metrics)
