@@ -11,7 +11,7 @@ from test_sft import _record
 
 from engine.models import ImageConfig, Processor, Tokenizer, VLModel
 from engine.models.tiny import init_weights
-from engine.models.tokenizer import build_byte_tokenizer
+from engine.models.tokenizer import build_bpe_tokenizer, build_byte_tokenizer
 from engine.rl.advantages import group_advantages
 from engine.rl.grpo import GRPOMicroBatch, GRPOObjective, RLConfig
 from engine.rl.packing import pack_sequences
@@ -79,3 +79,30 @@ def test_scripted_rollout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode:
     out.loss_sum.backward()
     assert torch.isfinite(out.loss_sum)
     assert model.model.embed_tokens.weight.grad is not None
+
+
+def test_crop_hook_fires_when_a_bpe_token_runs_past_the_area_tag(tmp_path: Path, monkeypatch) -> None:
+    """A vocabulary where ``><`` is one token (as in Qwen's): ``</area>`` is completed mid-token, and the hook still
+    crops that area once, reading the text only up to the tag."""
+    tok = Tokenizer(build_bpe_tokenizer([SCRIPT] * 20, vocab_size=300))
+    script = tok.encode(SCRIPT)
+    assert "><" in [tok.decode([t]) for t in script]
+    cfg = micro_config(tok)
+    model = VLModel(cfg)
+    init_weights(model, seed=0)
+    processor = Processor(tok, ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56))
+    step = iter(range(10_000))
+
+    def scripted(logits, temperature, top_p, generator, banned=()):  # both samples write SCRIPT
+        token = script[next(step)]
+        return torch.full((logits.shape[0],), token, dtype=torch.long), torch.zeros(logits.shape[0])
+
+    monkeypatch.setattr(gen_module, "sample_tokens", scripted)
+    rl = RLConfig(num_generations=2, max_completion_length=200, focus_mode="crop", crop_size=56, beta=0.0)
+    prompts = [build_prompt(_record(tmp_path, 0), processor, with_depth=rl.depth_in_prompt)]
+    batch = generate_rollouts(model, processor, prompts, rl)
+    assert batch.texts == [SCRIPT, SCRIPT]
+    assert [r.num_focus_steps for r in batch.rollouts] == [1, 1]
+    assert batch.num_views == 2 and all(  # prompt RGB + depth, then the box's RGB + depth crops
+        r.image_grid_thw.shape[0] == 2 + 2 for r in batch.rollouts
+    )

@@ -1,12 +1,13 @@
 """Batched sampling with a KV cache, and interleaved images spliced into a sample mid-generation.
 
 Each prompt is prefilled once (packed, varlen attention) and its cache rows copied to its G samples. Every step
-then appends one chunk per live sample: normally the token just sampled, but for a sample whose text has just
-ended with ``focus_trigger`` the chunk is that token followed by ``<|vision_start|> <|image_pad|>*n
-<|vision_end|>`` for each image the focus hook returned. The images of all such samples are preprocessed and
-encoded by the vision tower in one batch; the pads' embeddings are replaced by the vision features, the chunk's
-M-RoPE ids continue the sample's own position counter, and its K/V land in the sample's cache row. The result is
-exactly the sequence a full forward over the spliced tokens would see (the tests prove it logit for logit).
+then appends one chunk per live sample: normally the token just sampled, but for a sample whose newest token
+completed ``focus_trigger`` (it may run past it: a BPE token such as ``><``) the chunk is that token followed by
+``<|vision_start|> <|image_pad|>*n <|vision_end|>`` for each image the focus hook returned. The images of all
+such samples are preprocessed and encoded by the vision tower in one batch; the pads' embeddings are replaced by
+the vision features, the chunk's M-RoPE ids continue the sample's own position counter, and its K/V land in the
+sample's cache row. The result is exactly the sequence a full forward over the spliced tokens would see (the
+tests prove it logit for logit).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .rope import mrope_position_ids
 
 @dataclass
 class FocusRequest:
-    """A sample whose completion text just ended with the focus trigger."""
+    """A sample whose newest token completed the focus trigger."""
 
     prompt_index: int
     sample_index: int
@@ -172,9 +173,13 @@ def generate(
             elif s.new_tokens >= max_new_tokens:
                 s.done = True
             elif (
-                focus_hook is not None and s.focus_steps < max_focus_steps and piece and s.text.endswith(focus_trigger)
+                focus_hook is not None
+                and s.focus_steps < max_focus_steps
+                and piece
+                and focus_trigger in s.text[-(len(focus_trigger) + len(piece) - 1) :]  # a BPE token may run past it
             ):
-                requests.append((r, FocusRequest(s.prompt_index, s.sample_index, s.text)))
+                upto = s.text.rindex(focus_trigger) + len(focus_trigger)  # the hook reads the text up to the trigger
+                requests.append((r, FocusRequest(s.prompt_index, s.sample_index, s.text[:upto])))
         spliced = _run_focus_hook(model, processor, focus_hook, requests, samples, device) if requests else {}
         rows = torch.tensor([r for r in rows.tolist() if not samples[r].done])
         if len(rows) == 0:

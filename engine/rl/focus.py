@@ -1,6 +1,6 @@
 """The crop-mode focus hook: after each ``</area>``, crop the named boxes and hand them back as new views.
 
-``engine.models.generate`` calls the hook with every sample whose text just ended with ``</area>`` (one call per
+``engine.models.generate`` calls the hook with every sample whose newest token completed ``</area>`` (one call per
 decode step, batched over the whole rollout batch). The hook parses the boxes of that last area
 (``sif_format.last_area_boxes``), crops RGB (and depth, when depth views are on) for *all* requesting samples in
 ONE ``engine.ops.crop_boxes`` call, and returns, per request, the list of images to splice in:
