@@ -39,6 +39,7 @@ def test_tiny_is_deterministic_and_small(tmp_path, tiny):
     assert 1_000_000 < n < 10_000_000
     for name in ("config.json", "tokenizer.json", "preprocessor_config.json"):
         assert (tiny / name).is_file()
+    assert (tiny / "tokenizer.json").read_bytes() == (again / "tokenizer.json").read_bytes()  # BPE training repeats
 
 
 def test_round_trip_sharded_and_dtype(tmp_path, tiny):

@@ -1,4 +1,4 @@
-"""Image preprocessing against transformers' Qwen2-VL (PIL) image processor, and the chat template."""
+"""Image preprocessing against transformers' Qwen2-VL (PIL) image processor, the chat template, vocabularies."""
 
 import math
 
@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from engine.data import bundled_dataset_dir
+from engine.data.schema import load_records
+from engine.data.sif_format import SIF_INSTRUCTION
 from engine.models import ImageConfig, Processor, Tokenizer, smart_resize
+from engine.models.tiny import TINY_VOCAB_SIZE, tiny_tokenizer
 from engine.models.tokenizer import build_byte_tokenizer
 
 TOK = Tokenizer(build_byte_tokenizer())
@@ -101,3 +105,18 @@ def test_byte_tokenizer_round_trip():
     assert len(TOK) == 278 and max(ids) < 256 and len(ids) == len(text.encode())
     assert TOK.decode(ids) == text
     assert TOK.encode("<|im_end|>") == [TOK.im_end_id]
+
+
+def test_tiny_bpe_vocabulary_round_trips_and_shortens_sif_text():
+    """The embedded BPE: any text (unseen bytes too) round-trips, digits stay single tokens as in Qwen's vocabulary,
+    special tokens keep one id, and a bundled prompt text and trace take far fewer tokens than bytes."""
+    tok = tiny_tokenizer()
+    text = 'Depth: <area>[{"bbox_2d":[0.1,0.2,0.5,0.9],"depth":0.25}]</area> é 深 1234'
+    assert tok.decode(tok.encode(text)) == text
+    assert [tok.decode([i]) for i in tok.encode("1234")] == ["1", "2", "3", "4"]
+    assert tok.encode("<|im_end|>") == [tok.im_end_id] and tok.encode("<|image_pad|>") == [tok.image_pad_id]
+    records, _ = load_records(bundled_dataset_dir("train") / "records.jsonl", check_files="none")
+    prompt, response = records[0].question + SIF_INSTRUCTION, records[0].response()
+    assert len(tok.encode(prompt)) <= 0.3 * len(prompt.encode())
+    assert len(tok.encode(response)) <= 0.55 * len(response.encode())
+    assert 256 < len(tok) <= TINY_VOCAB_SIZE + 22

@@ -1,8 +1,11 @@
-"""The embedded default: a tiny (~3M-parameter) Qwen2.5-VL-shaped model with a byte-level vocabulary.
+"""The embedded default: a tiny (~3M-parameter) Qwen2.5-VL-shaped model with a small BPE vocabulary.
 
 Sized for CPU training on the bundled synthetic data: 224×224 images become 16×16 patches → 64 image tokens
-(max_pixels = 224², so such images are not resized). Weights are drawn from a seeded generator, so the same seed
-gives byte-identical checkpoints. Nothing is downloaded.
+(max_pixels = 224², so such images are not resized). The vocabulary is a 512-entry byte-level BPE with Qwen2's
+pre-tokenisation, trained on the bundled training split's prompts and traces: SIF prompts and traces take about
+2.3× fewer tokens than bytes (digits stay one token each, as in Qwen's vocabulary), which halves the cost of a step
+and brings the question within ~100 tokens of the answer. Weights are drawn from a seeded generator and the BPE
+training is deterministic, so the same seed gives byte-identical checkpoints. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -15,15 +18,30 @@ from torch import nn
 from .config import ModelConfig, TextConfig, VisionConfig
 from .loading import save_pretrained
 from .model import VLModel
-from .processor import ImageConfig, Processor
-from .tokenizer import ENDOFTEXT, IM_END, IMAGE_PAD, VISION_END, VISION_START, Tokenizer, build_byte_tokenizer
+from .processor import DEFAULT_SYSTEM, ImageConfig, Processor
+from .tokenizer import ENDOFTEXT, IM_END, IMAGE_PAD, VISION_END, VISION_START, Tokenizer, build_bpe_tokenizer
 
 TINY_MAX_PIXELS = 224 * 224
+TINY_VOCAB_SIZE = 512
+
+
+def tiny_tokenizer() -> Tokenizer:
+    """The embedded vocabulary: BPE trained on the bundled training split's SIF prompts, traces and chat roles."""
+    from engine.data import bundled_dataset_dir
+    from engine.data.schema import load_records
+    from engine.data.sif_format import SIF_INSTRUCTION
+
+    records, _ = load_records(bundled_dataset_dir("train") / "records.jsonl", check_files="none")
+    corpus = [f"system\n{DEFAULT_SYSTEM}", "user\n", "assistant\n"]
+    for r in records:
+        corpus += [r.question + SIF_INSTRUCTION, r.response()]
+    return Tokenizer(build_bpe_tokenizer(corpus, TINY_VOCAB_SIZE), "tiny BPE")
 
 
 def tiny_config(tokenizer: Tokenizer | None = None) -> ModelConfig:
-    """Config of the embedded default model; special-token ids come from the byte-level tokenizer."""
-    tok = tokenizer or Tokenizer(build_byte_tokenizer())
+    """Config of the embedded default model; vocabulary size and special-token ids come from ``tokenizer``
+    (default: :func:`tiny_tokenizer`)."""
+    tok = tokenizer or tiny_tokenizer()
     text = TextConfig(
         vocab_size=len(tok),
         hidden_size=192,
@@ -77,7 +95,7 @@ def create_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
     """Write config.json, model.safetensors, tokenizer.json and preprocessor_config.json of the tiny model."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(build_byte_tokenizer())
+    tok = tiny_tokenizer()
     model = VLModel(tiny_config(tok))
     init_weights(model, seed)
     save_pretrained(model, path)

@@ -1,14 +1,18 @@
-"""Tokenisation with the ``tokenizers`` package, Qwen special tokens, and the tiny byte-level vocabulary.
+"""Tokenisation with the ``tokenizers`` package, Qwen special tokens, and small vocabularies for tiny models.
 
-:class:`Tokenizer` wraps a ``tokenizer.json`` (a real Qwen2.5-VL one or the tiny one built by
-:func:`build_byte_tokenizer`) and resolves the special tokens the model and the chat template need.
+:class:`Tokenizer` wraps a ``tokenizer.json`` (a real Qwen2.5-VL one, or one built here) and resolves the special
+tokens the model and the chat template need. :func:`build_byte_tokenizer` is the 256-byte vocabulary (unit tests
+script byte by byte); :func:`build_bpe_tokenizer` trains a byte-level BPE with Qwen2's pre-tokenisation (words
+with their leading space or punctuation, digits one by one, punctuation runs) on a corpus, as the embedded model's
+vocabulary is made.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
@@ -60,6 +64,31 @@ def build_byte_tokenizer() -> HFTokenizer:
     tok = HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
+    tok.add_tokens([AddedToken(text, special=special, normalized=False) for text, special in QWEN_SPECIAL_TOKENS])
+    return tok
+
+
+QWEN2_PRETOKENIZE_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+"""The split Qwen2/2.5's tokenizer.json applies before byte-level BPE."""
+
+
+def build_bpe_tokenizer(corpus: Iterable[str], vocab_size: int) -> HFTokenizer:
+    """Byte-level BPE trained on ``corpus`` (all 256 bytes always in the vocabulary, so any text encodes), Qwen2
+    pre-tokenisation, then the Qwen special tokens. Deterministic for a given corpus and size."""
+    tok = HFTokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(corpus, trainer)
     tok.add_tokens([AddedToken(text, special=special, normalized=False) for text, special in QWEN_SPECIAL_TOKENS])
     return tok
 
