@@ -24,6 +24,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.60",
     "matplotlib>=3.8",
     "pybind11>=2.12",
+    "scipy>=1.11",
 ]
 
 EXTRAS_REQUIRE = {
@@ -32,7 +33,6 @@ EXTRAS_REQUIRE = {
         "hypothesis>=6.100",
         "ruff>=0.6",
         "transformers>=4.50",
-        "scipy>=1.11",
         "cmake>=3.25",
     ],
     "gpu": ["ninja"],

@@ -192,10 +192,10 @@ def make_question(qtype: str, scene: Scene, rng: np.random.Generator) -> Questio
 class SceneTextWriter:
     """Writes each trace step's text from the scene's ground truth (forward inference for synthetic data).
 
-    Texts are terse on purpose: the embedded byte-level model spends one token per character, so every step says
+    Texts are terse on purpose: the embedded model has 3 M parameters and a few minutes of CPU, so every step says
     only what the next step needs: the objects to find (copied from the question), a correction after a
     distractor, and a conclusion whose numbers (centres or depths of the final boxes, in question order) decide
-    the answer. About 400 bytes per trace, half of a sentence-style trace.
+    the answer. About 430 bytes (~210 tiny-BPE tokens) per trace, half of a sentence-style trace.
     """
 
     def __init__(self, scene: Scene, q: Question):
