@@ -75,14 +75,14 @@ def image_tokens(grid):
     return [VS] + [IMG] * (int(grid.prod()) // 4) + [VE]
 
 
-def hf_logits(hf, ids, mask=None, pv=None, grid=None):
+def hf_logits(hf, ids, mask=None, pv=None, grid=None, image_token_id=IMG):
     with torch.no_grad():
         return hf(
             input_ids=ids,
             attention_mask=mask,
             pixel_values=pv,
             image_grid_thw=grid,
-            mm_token_type_ids=(ids == IMG).int(),
+            mm_token_type_ids=(ids == image_token_id).int(),
         ).logits
 
 
@@ -161,12 +161,15 @@ def test_tied_tiny_checkpoint_loads_in_hf(tmp_path):
     ours = from_pretrained(path)
     hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()
     assert ours.lm_head_weight.data_ptr() == ours.model.embed_tokens.weight.data_ptr()
+    tok = Tokenizer.from_file(path)  # the tiny BPE: its special-token ids are not the byte vocabulary's
     grid = torch.tensor([[1, 8, 8]])
     pv = torch.randn(64, 1176, generator=torch.Generator().manual_seed(4))
-    ids = torch.tensor([[TOK.im_start_id, 10, 11] + image_tokens(grid) + [12, 13]])
+    vision = [tok.vision_start_id] + [tok.image_pad_id] * (int(grid.prod()) // 4) + [tok.vision_end_id]
+    ids = torch.tensor([[tok.im_start_id, 10, 11] + vision + [12, 13]])
     with torch.no_grad():
         got = ours.logits(ids, pixel_values=pv, image_grid_thw=grid)
-    torch.testing.assert_close(got, hf_logits(hf, ids, pv=pv, grid=grid), atol=ATOL, rtol=0)
+    ref = hf_logits(hf, ids, pv=pv, grid=grid, image_token_id=tok.image_pad_id)
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
 
 
 def test_greedy_generation_matches_hf(pair):
