@@ -21,7 +21,7 @@ from engine.models import (
     tiny_config,
 )
 from engine.models.tiny import init_weights
-from engine.rl.packing import pack_sequences, target_logprobs
+from engine.rl.packing import pack_rollouts, target_logprobs
 from engine.train import IndexedBatchSource, ObjectiveOutput, Trainer, export_hf, mean_across_ranks
 from engine.train.lora import apply_lora
 
@@ -161,17 +161,6 @@ def test_fsdp2_sharded_gradients_equal_single_process(tmp_path):
     run_distributed(_all_workers, 2, tmp_path)
 
 
-def _pack_rollouts(rollouts, config):
-    """The rollouts packed with their sampled tokens as targets."""
-    return pack_sequences(
-        [r.input_ids for r in rollouts],
-        [r.completion_mask for r in rollouts],
-        config,
-        [r.pixel_values for r in rollouts],
-        [r.image_grid_thw for r in rollouts],
-    )
-
-
 def _generate_then_train_worker(env, out_dir):
     """A freshly sharded model generates first (the vision tower runs before any root forward, no warm-up), then
     trains on its rollouts through the packed objective, whose head weight is read after the forward: rollouts,
@@ -192,8 +181,8 @@ def _generate_then_train_worker(env, out_dir):
             ref_rollouts = generate(ref, proc, prompts, 2, 5, temperature=0.0)
         for r, want in zip(rollouts, ref_rollouts[2 * env.rank : 2 * env.rank + 2]):
             assert torch.equal(r.input_ids, want.input_ids), (tie, r.text, want.text)
-        logp = target_logprobs(model, _pack_rollouts(rollouts, config))
-        ref_logp = [target_logprobs(ref, _pack_rollouts(ref_rollouts[k : k + 2], config)) for k in (0, 2)]
+        logp = target_logprobs(model, pack_rollouts(rollouts, config))
+        ref_logp = [target_logprobs(ref, pack_rollouts(ref_rollouts[k : k + 2], config)) for k in (0, 2)]
         torch.testing.assert_close(logp, ref_logp[env.rank], rtol=1e-5, atol=1e-5)
         (-logp.sum()).backward()  # FSDP2 averages the ranks' gradients
         (-(ref_logp[0].sum() + ref_logp[1].sum()) / 2).backward()

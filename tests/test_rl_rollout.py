@@ -14,7 +14,7 @@ from engine.models.tiny import init_weights
 from engine.models.tokenizer import build_bpe_tokenizer, build_byte_tokenizer
 from engine.rl.advantages import group_advantages
 from engine.rl.grpo import GRPOMicroBatch, GRPOObjective, RLConfig
-from engine.rl.packing import pack_sequences
+from engine.rl.packing import pack_rollouts
 from engine.rl.prompts import build_prompt
 from engine.rl.rewards import score_completions
 from engine.rl.rollout import generate_rollouts
@@ -67,13 +67,7 @@ def test_scripted_rollout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode:
     assert rewards.terms["answer"].tolist() == [1.0, 1.0]
     assert rewards.terms["grounding"].tolist() == [1.0, 1.0]  # the scripted box is the record's gt box
 
-    packed = pack_sequences(
-        [r.input_ids for r in batch.rollouts],
-        [r.completion_mask for r in batch.rollouts],
-        cfg,
-        [r.pixel_values for r in batch.rollouts],
-        [r.image_grid_thw for r in batch.rollouts],
-    )
+    packed = pack_rollouts(batch.rollouts, cfg)
     adv = group_advantages(torch.tensor([1.0, 0.0]), 2)
     out = GRPOObjective(rl)(model, GRPOMicroBatch(packed, adv))
     out.loss_sum.backward()

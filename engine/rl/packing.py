@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.models import ModelConfig, mrope_position_ids
+from engine.models.generate import Rollout
 from kernels import linear_token_logprobs
 
 
@@ -124,6 +125,17 @@ def pack_sequences(
         seq_index=torch.cat(seqs),
         slot=torch.cat(slots),
         mask=mask_bl,
+    )
+
+
+def pack_rollouts(rollouts: Sequence[Rollout], config: ModelConfig) -> PackedBatch:
+    """Pack rollouts with their sampled (completion) tokens as targets; spliced view tokens are never scored."""
+    return pack_sequences(
+        [r.input_ids for r in rollouts],
+        [r.completion_mask for r in rollouts],
+        config,
+        [r.pixel_values for r in rollouts],
+        [r.image_grid_thw for r in rollouts],
     )
 
 

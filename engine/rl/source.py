@@ -28,7 +28,7 @@ from engine.distributed import unsharded
 from engine.models import ModelConfig, Processor
 from engine.rl.advantages import group_advantages
 from engine.rl.grpo import GRPOMicroBatch, RLConfig, reference_logprobs, rollout_logprobs
-from engine.rl.packing import pack_sequences
+from engine.rl.packing import pack_rollouts
 from engine.rl.prompts import build_prompt
 from engine.rl.rewards import AnswerProgress, Judge, score_completions
 from engine.rl.rollout import RolloutBatch, generate_rollouts
@@ -118,14 +118,7 @@ class GRPOBatchSource:
         per = len(groups[0]) * cfg.num_generations
         with ctx.timer("reference"):
             for k in range(len(groups)):
-                part = batch.rollouts[k * per : (k + 1) * per]
-                packed = pack_sequences(
-                    [r.input_ids for r in part],
-                    [r.completion_mask for r in part],
-                    self.model_config,
-                    [r.pixel_values for r in part],
-                    [r.image_grid_thw for r in part],
-                ).to(ctx.device)
+                packed = pack_rollouts(batch.rollouts[k * per : (k + 1) * per], self.model_config).to(ctx.device)
                 mb = GRPOMicroBatch(packed, advantages[k * per : (k + 1) * per].to(ctx.device))
                 if cfg.beta != 0.0:
                     mb.ref_logp = reference_logprobs(ctx.model, packed, cfg.temperature, self.reference)
