@@ -34,11 +34,11 @@ def test_probe_of_scripted_policy_scores_every_term(tmp_path: Path, monkeypatch:
     """Every sample writes SCRIPT (right answer, the gt box): format, answer and grounding are 1 for all 3 x 2."""
     tok, model, processor, prompts = _setup(tmp_path, 3)
     script = tok.encode(SCRIPT)
-    position: dict[int, int] = {}
+    position: dict[torch.Generator, int] = {}  # keyed by the object: ids of freed generators get reused
 
     def scripted(logits, temperature, top_p, generator, banned=()):
-        step = position.setdefault(id(generator), 0)  # each generate call (own generator) restarts the script
-        position[id(generator)] = step + 1
+        step = position.setdefault(generator, 0)  # each generate call (own generator) restarts the script
+        position[generator] = step + 1
         tokens = torch.full((logits.shape[0],), script[step], dtype=torch.long)
         return tokens, torch.log_softmax(logits.float(), -1)[:, script[step]]
 
@@ -58,13 +58,13 @@ def test_probe_repeats_exactly_and_matches_the_rewards(tmp_path: Path, monkeypat
     equal the rewards of rollouts generated with the probe's documented per-chunk seeds."""
     tok, model, processor, prompts = _setup(tmp_path, 2)
     scripts = torch.tensor([tok.encode(SCRIPT), tok.encode(SCRIPT.replace(">A<", ">B<"))])
-    state: dict[int, tuple[int, torch.Tensor]] = {}
+    state: dict[torch.Generator, tuple[int, torch.Tensor]] = {}
 
     def coin_flip(logits, temperature, top_p, generator, banned=()):
-        step, choice = state.get(id(generator), (0, None))
+        step, choice = state.get(generator, (0, None))
         if choice is None:
             choice = (torch.rand(logits.shape[0], generator=generator) < 0.5).long()
-        state[id(generator)] = (step + 1, choice)
+        state[generator] = (step + 1, choice)
         tokens = scripts[choice, step]
         return tokens, torch.log_softmax(logits.float(), -1).gather(1, tokens[:, None])[:, 0]
 
