@@ -9,6 +9,7 @@ that the extension builds against the torch already installed.
 
 import glob
 import os
+import shutil
 
 from setuptools import find_packages, setup
 
@@ -73,7 +74,9 @@ def _build_ext_cmdclass() -> dict:
         return {"ext_modules": [], "cmdclass": {}}
     from torch.utils.cpp_extension import BuildExtension
 
-    return {"ext_modules": ext, "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=False)}}
+    # ninja compiles the sources in parallel where it is installed (the "gpu" extra); plain setuptools otherwise.
+    use_ninja = shutil.which("ninja") is not None
+    return {"ext_modules": ext, "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=use_ninja)}}
 
 
 setup(

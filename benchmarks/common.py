@@ -1,4 +1,5 @@
-"""Small shared helpers for the benchmarks: timing, peak memory, environment stamp, markdown table, JSON output.
+"""Small shared helpers for the benchmarks: timing, peak memory, environment stamp, markdown table, JSON output,
+and the 0.5B-class model shape with a random checkpoint of it.
 
 Peak memory on CUDA comes from the caching allocator's counters; on CPU from the peak RSS (VmHWM) of a fresh
 subprocess per measurement (``measure_in_subprocess``), so one measurement's high-water mark cannot leak into
@@ -19,6 +20,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from engine.models import ModelConfig, TextConfig, VisionConfig, VLModel, save_pretrained
+from engine.models.processor import ImageConfig, Processor
+from engine.models.tiny import TINY_MAX_PIXELS, init_weights, tiny_config, tiny_tokenizer
 
 MIB = 1024.0 * 1024.0
 
@@ -116,3 +121,47 @@ def write_json(path: str | Path, payload: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def config_05b() -> ModelConfig:
+    """Qwen2.5-0.5B decoder (tied, vocab 151936) + a 4-block ViT of Qwen2.5-VL width (1280)."""
+    text = TextConfig(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        mrope_section=[8, 12, 12],
+    )
+    vision = VisionConfig(depth=4, out_hidden_size=896, fullatt_block_indexes=[3])
+    return ModelConfig(text=text, vision=vision, tie_word_embeddings=True)
+
+
+def write_random_checkpoint(path: str | Path, size: str, seed: int = 0) -> Path:
+    """A checkpoint folder with random weights of ``size`` ("tiny" or "0.5b") and the tiny tokenizer/processor.
+
+    The 0.5B-class model keeps Qwen's 151936-row vocabulary (so the head and loss cost what they cost at scale)
+    and takes its special-token ids from the tiny tokenizer; ids the tokenizer does not know decode to nothing.
+    Written once: an existing config.json is reused.
+    """
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    tok = tiny_tokenizer()
+    cfg = tiny_config(tok)
+    if size == "0.5b":
+        special = {k: getattr(cfg, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                                 "vision_end_token_id", "bos_token_id", "eos_token_id")}  # fmt: skip
+        cfg = config_05b()
+        for key, value in special.items():
+            setattr(cfg, key, value)
+    elif size != "tiny":
+        raise ValueError(f"size {size!r}: expected 'tiny' or '0.5b'")
+    with torch.device("meta"):
+        model = VLModel(cfg)
+    model = model.to_empty(device="cpu")
+    init_weights(model, seed)
+    save_pretrained(model, path)
+    Processor(tok, ImageConfig(min_pixels=56 * 56, max_pixels=TINY_MAX_PIXELS)).save(path)
+    return path

@@ -296,12 +296,16 @@ SMOKE = [
 ]
 
 
-def groups_for(device: str, smoke: bool = False) -> list[Group]:
+CUDA_SIZES = (4096, 8192, 16384)
+
+
+def groups_for(device: str, smoke: bool = False, sizes: tuple[int, ...] = CUDA_SIZES) -> list[Group]:
+    """The shape groups of one run; ``sizes`` are the CUDA token counts (multiples of 1024)."""
     if smoke:
         return SMOKE
     if device == "cuda":
         out = []
-        for n in (4096, 8192, 16384):
+        for n in sizes:
             out.append(Group("token_logprobs", {"N": n, "V": 151936, "dtype": "bf16"}, "bytes"))
             out.append(Group("grpo_from_logits", {"B": n // 1024, "L": 1024, "V": 151936, "dtype": "bf16"}, "bytes"))
             out.append(Group("linear_logprobs", {"N": n, "H": 3584, "V": 152064, "dtype": "bf16"}, "flops"))
@@ -348,7 +352,7 @@ def bounds_ms(group: Group, limits: dict) -> tuple[float | None, float | None]:
 
 
 def _child(group_index: int, impl: str, device: str, compile_: bool) -> None:
-    """Subprocess entry: build one group's inputs, run one impl's forward+backward once, print peak RSS growth."""
+    """Subprocess entry (CPU): build one group's inputs, run one impl's forward+backward once, print peak RSS growth."""
     group = groups_for(device)[group_index]
     cases = {c.impl: c for c in BUILDERS[group.op](group.shape, device, compile_)}
     gc.collect()
@@ -358,9 +362,11 @@ def _child(group_index: int, impl: str, device: str, compile_: bool) -> None:
     print(json.dumps({"peak_mib": rss_peak_mib() - base}))
 
 
-def run(device: str, compile_: bool, iters: int, only: set[str] | None, limits: dict, smoke: bool) -> list[dict]:
+def run(
+    device: str, compile_: bool, iters: int, only: set[str] | None, limits: dict, smoke: bool, sizes: tuple[int, ...]
+) -> list[dict]:
     rows = []
-    for index, group in enumerate(groups_for(device, smoke)):
+    for index, group in enumerate(groups_for(device, smoke, sizes)):
         if only and group.op not in only:
             continue
         cases = BUILDERS[group.op](group.shape, device, compile_)
@@ -415,6 +421,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=None, help="timed iterations (default: 10 cuda, 2 cpu)")
     parser.add_argument("--ops", nargs="*", choices=sorted(BUILDERS), help="only these ops")
     parser.add_argument(
+        "--sizes", type=int, nargs="+", default=list(CUDA_SIZES), help="CUDA token counts N = B·L (multiples of 1024)"
+    )
+    parser.add_argument(
         "--smoke",
         action="store_true",
         help="tiny shapes, one iteration, no memory: checks every implementation runs (with "
@@ -431,7 +440,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     iters = 1 if args.smoke else args.iters or (10 if args.device == "cuda" else 2)
     limits = {} if args.smoke else device_limits(args.device)
-    rows = run(args.device, compile_, iters, set(args.ops) if args.ops else None, limits, args.smoke)
+    if any(n <= 0 or n % 1024 for n in args.sizes):
+        parser.error(f"--sizes {args.sizes}: each must be a positive multiple of 1024 (B = N / 1024 rows of L = 1024)")
+    only = set(args.ops) if args.ops else None
+    rows = run(args.device, compile_, iters, only, limits, args.smoke, tuple(args.sizes))
     env = environment(args.device)
     print(f"\n{env['device']} · torch {env['torch']} · commit {env['commit']} · {env['date']}\n")
     print(markdown_table(rows, COLUMNS))
@@ -439,9 +451,7 @@ def main(argv: list[str] | None = None) -> None:
         if "error" in row:
             print(f"\n{row['op']} {row['shape']} {row['impl']}: {row['error']}")
     if args.out:
-        write_json(
-            args.out, {"environment": env, "limits": device_limits(args.device) if False else None, "rows": rows}
-        )
+        write_json(args.out, {"environment": env, "limits": limits, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -27,24 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.models import ModelConfig, TextConfig, VisionConfig, VLModel, mrope_position_ids, tiny_config  # noqa: E402
+from benchmarks.common import config_05b  # noqa: E402
+from engine.models import ModelConfig, VLModel, mrope_position_ids, tiny_config  # noqa: E402
 from engine.models.tiny import init_weights  # noqa: E402
-
-
-def config_05b() -> ModelConfig:
-    """Qwen2.5-0.5B decoder (tied, vocab 151936) + a 4-block ViT of Qwen2.5-VL width (1280)."""
-    text = TextConfig(
-        vocab_size=151936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        mrope_section=[8, 12, 12],
-    )
-    vision = VisionConfig(depth=4, out_hidden_size=896, fullatt_block_indexes=[3])
-    return ModelConfig(text=text, vision=vision, tie_word_embeddings=True)
-
 
 CASES = {
     "cpu": [("tiny", "tiny", 4, 256, 224), ("0.5B-class", "0.5b", 2, 128, 112)],

@@ -1,20 +1,50 @@
 #!/usr/bin/env bash
-# One full GPU pass, for a session that is lent a GPU: build the CUDA extension, run the gpu-marked tests and every
-# benchmark, and write the JSON + logs into benchmarks/results/<date>-<gpu>-<commit>/ (or into $1 when given,
-# e.g. the device tool's $OUT). liger-kernel is not on the device machine: carry its wheel (see README, "GPU").
-# DALI is too large to carry, so decode.py there measures PIL only unless DALI is installed.
+# The GPU pass, for a session that is lent a GPU: build the CUDA extension, run the gpu-marked tests and the
+# benchmarks, and write the JSON + one report.md into DEST (default benchmarks/results/<date>-<gpu>-<commit>/).
+#
+#   bash benchmarks/run_gpu.sh [DEST] [STEP...]    STEP: build tests kernels crop e2e model train compile
+#                                                    (default: all)
+#
+# Each step runs under its own time limit, so one that hangs costs its limit and the rest still run.
+# liger-kernel is not on the device machine: carry its wheel (README, "GPU"). DALI is too large to carry, so its
+# `mixed` decode test skips there and decode.py (PIL vs DALI) is not part of this pass.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || exit 1
 dest=${1:-benchmarks/results/$(date -u +%Y-%m-%d)-${gpu}-$(git rev-parse --short HEAD 2>/dev/null || echo nogit)}
+shift || true
+steps=${*:-build tests kernels crop e2e model train compile}
 mkdir -p "$dest"
 export PYTHONUNBUFFERED=1
-SIF_CUDA_ARCH="${SIF_CUDA_ARCH:-9.0}" python setup.py build_ext --inplace > "$dest/build.log" 2>&1 || { tail -40 "$dest/build.log"; exit 1; }
-report="$dest/report.md"  # every table and the test summary, one file (the device tool returns at most 8)
-{ echo "# $gpu, $(date -u +%F), commit $(git rev-parse --short HEAD 2>/dev/null)"; nvidia-smi -L; } > "$report"
-python -m pytest -q -m gpu tests 2>&1 | tee -a "$report"
-python -m benchmarks.kernels --device cuda --out "$dest/kernels.json" 2>&1 | tee -a "$report"
-python -m benchmarks.crop_boxes --device cuda --out "$dest/crop_boxes.json" 2>&1 | tee -a "$report"
-python -m benchmarks.model --device cuda --out "$dest/model.json" 2>&1 | tee -a "$report"
-python -m benchmarks.decode --out "$dest/decode.json" 2>&1 | tee -a "$report"
+report="$dest/report.md"  # every table and the test summary in one file (the device tool returns at most 8)
+{ echo "# $gpu, $(date -u +%F), commit $(git rev-parse --short HEAD 2>/dev/null), steps: $steps"; nvidia-smi -L; } >> "$report"
+
+step() {  # step NAME SECONDS CMD...: run CMD under a time limit, output into the report, say how it ended
+    local name=$1 limit=$2
+    shift 2
+    echo -e "\n## $name\n" | tee -a "$report"
+    local t0=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee -a "$report"
+    local rc=${PIPESTATUS[0]}
+    echo "[$name: rc $rc, $((SECONDS - t0)) s]" | tee -a "$report"
+}
+
+for s in $steps; do
+    case $s in
+        build) step build 300 env SIF_CUDA_ARCH="${SIF_CUDA_ARCH:-9.0}" MAX_JOBS=8 python setup.py -q build_ext --inplace ;;
+        tests) step tests 240 python -m pytest -q -m gpu tests -rs ;;
+        kernels) step kernels 240 python -m benchmarks.kernels --device cuda --no-compile --out "$dest/kernels.json" ;;
+        crop) step crop 120 python -m benchmarks.crop_boxes --device cuda --out "$dest/crop_boxes.json" ;;
+        e2e)
+            step e2e 300 torchrun --nproc_per_node=1 recipes/grpo_sif.py --train.output_dir /tmp/sif-e2e --sft.train.output_dir /tmp/sif-e2e \
+                --sft.train.max_steps 300 --train.max_steps 8 --train.checkpoint_every 4 --rl.focus_mode crop
+            for f in metrics.jsonl probe.json curves.png; do cp /tmp/sif-e2e/grpo-tiny/$f "$dest/e2e-$f"; done ;;
+        model) step model 180 python -m benchmarks.model --device cuda --out "$dest/model.json" ;;
+        train) step train 240 python -m benchmarks.train_step --size 0.5b --device cuda --prompts 8 \
+            --num-generations 8 --max-completion 256 --steps 4 --peak-tflops 989 --out "$dest/train_step.json" ;;
+        compile) step compile 240 python -m benchmarks.kernels --device cuda --compile --sizes 8192 \
+            --ops token_logprobs grpo_from_logits --out "$dest/kernels_compile.json" ;;
+        *) echo "unknown step $s" >&2; exit 2 ;;
+    esac
+done
 echo "results in $dest"

@@ -2,12 +2,14 @@
 
     python -m benchmarks.train_step                                  # tiny model, CPU, text mode
     python -m benchmarks.train_step --model runs/sft-tiny/hf --mode crop
+    python -m benchmarks.train_step --size 0.5b --device cuda --prompts 8 --num-generations 8 --peak-tflops 989
     torchrun --nproc_per_node=8 -m benchmarks.train_step --model /ckpt/Qwen2.5-VL-3B --device cuda --peak-tflops 989
 
 Runs the real Trainer with the real GRPO batch source for ``--steps`` steps (the first ``--warmup`` excluded
-from the medians) and reads the phases back from metrics.jsonl. Without ``--model`` it uses the tiny model with
-random weights (created once under the output folder): its samples rarely stop early, so every completion is
-``--max-completion`` tokens and the work per step is fixed. (A random model never closes an ``<area>``, so
+from the medians) and reads the phases back from metrics.jsonl. Without ``--model`` it uses a model of ``--size``
+(tiny, or a Qwen2.5-0.5B-shaped decoder with the full 151936-row vocabulary) with random weights, created once
+under the output folder: its samples rarely stop early, so every completion is ``--max-completion`` tokens and
+the work per step is fixed. (A random model never closes an ``<area>``, so
 crop-mode figures need a trained checkpoint.)
 Update throughput counts the packed tokens of the policy forward + backward; the FLOP estimate is
 6 · N_params · tokens (+ 2 · N · tokens for the reference forward when β > 0), so MFU is printed only with
@@ -21,7 +23,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.common import environment, markdown_table, write_json
+from benchmarks.common import environment, markdown_table, write_json, write_random_checkpoint
 from engine.config import DataConfig, LoRAConfig, TrainConfig
 from engine.config import ModelConfig as ModelSection
 from engine.distributed import init_distributed, parallelize
@@ -31,14 +33,15 @@ from engine.train.metrics import read_metrics
 from engine.train.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-from common import frozen_copy, load_policy, load_split, resolve_checkpoint  # noqa: E402  (the recipes' plumbing)
+from common import frozen_copy, load_policy, load_split  # noqa: E402  (the recipes' plumbing)
 
 PHASES = ("rollout", "reward", "reference", "update")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="", help="checkpoint folder (default: a fresh tiny model)")
+    p.add_argument("--model", default="", help="checkpoint folder (default: a random model of --size)")
+    p.add_argument("--size", default="tiny", choices=("tiny", "0.5b"), help="the random model's shape")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--mode", default="text", choices=("text", "crop"))
     p.add_argument("--steps", type=int, default=4)
@@ -59,7 +62,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
     work = Path(args.out).parent
     with init_distributed(args.device) as env:
-        checkpoint = resolve_checkpoint(args.model, str(work), env)
+        checkpoint = Path(args.model) if args.model else work / f"random_{args.size}"
+        if not args.model and env.is_main:
+            write_random_checkpoint(checkpoint, args.size)
+        env.barrier()
         lora = LoRAConfig(enabled=args.lora, rank=64, alpha=128.0)
         model, processor = load_policy(checkpoint, ModelSection(), lora, DataConfig(max_pixels=224 * 224), seed=0)
         n_params = sum(p.numel() for p in model.parameters())
