@@ -61,7 +61,10 @@ def _extension_modules() -> list:
                 cpp_sources + sorted(glob.glob("csrc/cuda/*.cu")),
                 # No --use_fast_math: the kernels are memory-bound, and approximate division would move the
                 # sampling positions off the CPU kernel's (and F.interpolate's) float32 rounding.
-                extra_compile_args={"cxx": cxx_flags + ["-DSIF_WITH_CUDA"], "nvcc": ["-O3", "-DSIF_WITH_CUDA"]},
+                extra_compile_args={
+                    "cxx": cxx_flags + ["-DSIF_WITH_CUDA"],
+                    "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-DSIF_WITH_CUDA"],
+                },
                 extra_link_args=link_flags,
             )
         ]
