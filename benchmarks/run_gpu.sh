@@ -36,12 +36,16 @@ for s in $steps; do
         kernels) step kernels 240 python -m benchmarks.kernels --device cuda --no-compile --out "$dest/kernels.json" ;;
         crop) step crop 120 python -m benchmarks.crop_boxes --device cuda --out "$dest/crop_boxes.json" ;;
         e2e)
-            step e2e 300 torchrun --nproc_per_node=1 recipes/grpo_sif.py --train.output_dir /tmp/sif-e2e --sft.train.output_dir /tmp/sif-e2e \
-                --sft.train.max_steps 300 --train.max_steps 8 --train.checkpoint_every 4 --rl.focus_mode crop
+            step e2e 300 torchrun --nproc_per_node=1 recipes/grpo_sif.py --train.output_dir /tmp/sif-e2e \
+                --sft.train.output_dir /tmp/sif-e2e --sft.train.max_steps 300 --train.max_steps 8 --train.checkpoint_every 4 --rl.focus_mode crop
+            step eval 120 python recipes/eval_sif.py --model.path /tmp/sif-e2e/grpo-tiny/hf --data.limit 16 \
+                --eval.focus_mode crop --eval.output /tmp/sif-e2e/eval
             for f in metrics.jsonl probe.json curves.png; do cp /tmp/sif-e2e/grpo-tiny/$f "$dest/e2e-$f"; done ;;
         model) step model 180 python -m benchmarks.model --device cuda --out "$dest/model.json" ;;
-        train) step train 240 python -m benchmarks.train_step --size 0.5b --device cuda --prompts 8 \
-            --num-generations 8 --max-completion 256 --steps 4 --peak-tflops 989 --out "$dest/train_step.json" ;;
+        train)
+            step train 240 python -m benchmarks.train_step --size 0.5b --device cuda --prompts 8 \
+                --num-generations 8 --max-completion 256 --steps 4 --peak-tflops 989 --out /tmp/sif-train/train_step.json
+            cp /tmp/sif-train/train_step.json "$dest/" ;;
         compile) step compile 240 python -m benchmarks.kernels --device cuda --compile --sizes 8192 \
             --ops token_logprobs grpo_from_logits --out "$dest/kernels_compile.json" ;;
         *) echo "unknown step $s" >&2; exit 2 ;;

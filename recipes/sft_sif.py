@@ -73,7 +73,7 @@ def run(cfg: SFTRecipeConfig, env: DistEnv) -> TrainResult:
         grad_accum_steps=cfg.train.grad_accum_steps,
         rank=env.rank,
         world_size=env.world_size,
-        collate=partial(collate_sft, config=model.config),
+        collate=partial(collate_sft, config=model.config, device=env.device),
         shuffle=cfg.data.shuffle,
         seed=cfg.train.seed,
     )

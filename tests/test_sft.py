@@ -1,5 +1,6 @@
 """SFT objective: chunked CE equals full CE; the loss covers exactly the assistant tokens of a SIF conversation."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,15 @@ def test_crop_mode_traces_carry_views_that_are_never_scored(tmp_path: Path) -> N
     init_weights(model, seed=0, std=0.1)
     out = SFTObjective()(model, collate_sft([crop], cfg))
     assert torch.isfinite(out.loss_sum) and out.num_loss_tokens == int(crop.assistant_mask.sum())
+
+
+def test_collate_puts_every_tensor_of_the_batch_on_the_training_device(tmp_path: Path) -> None:
+    """The objective indexes the model's output with ``source_rows``: on GPU it must not be left on the CPU."""
+    tok = Tokenizer(build_byte_tokenizer())
+    cfg = micro_config(tok)
+    processor = Processor(tok, ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56))
+    data = SFTDataset([_record(tmp_path, 0)], processor, with_depth=True, max_seq_len=4096)
+    packed = collate_sft([data[0]], cfg, device="meta")
+    tensors = {f.name: getattr(packed, f.name) for f in dataclasses.fields(packed)}
+    assert all(t.is_meta for t in tensors.values() if t is not None), {k: t.device for k, t in tensors.items()}
+    assert collate_sft([data[0]], cfg).source_rows.device.type == "cpu"

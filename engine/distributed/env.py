@@ -69,10 +69,14 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> Di
     owns = False
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
+        device_id = dev if device_type == "cuda" else None  # binds NCCL to this rank's GPU (no guessing, no warning)
         if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend=backend, timeout=timeout, device_id=dev if device_type == "cuda" else None)
+            dist.init_process_group(backend=backend, timeout=timeout, device_id=device_id)
         else:
-            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+            store = dist.HashStore()
+            dist.init_process_group(
+                backend=backend, store=store, rank=0, world_size=1, timeout=timeout, device_id=device_id
+            )
         owns = True
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))

@@ -190,12 +190,16 @@ class SFTDataset(Sequence[SFTExample]):
         )
 
 
-def collate_sft(examples: Sequence[SFTExample], config: ModelConfig) -> PackedBatch:
-    """Pack examples with their assistant tokens as targets."""
-    return pack_sequences(
+def collate_sft(
+    examples: Sequence[SFTExample], config: ModelConfig, device: torch.device | str | None = None
+) -> PackedBatch:
+    """Pack examples with their assistant tokens as targets, on ``device`` when given (the training device: FSDP2
+    moves the model's inputs itself, but the objective also indexes with the batch's ``source_rows``)."""
+    packed = pack_sequences(
         [e.input_ids for e in examples],
         [e.assistant_mask for e in examples],
         config,
         [e.pixel_values for e in examples],
         [e.image_grid_thw for e in examples],
     )
+    return packed.to(device) if device is not None else packed
