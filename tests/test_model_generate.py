@@ -10,6 +10,7 @@ from engine.models import (
     mrope_position_ids,
     processor_from_pretrained,
 )
+from engine.models.decoder import KVCache
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,73 @@ def test_focus_hook_splices_into_cache_exactly(setup):
     spliced = rollouts[0].input_ids
     first_vs = int((spliced == tok.vision_start_id).nonzero()[1])  # [0] is the prompt's own image
     assert rollouts[0].completion_mask[first_vs - 1]  # right after a sampled token
+
+
+def test_decode_fast_path_and_mixed_step_match_full_forward(setup, monkeypatch):
+    """Greedy: steps where every row appends one token take the gather-free fast path; the step that splices an
+    image into one sample (a multi-token chunk beside single tokens) takes the gather path; both match a full
+    forward token for token and logit for logit."""
+    model, proc, prompts = setup
+    plans, plan = [], KVCache.plan
+
+    def spy(self, rows, counts, prefill=False):
+        view = plan(self, rows, counts, prefill)
+        plans.append((prefill, counts.tolist(), view))
+        return view
+
+    monkeypatch.setattr(KVCache, "plan", spy)
+    crop = torch.rand(3, 56, 84, generator=torch.Generator().manual_seed(4))
+
+    def hook(requests):  # only prompt 0's sample 1 gets an image
+        return [[crop] if (q.prompt_index, q.sample_index) == (0, 1) else None for q in requests]
+
+    rollouts = generate(
+        model, proc, prompts, 2, 6, temperature=0.0, focus_hook=hook, focus_trigger="", max_focus_steps=1
+    )
+    assert [r.num_focus_steps for r in rollouts] == [0, 1, 0, 0]
+    assert plans[0][0] and not plans[0][2].one_token_per_row  # prefill
+    for prefill, counts, view in plans[1:]:
+        single = max(counts) == 1
+        assert not prefill and view.one_token_per_row == single and (view.q_index is None) == single
+    mixed = [counts for _, counts, _ in plans[1:] if max(counts) > 1]
+    assert len(mixed) == 1 and sorted(mixed[0])[-2] == 1  # one spliced chunk, single tokens in the other rows
+    assert len(plans) > 2  # fast-path steps ran too
+    cfg = model.config
+    banned = [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id]
+    for r in rollouts:
+        ref = full_forward_logprobs(model, r)
+        idx = r.completion_mask.nonzero().squeeze(1)
+        torch.testing.assert_close(r.logprobs[idx], ref[idx - 1, r.input_ids[idx]], atol=1e-4, rtol=0)
+        allowed = ref[idx - 1].index_fill(-1, torch.tensor(banned), float("-inf"))
+        assert torch.equal(allowed.argmax(-1), r.input_ids[idx])
+
+
+def test_cached_step_on_unordered_rows_matches_full_attention(setup):
+    """A step on rows [2, 0] (not a range, so cache rows are gathered) appending 3 and 1 tokens equals causal
+    attention over each row's whole sequence; skipped row 1 keeps its cache across the capacity growth."""
+    model, _, _ = setup
+    attn, t = model.model.layers[0].self_attn, model.config.text
+    gen = torch.Generator().manual_seed(2)
+    first, rows, counts = [2, 4, 3], [2, 0], [3, 1]
+    seqs = [torch.randn(n, t.hidden_size, generator=gen) for n in (3, 4, 6)]
+
+    @torch.no_grad()
+    def run(xs, pos, cu=None, view=None):
+        cos, sin = model.rope(torch.cat(pos).expand(3, -1), xs[0].dtype)
+        return attn(torch.cat(xs), cos, sin, cu, None if view is None else (cache.k[0], cache.v[0], view))
+
+    cache = KVCache(1, 3, t.num_key_value_heads, t.head_dim, 4, torch.float32, "cpu")
+    view = cache.plan(torch.arange(3), torch.tensor(first), prefill=True)
+    run([x[:n] for x, n in zip(seqs, first)], [torch.arange(n) for n in first], view=view)
+    kept = cache.k[0][1, :, :4].clone()
+    view = cache.plan(torch.tensor(rows), torch.tensor(counts))
+    assert view.row_range is None and not view.one_token_per_row and cache.capacity > 4
+    out = run([seqs[r][first[r] :] for r in rows], [torch.arange(first[r], len(seqs[r])) for r in rows], view=view)
+    ref = [
+        run([seqs[r]], [torch.arange(len(seqs[r]))], torch.tensor([0, len(seqs[r])], dtype=torch.int32)) for r in rows
+    ]
+    torch.testing.assert_close(out, torch.cat([ref[0][first[2] :], ref[1][first[0] :]]), atol=1e-5, rtol=0)
+    assert cache.lengths.tolist() == [3, 4, 6] and torch.equal(cache.k[0][1, :, :4], kept)
 
 
 def test_focus_steps_capped_and_hook_not_called_without_cap(setup):

@@ -41,22 +41,39 @@ def rope_qk(
 
 @dataclass
 class CacheView:
-    """Where a batch of appended tokens goes in the KV cache (built once per step, shared by all layers).
+    """Where a batch of appended tokens goes in the KV cache, built on the CPU once per step and shared by all layers.
 
-    rows: int64 [n] cache row of each appending sequence; flat_dst: int64 [T] flat (row*S + slot) destination of
-    each packed new token; q_index: int64 [n, L] packed index of query j of sequence i (padded entries point at 0);
-    mask: bool [n, 1, L, S'] attention mask over the first S' cache slots; valid: bool [n, L] real queries.
-    Prefill (every row starts empty): cu_seqlens int32 [n+1] instead of q_index/mask/valid, and attention runs
-    packed (varlen) while K/V are written to the cache. row_range: (lo, hi) when rows are lo..hi-1 in order.
+    Every tensor (but cu_seqlens) is already on the cache's device and every index is an integer tensor, so a layer
+    only launches gathers/scatters: no boolean-mask indexing of a device tensor (its result size needs a device→host
+    sync) and no per-layer index arithmetic. The T packed new tokens (row by row) come from n sequences, <= L each.
+
+    rows: int64 [n] cache row of each appending sequence. dst_rows / dst_slots: int64 [T] cache row and slot that
+    each packed new token's K/V is written to. mask: bool [n, 1, L, S'] attention mask over the first S' cache slots
+    (padded queries may attend everywhere; their output is discarded). row_range: (lo, hi) when rows are lo..hi-1
+    in order (attention then reads a view of the cache instead of gathering its rows).
+    Multi-token step (L > 1, e.g. images spliced into a sample): q_index int64 [n, L] packed index of query j of
+    sequence i (padded entries point at 0); q_seq / q_pos int64 [T] sequence and query position of each packed
+    token, which gather the real queries' outputs back into packed order.
+    One token per row (L = 1, the common decode step): q_index / q_seq / q_pos are None, since packed order is then
+    row order: q [T, Hq, D] is attended as [n, Hq, 1, D] without any gather.
+    Prefill (every row starts empty): cu_seqlens int32 [n+1] (on the CPU, as varlen_attention wants it), mask None;
+    attention runs packed (varlen) while K/V are written to the cache.
     """
 
     rows: torch.Tensor
-    flat_dst: torch.Tensor
-    q_index: torch.Tensor | None
+    dst_rows: torch.Tensor
+    dst_slots: torch.Tensor
     mask: torch.Tensor | None
-    valid: torch.Tensor | None
+    q_index: torch.Tensor | None = None
+    q_seq: torch.Tensor | None = None
+    q_pos: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
     row_range: tuple[int, int] | None = None
+
+    @property
+    def one_token_per_row(self) -> bool:
+        """True for the decode fast path (not prefill, every row appends exactly one token)."""
+        return self.cu_seqlens is None and self.q_index is None
 
 
 class KVCache:
@@ -90,36 +107,38 @@ class KVCache:
     def plan(self, rows: torch.Tensor, counts: torch.Tensor, prefill: bool = False) -> CacheView:
         """Reserve ``counts[i]`` slots after row ``rows[i]``'s current length and build the view; lengths advance.
 
+        ``rows`` / ``counts`` are int64 CPU tensors; all index arithmetic happens here, on the CPU, once per step.
         The packed new tokens must be ordered row by row. ``prefill`` requires empty rows and attends packed.
         """
         device = self.k[0].device
         starts = self.lengths[rows]
         ends = starts + counts
         self.ensure(int(ends.max()))
-        cap, span, max_len = self.capacity, int(ends.max()), int(counts.max())
-        j = torch.arange(max_len)
-        valid = j.unsqueeze(0) < counts.unsqueeze(1)  # [n, L]
-        slots = starts.unsqueeze(1) + j  # [n, L]
-        flat_dst = (rows.unsqueeze(1) * cap + slots)[valid].to(device)
+        span, max_len = int(ends.max()), int(counts.max())
+        valid = torch.arange(max_len).unsqueeze(0) < counts.unsqueeze(1)  # [n, L]
+        seq, pos = valid.nonzero(as_tuple=True)  # [T] each, row-major = packed order
         self.lengths[rows] = ends
+        dst_rows, dst_slots = rows[seq].to(device), (starts[seq] + pos).to(device)
         if prefill:
             if bool((starts != 0).any()):
                 raise ValueError("KVCache.plan: prefill into non-empty rows")
             cu = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0)).to(torch.int32)
-            return CacheView(rows.to(device), flat_dst, None, None, None, cu)
-        q_index = torch.zeros_like(slots)
-        q_index[valid] = torch.arange(int(counts.sum()))
-        key_pos = torch.arange(span)
-        mask = (key_pos.view(1, 1, -1) <= slots.unsqueeze(-1)) & valid.unsqueeze(-1)
-        mask[~valid] = True  # padded queries attend to something (their output is discarded)
+            return CacheView(rows.to(device), dst_rows, dst_slots, None, cu_seqlens=cu)
+        slots = starts.unsqueeze(1) + torch.arange(max_len)  # [n, L]
+        mask = (torch.arange(span).view(1, 1, -1) <= slots.unsqueeze(-1)) | ~valid.unsqueeze(-1)  # [n, L, S']
         lo = int(rows[0])
         consecutive = bool(torch.equal(rows, torch.arange(lo, lo + len(rows))))
+        gather = (None, None, None)  # one token per row: packed order is row order
+        if max_len > 1:
+            q_index = torch.zeros(len(rows), max_len, dtype=torch.long)
+            q_index[seq, pos] = torch.arange(len(seq))
+            gather = (q_index.to(device), seq.to(device), pos.to(device))
         return CacheView(
             rows.to(device),
-            flat_dst,
-            q_index.to(device),
+            dst_rows,
+            dst_slots,
             mask.unsqueeze(1).to(device),
-            valid.to(device),
+            *gather,
             row_range=(lo, lo + len(rows)) if consecutive else None,
         )
 
@@ -158,22 +177,30 @@ class Attention(nn.Module):
             out = self._cached(q, k, v, *cache)
         return self.o_proj(out.reshape(t, -1))
 
-    def _cached(self, q, k, v, k_cache: torch.Tensor, v_cache: torch.Tensor, view: CacheView) -> torch.Tensor:
-        cap = k_cache.shape[2]
-        row, slot = view.flat_dst // cap, view.flat_dst % cap
-        k_cache[row, :, slot] = k.to(k_cache.dtype)  # advanced indices around a slice: [T, Hkv, D]
-        v_cache[row, :, slot] = v.to(v_cache.dtype)
+    def _cached(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        view: CacheView,
+    ) -> torch.Tensor:
+        """Write packed k/v [T, Hkv, D] into the cache and attend packed q [T, Hq, D] → [T, Hq, D] (see CacheView)."""
+        k_cache[view.dst_rows, :, view.dst_slots] = k.to(k_cache.dtype)  # advanced indices around a slice: [T, Hkv, D]
+        v_cache[view.dst_rows, :, view.dst_slots] = v.to(v_cache.dtype)
         if view.cu_seqlens is not None:
             return varlen_attention(q, k, v, view.cu_seqlens, causal=True)
         span = view.mask.shape[-1]
-        qb = q[view.q_index].transpose(1, 2)  # [n, Hq, L, D]
+        fast = view.one_token_per_row
+        qb = q.unsqueeze(2) if fast else q[view.q_index].transpose(1, 2)  # [n, Hq, L, D]
         if view.row_range is not None:  # consecutive rows: attend to a view of the cache, no gather copy
             lo, hi = view.row_range
             keys, values = k_cache[lo:hi, :, :span], v_cache[lo:hi, :, :span]
         else:
             keys, values = k_cache[view.rows, :, :span], v_cache[view.rows, :, :span]
         ob = cached_attention(qb, keys, values, view.mask)
-        return ob.transpose(1, 2)[view.valid]  # [T, Hq, D] in packed order
+        return ob.squeeze(2) if fast else ob[view.q_seq, :, view.q_pos]  # [T, Hq, D] in packed order
 
 
 class DecoderLayer(nn.Module):
