@@ -2,7 +2,7 @@
 # The GPU pass, for a session that is lent a GPU: build the CUDA extension, run the gpu-marked tests and the
 # benchmarks, and write the JSON + one report.md into DEST (default benchmarks/results/<date>-<gpu>-<commit>/).
 #
-#   bash benchmarks/run_gpu.sh [DEST] [STEP...]    STEP: build tests kernels crop e2e model train compile
+#   bash benchmarks/run_gpu.sh [DEST] [STEP...]    STEP: build tests kernels crop e2e model train compile profile
 #                                                    (default: all)
 #
 # Each step runs under its own time limit, so one that hangs costs its limit and the rest still run.
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || exit 1
 dest=${1:-benchmarks/results/$(date -u +%Y-%m-%d)-${gpu}-$(git rev-parse --short HEAD 2>/dev/null || echo nogit)}
 shift || true
-steps=${*:-build tests kernels crop e2e model train compile}
+steps=${*:-build tests kernels crop e2e model train compile profile}
 mkdir -p "$dest"
 export PYTHONUNBUFFERED=1
 report="$dest/report.md"  # every table and the test summary in one file (the device tool returns at most 8)
@@ -48,6 +48,8 @@ for s in $steps; do
             cp /tmp/sif-train/train_step.json "$dest/" ;;
         compile) step compile 240 python -m benchmarks.kernels --device cuda --compile --sizes 8192 \
             --ops token_logprobs grpo_from_logits --out "$dest/kernels_compile.json" ;;
+        profile) step profile 180 python -m benchmarks.profile_rollout --device cuda --size 0.5b --prompts 8 \
+            --num-generations 8 --max-completion 64 --work /tmp/sif-train ;;
         *) echo "unknown step $s" >&2; exit 2 ;;
     esac
 done

@@ -1,0 +1,101 @@
+"""Where a GRPO rollout's time goes: one ``generate_rollouts`` call under ``torch.profiler``, as the trainer runs it.
+
+    python -m benchmarks.profile_rollout --device cuda --size 0.5b --prompts 8 --num-generations 8 --max-completion 64
+    python -m benchmarks.profile_rollout                       # tiny model, CPU
+
+The policy is wrapped as in training (FSDP2 ``parallelize``, parameters gathered once with ``unsharded``), so the
+per-block FSDP hooks are in the profile too. Prints the wall time per decode step, the top operators by self CPU
+time and (CUDA) by self device time, and how many host↔device synchronisations and copies one rollout makes: on a
+GPU a launch-bound decode loop shows up as CPU time well above device time. ``--trace`` writes a Chrome trace.
+A model of ``--size`` with random weights is created once under ``--work`` (see ``benchmarks.train_step``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.common import write_random_checkpoint
+from engine.config import DataConfig, LoRAConfig
+from engine.config import ModelConfig as ModelSection
+from engine.distributed import init_distributed, parallelize, unsharded
+from engine.rl.grpo import RLConfig
+from engine.rl.prompts import build_prompt
+from engine.rl.rollout import generate_rollouts
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+from common import load_policy, load_split  # noqa: E402  (the recipes' plumbing)
+
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+COPY_EVENTS = ("cudaMemcpyAsync", "cudaMemcpy")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--size", default="tiny", choices=("tiny", "0.5b"))
+    p.add_argument("--mode", default="text", choices=("text", "crop"))
+    p.add_argument("--prompts", type=int, default=2)
+    p.add_argument("--num-generations", type=int, default=4)
+    p.add_argument("--max-completion", type=int, default=64)
+    p.add_argument("--rows", type=int, default=15, help="operators listed per table")
+    p.add_argument("--trace", default="", help="write a Chrome trace here")
+    p.add_argument("--work", default="benchmarks/out", help="where the random checkpoint is created once")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    with init_distributed(args.device) as env:
+        checkpoint = Path(args.work) / f"random_{args.size}"
+        if env.is_main:
+            write_random_checkpoint(checkpoint, args.size)
+        env.barrier()
+        model, processor = load_policy(checkpoint, ModelSection(), LoRAConfig(), DataConfig(max_pixels=224 * 224), 0)
+        model = parallelize(model, env.mesh)
+        rl = RLConfig(
+            num_generations=args.num_generations, max_completion_length=args.max_completion, focus_mode=args.mode
+        )
+        records = load_split("", "train", args.prompts)
+        prompts = [build_prompt(r, processor, with_depth=rl.depth_in_prompt) for r in records]
+
+        def rollout():
+            generator = torch.Generator(device=env.device).manual_seed(0)
+            with torch.no_grad(), unsharded(model):
+                return generate_rollouts(model, processor, prompts, rl, generator=generator)
+
+        rollout()  # warm-up: allocator, kernels, FSDP lazy state
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            batch = rollout()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+        if not env.is_main:
+            return
+        steps = max(int(r.completion_mask.sum()) for r in batch.rollouts)
+        tokens = sum(int(r.completion_mask.sum()) for r in batch.rollouts)
+        print(
+            f"rollout: {len(batch.rollouts)} samples, {tokens} tokens in {seconds:.3f} s "
+            f"({tokens / seconds:.0f} tokens/s), {steps} decode steps, {1e3 * seconds / max(steps, 1):.2f} ms per step"
+        )
+        events = prof.key_averages()
+        counts = {e.key: e.count for e in events}
+        syncs = sum(counts.get(k, 0) for k in SYNC_EVENTS)
+        copies = sum(counts.get(k, 0) for k in COPY_EVENTS)
+        print(f"per decode step: {syncs / max(steps, 1):.1f} synchronisations, {copies / max(steps, 1):.1f} copies")
+        print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+        if args.device == "cuda":
+            print(events.table(sort_by="self_cuda_time_total", row_limit=args.rows))
+        if args.trace:
+            prof.export_chrome_trace(args.trace)
+
+
+if __name__ == "__main__":
+    main()
