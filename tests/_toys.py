@@ -7,10 +7,10 @@ few thousand parameters, dropout (so RNG state matters for resume) and a tied-fr
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
@@ -82,16 +82,11 @@ def token_ce_objective(model: nn.Module, batch: dict[str, torch.Tensor]) -> Obje
     return ObjectiveOutput(loss_sum, mask.sum(), {"mean_logit": logits.detach().mean()})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
     )
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"  # the parent hosts the store: every rank is a client
     torch.set_num_threads(1)
     from engine.distributed import init_distributed
 
@@ -103,5 +98,11 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:
 
 
 def run_distributed(fn: Callable, world: int, *args: object) -> None:
-    """Run ``fn(env, *args)`` on ``world`` gloo processes (spawned); raises if any rank fails."""
-    mp.start_processes(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True, start_method="spawn")
+    """Run ``fn(env, *args)`` on ``world`` gloo processes (spawned); raises if any rank fails.
+
+    The parent hosts the rendezvous store, as torchrun's agent does, on a port the OS picks and keeps bound until
+    the workers are done: probing for a free port and handing its number to rank 0 left a window in which another
+    test's process could take it.
+    """
+    store = dist.TCPStore("127.0.0.1", 0, world_size=world, is_master=True, wait_for_workers=False)
+    mp.start_processes(_entry, args=(world, store.port, fn, args), nprocs=world, join=True, start_method="spawn")
