@@ -34,9 +34,12 @@ from engine.train.trainer import Trainer, TrainResult
 
 
 def _tiny_rl() -> RLConfig:
-    """The released settings (G=8, β=0.04, ε=0.2) except temperature 0.5: at 1.0 the tiny model's samples are rarely
+    """The released settings (G=8, β=0.04, ε=0.2) except temperature 0.3. The tiny model's format errors are
+    per-token sampling slips (an x2 below its x1, a tag left open), so a hotter policy plateaus below its format
+    target: from the same SFT checkpoint, 120 steps end at probe format 0.875 with T=0.5 and 0.941 with T=0.3,
+    and T=0.3 also gains more answer + grounding (0.235 → 0.335 against 0.166 → 0.243). At 1.0 samples are rarely
     well-formed, so the format reward has little group signal. Traces are ~210 tokens; 512 leaves room."""
-    return RLConfig(num_generations=8, beta=0.04, max_completion_length=512, temperature=0.5)
+    return RLConfig(num_generations=8, beta=0.04, max_completion_length=512, temperature=0.3)
 
 
 @dataclass
