@@ -280,18 +280,24 @@ def test_bad_config_and_inputs_raise():
         grpo_loss_from_logits(torch.randn(4, 9, 5), torch.full((4, 9), 5), old, ref, adv, mask, GRPOLossConfig())
 
 
+# Log-ratio spreads and clip ranges are 0 or at least 1e-3: the kernel works in fp32 and TRL's loss here in fp64, and
+# clipping is a step function, so a ratio within fp32 rounding of 1 ± eps (a spread of 1e-7 against an eps of 1e-38,
+# found by hypothesis) may be clipped on one side only. Both sides agree wherever fp32 can tell the ratio from 1.
+RESOLVED_EPS = st.one_of(st.just(0.0), st.floats(1e-3, 0.5))
+
+
 @needs_triton
 @settings(max_examples=15, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate))
 @given(
     b=st.integers(1, 5),
     length=st.integers(1, 12),
     keep=st.floats(0.0, 1.0),
-    spread=st.floats(0.0, 1.5),
+    spread=st.one_of(st.just(0.0), st.floats(1e-3, 1.5)),
     loss_type=st.sampled_from(LOSS_TYPES),
     level=st.sampled_from(LEVELS),
     delta=st.sampled_from([None, 1.1, 3.0]),
     beta=st.sampled_from([0.0, 0.04]),
-    eps=st.tuples(st.floats(0.0, 0.5), st.floats(0.0, 0.5)),
+    eps=st.tuples(RESOLVED_EPS, RESOLVED_EPS),
     seed=st.integers(0, 2**16),
 )
 def test_property_triton_matches_trl(b, length, keep, spread, loss_type, level, delta, beta, eps, seed):
