@@ -2,8 +2,8 @@
 # The GPU pass, for a session that is lent a GPU: build the CUDA extension, run the gpu-marked tests and the
 # benchmarks, and write the JSON + one report.md into DEST (default benchmarks/results/<date>-<gpu>-<commit>/).
 #
-#   bash benchmarks/run_gpu.sh [DEST] [STEP...]    STEP: build tests kernels crop e2e model train compile profile
-#                                                    (default: all)
+#   bash benchmarks/run_gpu.sh [DEST] [STEP...]    STEP: build tests kernels sweep crop e2e model train
+#                                                    compile profile (default: all)
 #
 # Each step runs under its own time limit, so one that hangs costs its limit and the rest still run.
 # liger-kernel is not on the device machine: carry its wheel (README, "GPU"). DALI is too large to carry, so its
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || exit 1
 dest=${1:-benchmarks/results/$(date -u +%Y-%m-%d)-${gpu}-$(git rev-parse --short HEAD 2>/dev/null || echo nogit)}
 shift || true
-steps=${*:-build tests kernels crop e2e model train compile profile}
+steps=${*:-build tests kernels sweep crop e2e model train compile profile}
 mkdir -p "$dest"
 export PYTHONUNBUFFERED=1
 report="$dest/report.md"  # every table and the test summary in one file (the device tool returns at most 8)
@@ -34,6 +34,7 @@ for s in $steps; do
         build) step build 300 env SIF_CUDA_ARCH="${SIF_CUDA_ARCH:-9.0}" MAX_JOBS=8 python setup.py -q build_ext --inplace ;;
         tests) step tests 240 python -m pytest -q -m gpu tests -rs ;;
         kernels) step kernels 240 python -m benchmarks.kernels --device cuda --no-compile --out "$dest/kernels.json" ;;
+        sweep) step sweep 180 python -m benchmarks.kernels --device cuda --sweep --out "$dest/kernels_sweep.json" ;;
         crop) step crop 120 python -m benchmarks.crop_boxes --device cuda --out "$dest/crop_boxes.json" ;;
         e2e)
             step e2e 300 torchrun --nproc_per_node=1 recipes/grpo_sif.py --train.output_dir /tmp/sif-e2e \

@@ -125,8 +125,12 @@ def _rows_view(x: torch.Tensor, target: torch.Tensor) -> tuple[int, int, int]:
     return target.shape[1], x.stride(0), x.stride(1)
 
 
-def _num_warps(block_v: int) -> int:
-    return 8 if block_v >= 2048 else 4
+def _launch(v: int, block_v: int | None, num_warps: int | None) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for rows of ``v`` logits: the given values, else the defaults."""
+    block_v = block_v or min(_BLOCK_V, triton.next_power_of_2(v))
+    if block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two, got {block_v}")
+    return block_v, num_warps or (8 if block_v >= 2048 else 4)
 
 
 def logprob_fwd_triton(
@@ -135,12 +139,16 @@ def logprob_fwd_triton(
     temperature: float,
     with_entropy: bool,
     row_mask: torch.Tensor | None = None,
+    *,
+    block_v: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. logits [N, V] or [B, L', V] with L' >= L (unit stride on V; only the first L
     positions are read); target and row_mask [N] / [B, L].
 
     Returns fp32 (logp, lse, entropy) shaped like target; entropy is empty unless requested.
-    Rows where row_mask == 0 are skipped and read as 0.
+    Rows where row_mask == 0 are skipped and read as 0. ``block_v`` / ``num_warps`` override the launch
+    configuration (``benchmarks.kernels --sweep`` times the alternatives).
     """
     lead = target.shape
     n, v = lead.numel(), logits.shape[-1]
@@ -150,7 +158,7 @@ def logprob_fwd_triton(
     if n == 0:
         return logp, lse, ent
     rows_l, sb, sl = _rows_view(logits, target)
-    block_v = min(_BLOCK_V, triton.next_power_of_2(v))
+    block_v, num_warps = _launch(v, block_v, num_warps)
     _logprob_fwd_kernel[(n,)](
         logits,
         sb,
@@ -166,7 +174,7 @@ def logprob_fwd_triton(
         HAS_ROW_MASK=row_mask is not None,
         WITH_ENTROPY=with_entropy,
         BLOCK_V=block_v,
-        num_warps=_num_warps(block_v),
+        num_warps=num_warps,
     )
     return logp, lse, ent
 
@@ -181,9 +189,13 @@ def logprob_bwd_triton(
     temperature: float,
     out: torch.Tensor,
     row_mask: torch.Tensor | None = None,
+    *,
+    block_v: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Write d(loss)/d(logits) into ``out`` (same shape as logits; may be logits itself) and return it.
-    Positions of a [B, L', V] logits tensor past the L scored ones get a zero gradient."""
+    Positions of a [B, L', V] logits tensor past the L scored ones get a zero gradient. ``block_v`` /
+    ``num_warps`` override the launch configuration, as in ``logprob_fwd_triton``."""
     n, v = lse.numel(), logits.shape[-1]
     if logits.dim() == 3 and logits.shape[1] > target.shape[1]:
         out[:, target.shape[1] :].zero_()
@@ -191,7 +203,7 @@ def logprob_bwd_triton(
         return out
     rows_l, sb, sl = _rows_view(logits, target)
     _, db, dl = _rows_view(out, target)
-    block_v = min(_BLOCK_V, triton.next_power_of_2(v))
+    block_v, num_warps = _launch(v, block_v, num_warps)
     g_logp = g_logp.float().contiguous()
     _logprob_bwd_kernel[(n,)](
         logits,
@@ -212,7 +224,7 @@ def logprob_bwd_triton(
         HAS_ROW_MASK=row_mask is not None,
         HAS_G_ENT=g_ent is not None,
         BLOCK_V=block_v,
-        num_warps=_num_warps(block_v),
+        num_warps=num_warps,
     )
     return out
 

@@ -35,3 +35,17 @@ def test_kernel_benchmark_smoke(tmp_path):
         assert (op, impl) in impls
     assert all(r["fwdbwd_ms"] is None or r["fwdbwd_ms"] > 0 for r in rows)
     assert "| op | shape | impl |" in proc.stdout
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="the Triton implementations need CUDA or TRITON_INTERPRET=1")
+def test_launch_sweep_smoke(tmp_path):
+    out = tmp_path / "sweep.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cmd = [sys.executable, "-m", "benchmarks.kernels", "--device", device, "--smoke", "--sweep", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["sweep"]
+    assert {(r["block_v"], r["num_warps"]) for r in rows} == {(64, 1), (64, 4), (128, 1), (128, 4)}
+    assert all(r["fwd_ms"] > 0 and r["bwd_ms"] > 0 for r in rows)
+    assert "| BLOCK_V | warps |" in proc.stdout

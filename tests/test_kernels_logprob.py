@@ -8,7 +8,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from kernels import token_logprobs
-from kernels.logprob import token_logprobs_reference
+from kernels.logprob import logprob_bwd_triton, logprob_fwd_triton, token_logprobs_reference
 
 HAS_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
@@ -179,3 +179,23 @@ def test_property_random_shapes(n, v, temperature, scale, seed):
     logits = (torch.randn(n, v, generator=gen) * scale).to(DEVICE)
     target = torch.randint(0, v, (n,), generator=gen).to(DEVICE)
     check_against_oracle(logits, target, temperature, torch.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize("block_v, num_warps", [(64, 1), (128, 2), (512, 8)])
+def test_launch_overrides_give_the_same_logprobs_and_gradient(block_v, num_warps):
+    """The benchmark's launch sweep is only meaningful if every configuration computes the same thing."""
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(5, 300, generator=gen) * 3).to(DEVICE)
+    target = torch.randint(0, 300, (5,), generator=gen).to(DEVICE)
+    g = torch.randn(5, generator=gen).to(DEVICE)
+    launch = {"block_v": block_v, "num_warps": num_warps}
+    logp, lse, ent = logprob_fwd_triton(logits, target, 0.7, True, **launch)
+    grad = logprob_bwd_triton(logits, target, lse, ent, g, None, 0.7, torch.empty_like(logits), **launch)
+    x = logits.double().requires_grad_(True)
+    lp_ref, _ = oracle(x, target, 0.7)
+    (grad_ref,) = torch.autograd.grad((lp_ref * g.double()).sum(), x)
+    torch.testing.assert_close(logp.double(), lp_ref.detach(), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(grad.double(), grad_ref, atol=2e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="power of two"):
+        logprob_fwd_triton(logits, target, 0.7, False, block_v=96)
