@@ -8,6 +8,7 @@ the next and no tracing allocator slows the op down.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import resource
@@ -138,6 +139,16 @@ def config_05b() -> ModelConfig:
     return ModelConfig(text=text, vision=vision, tie_word_embeddings=True)
 
 
+SPECIAL_TOKEN_FIELDS = (
+    "image_token_id",
+    "video_token_id",
+    "vision_start_token_id",
+    "vision_end_token_id",
+    "bos_token_id",
+    "eos_token_id",
+)
+
+
 def write_random_checkpoint(path: str | Path, size: str, seed: int = 0) -> Path:
     """A checkpoint folder with random weights of ``size`` ("tiny" or "0.5b") and the tiny tokenizer/processor.
 
@@ -151,11 +162,7 @@ def write_random_checkpoint(path: str | Path, size: str, seed: int = 0) -> Path:
     tok = tiny_tokenizer()
     cfg = tiny_config(tok)
     if size == "0.5b":
-        special = {k: getattr(cfg, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
-                                                 "vision_end_token_id", "bos_token_id", "eos_token_id")}  # fmt: skip
-        cfg = config_05b()
-        for key, value in special.items():
-            setattr(cfg, key, value)
+        cfg = dataclasses.replace(config_05b(), **{name: getattr(cfg, name) for name in SPECIAL_TOKEN_FIELDS})
     elif size != "tiny":
         raise ValueError(f"size {size!r}: expected 'tiny' or '0.5b'")
     with torch.device("meta"):
