@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import resource
 import statistics
@@ -79,14 +80,21 @@ def measure_in_subprocess(argv: Sequence[str], timeout: float = 600.0) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def commit_id() -> str:
+    """The commit being measured: ``SIF_COMMIT`` when set (a copied tree's ``.git`` can be stale: the GPU machine's
+    was), else ``git rev-parse --short HEAD``, else "unknown"."""
+    if os.environ.get("SIF_COMMIT"):
+        return os.environ["SIF_COMMIT"]
+    try:
+        proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    except OSError:
+        return "unknown"
+    return proc.stdout.strip() or "unknown"
+
+
 def environment(device: str) -> dict:
     """Device, library versions, commit and UTC time to stamp a results file with."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = commit_id()
     name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine()
     env = {
         "device": name,

@@ -21,7 +21,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.common import commit_id
 from engine.data.dali import DaliImageLoader, smart_resize
 
 
@@ -100,15 +100,6 @@ def _best_rate(one_pass, repeats: int) -> float:
     return best
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="DALI vs PIL decode + resize throughput on ~1 MP JPEGs")
     p.add_argument("--num", type=int, default=64, help="number of generated JPEGs")
@@ -152,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "decode",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "commit": commit_id(),
         "host": platform.node(),
         "cpus": os.cpu_count(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,

@@ -11,13 +11,15 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || exit 1
-dest=${1:-benchmarks/results/$(date -u +%Y-%m-%d)-${gpu}-$(git rev-parse --short HEAD 2>/dev/null || echo nogit)}
+# The commit measured: pass SIF_COMMIT where the tree's .git may be stale (the device tool's copy had a stale one).
+export SIF_COMMIT=${SIF_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+dest=${1:-benchmarks/results/$(date -u +%Y-%m-%d)-${gpu}-${SIF_COMMIT}}
 shift || true
 steps=${*:-build tests kernels sweep crop e2e model train compile profile}
 mkdir -p "$dest"
 export PYTHONUNBUFFERED=1
 report="$dest/report.md"  # every table and the test summary in one file (the device tool returns at most 8)
-{ echo "# $gpu, $(date -u +%F), commit $(git rev-parse --short HEAD 2>/dev/null), steps: $steps"; nvidia-smi -L; } >> "$report"
+{ echo "# $gpu, $(date -u +%F), commit $SIF_COMMIT, steps: $steps"; nvidia-smi -L; } >> "$report"
 
 step() {  # step NAME SECONDS CMD...: run CMD under a time limit, output into the report, say how it ended
     local name=$1 limit=$2
