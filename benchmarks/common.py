@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from engine.models import ModelConfig, TextConfig, VisionConfig, VLModel, save_pretrained
-from engine.models.processor import ImageConfig, Processor
-from engine.models.tiny import TINY_MAX_PIXELS, init_weights, tiny_config, tiny_tokenizer
+from engine.distributed import DistEnv
+from engine.models import ModelConfig, TextConfig, VisionConfig
+from engine.models.tiny import create_tiny_checkpoint, tiny_config
 
 MIB = 1024.0 * 1024.0
 
@@ -157,26 +157,21 @@ SPECIAL_TOKEN_FIELDS = (
 )
 
 
-def write_random_checkpoint(path: str | Path, size: str, seed: int = 0) -> Path:
-    """A checkpoint folder with random weights of ``size`` ("tiny" or "0.5b") and the tiny tokenizer/processor.
+def random_checkpoint(folder: str | Path, size: str, env: DistEnv, seed: int = 0) -> Path:
+    """``folder/random_<size>``: a checkpoint with random weights of ``size`` ("tiny" or "0.5b") and the tiny
+    tokenizer/processor, written once by rank 0 (an existing one is reused) while the other ranks wait.
 
     The 0.5B-class model keeps Qwen's 151936-row vocabulary (so the head and loss cost what they cost at scale)
     and takes its special-token ids from the tiny tokenizer; ids the tokenizer does not know decode to nothing.
-    Written once: an existing config.json is reused.
     """
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    tok = tiny_tokenizer()
-    cfg = tiny_config(tok)
-    if size == "0.5b":
-        cfg = dataclasses.replace(config_05b(), **{name: getattr(cfg, name) for name in SPECIAL_TOKEN_FIELDS})
-    elif size != "tiny":
+    if size not in ("tiny", "0.5b"):
         raise ValueError(f"size {size!r}: expected 'tiny' or '0.5b'")
-    with torch.device("meta"):
-        model = VLModel(cfg)
-    model = model.to_empty(device="cpu")
-    init_weights(model, seed)
-    save_pretrained(model, path)
-    Processor(tok, ImageConfig(min_pixels=56 * 56, max_pixels=TINY_MAX_PIXELS)).save(path)
+    path = Path(folder) / f"random_{size}"
+    if env.is_main and not (path / "config.json").is_file():
+        config = None
+        if size == "0.5b":
+            tiny = tiny_config()
+            config = dataclasses.replace(config_05b(), **{name: getattr(tiny, name) for name in SPECIAL_TOKEN_FIELDS})
+        create_tiny_checkpoint(path, seed, config)
+    env.barrier()
     return path

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import write_random_checkpoint
+from benchmarks.common import random_checkpoint
 from engine.config import DataConfig, LoRAConfig
 from engine.config import ModelConfig as ModelSection
 from engine.distributed import init_distributed, parallelize, unsharded
@@ -52,10 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with init_distributed(args.device) as env:
-        checkpoint = Path(args.work) / f"random_{args.size}"
-        if env.is_main:
-            write_random_checkpoint(checkpoint, args.size)
-        env.barrier()
+        checkpoint = random_checkpoint(args.work, args.size, env)
         model, processor = load_policy(checkpoint, ModelSection(), LoRAConfig(), DataConfig(max_pixels=224 * 224), 0)
         model = parallelize(model, env.mesh)
         rl = RLConfig(

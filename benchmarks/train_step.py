@@ -23,7 +23,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.common import environment, markdown_table, write_json, write_random_checkpoint
+from benchmarks.common import environment, markdown_table, random_checkpoint, write_json
 from engine.config import DataConfig, LoRAConfig, TrainConfig
 from engine.config import ModelConfig as ModelSection
 from engine.distributed import init_distributed, parallelize
@@ -62,10 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
     work = Path(args.out).parent
     with init_distributed(args.device) as env:
-        checkpoint = Path(args.model) if args.model else work / f"random_{args.size}"
-        if not args.model and env.is_main:
-            write_random_checkpoint(checkpoint, args.size)
-        env.barrier()
+        checkpoint = Path(args.model) if args.model else random_checkpoint(work, args.size, env)
         lora = LoRAConfig(enabled=args.lora, rank=64, alpha=128.0)
         model, processor = load_policy(checkpoint, ModelSection(), lora, DataConfig(max_pixels=224 * 224), seed=0)
         n_params = sum(p.numel() for p in model.parameters())
