@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--size", default="tiny", choices=("tiny", "0.5b"))
     p.add_argument("--mode", default="text", choices=("text", "crop"))
+    p.add_argument("--decode", default="graph", choices=("graph", "static", "eager"), help="RLConfig.decode")
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--num-generations", type=int, default=4)
     p.add_argument("--max-completion", type=int, default=64)
@@ -56,7 +57,10 @@ def main(argv: list[str] | None = None) -> None:
         model, processor = load_policy(checkpoint, ModelSection(), LoRAConfig(), DataConfig(max_pixels=224 * 224), 0)
         model = parallelize(model, env.mesh)
         rl = RLConfig(
-            num_generations=args.num_generations, max_completion_length=args.max_completion, focus_mode=args.mode
+            num_generations=args.num_generations,
+            max_completion_length=args.max_completion,
+            focus_mode=args.mode,
+            decode=args.decode,
         )
         records = load_split("", "train", args.prompts)
         prompts = [build_prompt(r, processor, with_depth=rl.depth_in_prompt) for r in records]

@@ -6,6 +6,7 @@
 #                                                    compile profile (default: all)
 #
 # Each step runs under its own time limit, so one that hangs costs its limit and the rest still run.
+# SIF_DECODE (graph | static | eager, default graph) picks the rollout decode of the profile and train steps.
 # liger-kernel is not on the device machine: carry its wheel (README, "GPU"). DALI is too large to carry, so its
 # `mixed` decode test skips there and decode.py (PIL vs DALI) is not part of this pass.
 set -uo pipefail
@@ -16,10 +17,11 @@ export SIF_COMMIT=${SIF_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo
 dest=${1:-benchmarks/results/$(date -u +%Y-%m-%d)-${gpu}-${SIF_COMMIT}}
 shift || true
 steps=${*:-build tests kernels sweep crop e2e model train compile profile}
+decode=${SIF_DECODE:-graph}
 mkdir -p "$dest"
 export PYTHONUNBUFFERED=1
 report="$dest/report.md"  # every table and the test summary in one file (the device tool returns at most 8)
-{ echo "# $gpu, $(date -u +%F), commit $SIF_COMMIT, steps: $steps"; nvidia-smi -L; } >> "$report"
+{ echo "# $gpu, $(date -u +%F), commit $SIF_COMMIT, steps: $steps, decode: $decode"; nvidia-smi -L; } >> "$report"
 
 step() {  # step NAME SECONDS CMD...: run CMD under a time limit, output into the report, say how it ended
     local name=$1 limit=$2
@@ -47,12 +49,13 @@ for s in $steps; do
         model) step model 180 python -m benchmarks.model --device cuda --out "$dest/model.json" ;;
         train)
             step train 240 python -m benchmarks.train_step --size 0.5b --device cuda --prompts 8 \
-                --num-generations 8 --max-completion 256 --steps 4 --peak-tflops 989 --out /tmp/sif-train/train_step.json
+                --num-generations 8 --max-completion 256 --steps 4 --peak-tflops 989 --decode "$decode" \
+                --out /tmp/sif-train/train_step.json
             cp /tmp/sif-train/train_step.json "$dest/" ;;
         compile) step compile 240 python -m benchmarks.kernels --device cuda --compile --sizes 8192 \
             --ops token_logprobs grpo_from_logits --out "$dest/kernels_compile.json" ;;
         profile) step profile 180 python -m benchmarks.profile_rollout --device cuda --size 0.5b --prompts 8 \
-            --num-generations 8 --max-completion 64 --work /tmp/sif-train ;;
+            --num-generations 8 --max-completion 64 --decode "$decode" --work /tmp/sif-train ;;
         *) echo "unknown step $s" >&2; exit 2 ;;
     esac
 done

@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size", default="tiny", choices=("tiny", "0.5b"), help="the random model's shape")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--mode", default="text", choices=("text", "crop"))
+    p.add_argument("--decode", default="graph", choices=("graph", "static", "eager"), help="RLConfig.decode")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--prompts", type=int, default=2, help="prompts per rank per step")
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
             beta=args.beta,
             max_completion_length=args.max_completion,
             focus_mode=args.mode,
+            decode=args.decode,
         )
         train = TrainConfig(
             run_name="train_step_run", output_dir=str(work), max_steps=args.steps, micro_batch_size=args.prompts,
@@ -90,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     sequences = args.prompts * args.num_generations * env.world_size
     row = {
         "mode": args.mode,
+        "decode": args.decode,
         "ranks": env.world_size,
         "sequences": sequences,
         "completion_tokens": med("rollout/completion_tokens"),
@@ -103,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.peak_tflops:
         row["mfu"] = row["update_tflops"] / (args.peak_tflops * env.world_size)
     columns = [
-        ("mode", "mode"), ("ranks", "ranks"), ("sequences", "seqs/step"), ("completion_tokens", "compl. tok"),
+        ("mode", "mode"), ("decode", "decode"), ("ranks", "ranks"), ("sequences", "seqs/step"),
+        ("completion_tokens", "compl. tok"),
         ("rollout_s", "rollout s"), ("reward_s", "reward s"), ("reference_s", "ref s"), ("update_s", "update s"),
         ("step_s", "step s"), ("rollout_tok_s", "rollout tok/s"), ("update_tok_s", "update tok/s"),
         ("update_tflops", "update TFLOP/s"),

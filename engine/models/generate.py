@@ -8,6 +8,10 @@ such samples are preprocessed and encoded by the vision tower in one batch; the 
 the vision features, the chunk's M-RoPE ids continue the sample's own position counter, and its K/V land in the
 sample's cache row. The result is exactly the sequence a full forward over the spliced tokens would see (the
 tests prove it logit for logit).
+
+Steps where every row appends one token run as a :class:`StaticDecodeStep` (``decode="graph"``, the default: a
+CUDA graph on CUDA, the same static step eagerly on the CPU; ``"static"``: never a graph); steps that splice
+images in, and every step with ``decode="eager"``, go through the model's modules.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from .decoder import KVCache
 from .model import VLModel
 from .processor import Processor
 from .rope import mrope_position_ids
+from .static_decode import StaticDecodeStep
+
+DECODE_MODES = ("graph", "static", "eager")
 
 
 @dataclass
@@ -82,20 +89,22 @@ def sample_tokens(
     temperature: float,
     top_p: float,
     generator: torch.Generator | None,
-    banned: Sequence[int] = (),
+    banned: Sequence[int] | torch.Tensor = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [n, V] → (tokens int64 [n], log-prob of each under softmax(logits / temperature), fp32 [n]).
 
     temperature <= 0 is greedy (log-probs then use temperature 1). top_p < 1 samples from the smallest set of
-    tokens whose probability reaches top_p. ``banned`` ids (input-only placeholders such as the image pad) are
-    never sampled; the reported log-probs are those of the unmodified distribution, i.e. of the model itself.
+    tokens whose probability reaches top_p. ``banned`` ids (input-only placeholders such as the image pad; a tensor
+    on the logits' device saves a copy per call) are never sampled; the reported log-probs are those of the
+    unmodified distribution, i.e. of the model itself.
     """
     logits = logits.float()
     scaled = logits / temperature if temperature > 0 else logits
     logp = F.log_softmax(scaled, dim=-1)
-    allowed = logp.clone()
-    if banned:
-        allowed[:, list(banned)] = float("-inf")
+    allowed = logp
+    if len(banned):
+        banned = torch.as_tensor(banned, device=logits.device)
+        allowed = logp.index_fill(-1, banned, float("-inf"))
     if temperature <= 0:
         tokens = allowed.argmax(-1)
     else:
@@ -139,24 +148,30 @@ def generate(
     focus_trigger: str = "</area>",
     max_focus_steps: int = 0,
     generator: torch.Generator | None = None,
+    decode: str = "graph",
 ) -> list[Rollout]:
     """Sample ``num_samples`` completions per prompt (dicts from ``Processor.apply_chat_template``).
 
     Rollouts come back prompt-major: prompt 0's samples 0..G-1, then prompt 1's, ... See the module docstring for
     the focus hook; it is called once per step with all triggering samples and must return, per request, a list
-    of images (uint8 [H,W,3] or float [3,H,W] in [0,1]) or None.
+    of images (uint8 [H,W,3] or float [3,H,W] in [0,1]) or None. ``decode``: see the module docstring.
     """
     if num_samples < 1 or max_new_tokens < 1:
         raise ValueError("generate: num_samples and max_new_tokens must be >= 1")
+    if decode not in DECODE_MODES:
+        raise ValueError(f"generate: decode must be one of {DECODE_MODES}, got {decode!r}")
     cfg = model.config
     device = model.lm_head_weight.device
     tok = processor.tokenizer
     if (tok.image_pad_id, tok.vision_start_id) != (cfg.image_token_id, cfg.vision_start_token_id):
         raise ValueError("generate: the tokenizer's image/vision-start ids differ from the model config's")
     eos = set(tok.eos_token_ids)
-    banned = (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
+    banned = torch.tensor(
+        [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id], device=device
+    )
     stream = _TextStream(processor)
     cache, logits, samples = _prefill(model, prompts, num_samples, max_new_tokens)
+    static_step = None if decode == "eager" else StaticDecodeStep(model, cache, cuda_graph=decode == "graph")
     rows = torch.arange(len(samples))
     while True:
         tokens, logps = sample_tokens(logits, temperature, top_p, generator, banned)
@@ -184,7 +199,10 @@ def generate(
         rows = torch.tensor([r for r in rows.tolist() if not samples[r].done])
         if len(rows) == 0:
             break
-        logits = _append_step(model, cache, samples, rows, spliced)
+        if static_step is not None and not spliced:
+            logits = _static_step(static_step, samples, rows)
+        else:
+            logits = _append_step(model, cache, samples, rows, spliced)
 
     out = []
     for s in samples:
@@ -294,6 +312,17 @@ def _append_step(
     view = cache.plan(rows, counts_t)
     hidden = model.run_layers(x, torch.cat(chunk_pos, dim=1), None, cache, view)
     return F.linear(hidden[(torch.cumsum(counts_t, 0) - 1).to(device)], model.lm_head_weight)
+
+
+def _static_step(step: StaticDecodeStep, samples: list[_Sample], rows: torch.Tensor) -> torch.Tensor:
+    """Every cache row appends its last token (finished rows too, whose output is dropped) → logits [n, V] of the
+    live ``rows``."""
+    tokens = torch.tensor([s.ids[-1] for s in samples])
+    positions = torch.tensor([s.next_pos for s in samples])
+    for r in rows.tolist():
+        samples[r].next_pos += 1
+    logits = step.step(tokens, positions)
+    return logits if len(rows) == len(samples) else logits[rows.to(logits.device)]
 
 
 def _run_focus_hook(

@@ -44,7 +44,9 @@ class RLConfig:
     mode's choice of showing the colour-mapped depth image in the prompt. max_views: box views per sample
     (crop mode). crop_size: side of each view in pixels (a multiple of 28). depth_views: add the depth crop of
     each box as a second view. rewards: per-term weights. judge_answer_types: answer types scored by the judge
-    hook instead of the rules (needs a judge callable or judge_url).
+    hook instead of the rules (needs a judge callable or judge_url). decode: how rollouts run their one-token steps
+    (``engine.models.generate``): ``graph`` (a captured CUDA graph on GPU, the static step on CPU), ``static``, or
+    ``eager`` (the model's modules, for debugging).
     """
 
     num_generations: int = 8
@@ -68,6 +70,7 @@ class RLConfig:
     rewards: RewardWeights = field(default_factory=RewardWeights)
     judge_answer_types: tuple[str, ...] = ()
     judge_url: str = ""
+    decode: Literal["graph", "static", "eager"] = "graph"
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:

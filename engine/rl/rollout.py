@@ -96,6 +96,7 @@ def generate_rollouts(
         focus_hook=hook,
         max_focus_steps=cfg.max_views if hook is not None else 0,
         generator=generator,
+        decode=cfg.decode,
     )
     seconds = time.perf_counter() - start
     rollouts = sorted(rollouts, key=lambda r: (r.prompt_index, r.sample_index))
