@@ -261,7 +261,11 @@ class TokenLogprobsFunction(torch.autograd.Function):
             return None, None, None, None, None, None
         if g_logp is None:
             g_logp = torch.zeros_like(lse)
-        out = logits if ctx.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
+        # in place: a fresh alias (detach) of the buffer. A leaf's AccumulateGrad then adopts it as .grad; given the
+        # saved tensor itself, torch 2.11 on an H200 cloned it (a 1.2 ms device copy of 8192 × 152k bf16 logits)
+        out = (
+            logits.detach() if ctx.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
+        )
         logprob_bwd_triton(logits, target, lse, ent, g_logp, g_ent, ctx.temperature, out, row_mask)
         if ctx.inplace_backward:
             mark_overwritten(logits)

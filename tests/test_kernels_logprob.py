@@ -115,6 +115,11 @@ def test_inplace_backward_writes_gradient_into_logits(dtype):
     assert seen == [logits.data_ptr()]
     torch.testing.assert_close(logits.detach(), expected.grad)
     torch.testing.assert_close(leaf.grad, expected.grad)
+    # on a leaf the written buffer becomes .grad itself: no N×V clone in AccumulateGrad
+    own = base.clone().requires_grad_(True)
+    token_logprobs(own, target, 0.8, inplace_backward=True, backend="triton").sum().backward()
+    assert own.grad.data_ptr() == own.data_ptr()
+    torch.testing.assert_close(own.grad, expected.grad)
 
 
 @needs_triton
