@@ -88,6 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-vision", action="store_true", help="train the vision tower too (default: frozen)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads per side (0: torch's default)")
     p.add_argument("--natural-length", action="store_true", help="let completions stop at EOS / </answer>")
+    p.add_argument("--decode", default="graph", choices=("graph", "static", "eager"), help="our RLConfig.decode")
     p.add_argument("--side", choices=("ours", "trl"), default=None, help=argparse.SUPPRESS)  # child process
     p.add_argument("--out", default="benchmarks/out/trl_compare.json")
     return p.parse_args(argv)
@@ -154,6 +155,7 @@ def run_ours(args: argparse.Namespace) -> dict:
             max_completion_length=args.max_completion,
             temperature=args.temperature,
             top_p=1.0,
+            decode=args.decode,
         )
         train = TrainConfig(
             run_name="ours", output_dir=work, seed=args.seed, max_steps=args.steps, micro_batch_size=1,
