@@ -186,6 +186,12 @@ def test_static_decode_merges_lora_adapters(setup):
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
 
 
+def test_unknown_decode_mode_is_an_error(setup):
+    model, proc, prompts = setup
+    with pytest.raises(ValueError, match="decode must be one of"):
+        generate(model, proc, prompts, 1, 2, decode="cuda")
+
+
 @pytest.mark.gpu
 def test_cuda_graph_decode_matches_eager_on_gpu(setup):
     """bf16 on CUDA: the captured graph replays the static step; log-probs match the eager module path."""
