@@ -14,6 +14,7 @@ from engine.models import (
     processor_from_pretrained,
 )
 from engine.models.decoder import KVCache
+from engine.models.generate import _append_step, _Sample
 from engine.models.static_decode import StaticDecodeStep
 from engine.train.lora import apply_lora, lora_modules
 
@@ -143,9 +144,9 @@ def test_static_decode_matches_eager_and_full_forward_across_splices_and_growth(
     model, proc, prompts = setup
     static_calls, step = [], StaticDecodeStep.step
 
-    def spy(self, tokens, positions):
+    def spy(self, tokens, positions, live):
         static_calls.append(self.cache.capacity)
-        return step(self, tokens, positions)
+        return step(self, tokens, positions, live)
 
     monkeypatch.setattr(StaticDecodeStep, "step", spy)
     crop = torch.rand(3, 112, 112, generator=torch.Generator().manual_seed(5))
@@ -167,6 +168,38 @@ def test_static_decode_matches_eager_and_full_forward_across_splices_and_growth(
         assert a.input_ids.tolist() == b.input_ids.tolist() and a.finished == b.finished
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
     assert_matches_full_forward(model, static)
+
+
+def test_static_step_equals_module_step_and_finished_rows_do_not_advance(setup):
+    """One static step on 3 cache rows of different lengths, row 1 finished: the live rows' logits and cache
+    writes equal the module path's (``_append_step`` on a copy of the cache); row 1's length stays put."""
+    model, _, _ = setup
+    t = model.config.text
+    gen = torch.Generator().manual_seed(8)
+    lengths = [5, 2, 7]
+    static_cache = KVCache(t.num_hidden_layers, 3, t.num_key_value_heads, t.head_dim, 8, torch.float32, "cpu")
+    for layer in static_cache.k + static_cache.v:
+        layer.copy_(torch.randn(layer.shape, generator=gen))
+    static_cache.lengths = torch.tensor(lengths)
+    module_cache = KVCache(t.num_hidden_layers, 3, t.num_key_value_heads, t.head_dim, 8, torch.float32, "cpu")
+    module_cache.k = [k.clone() for k in static_cache.k]
+    module_cache.v = [v.clone() for v in static_cache.v]
+    module_cache.lengths = static_cache.lengths.clone()
+    tokens, positions, live = torch.tensor([11, 12, 13]), torch.tensor([9, 4, 20]), torch.tensor([0, 2])
+    with torch.no_grad():
+        logits = StaticDecodeStep(model, static_cache, cuda_graph=False).step(tokens, positions, live)
+        samples = [
+            _Sample(0, i, ids=[int(tokens[i])], mask=[], logprobs=[], pixel_values=[], grids=[],
+                    next_pos=int(positions[i]))
+            for i in range(3)
+        ]  # fmt: skip
+        expected = _append_step(model, module_cache, samples, live, {})
+    assert logits.shape == (3, t.vocab_size)
+    torch.testing.assert_close(logits[live], expected, atol=1e-5, rtol=0)
+    assert static_cache.lengths.tolist() == [6, 2, 8] == module_cache.lengths.tolist()
+    for a, b in zip(static_cache.k + static_cache.v, module_cache.k + module_cache.v):
+        for row in live.tolist():
+            torch.testing.assert_close(a[row, :, : lengths[row] + 1], b[row, :, : lengths[row] + 1], atol=1e-6, rtol=0)
 
 
 def test_static_decode_merges_lora_adapters(setup):

@@ -315,13 +315,13 @@ def _append_step(
 
 
 def _static_step(step: StaticDecodeStep, samples: list[_Sample], rows: torch.Tensor) -> torch.Tensor:
-    """Every cache row appends its last token (finished rows too, whose output is dropped) → logits [n, V] of the
-    live ``rows``."""
+    """Every cache row appends its last token (a finished row's output is dropped and its cache does not grow)
+    → logits [n, V] of the live ``rows``."""
     tokens = torch.tensor([s.ids[-1] for s in samples])
     positions = torch.tensor([s.next_pos for s in samples])
     for r in rows.tolist():
         samples[r].next_pos += 1
-    logits = step.step(tokens, positions)
+    logits = step.step(tokens, positions, rows)
     return logits if len(rows) == len(samples) else logits[rows.to(logits.device)]
 
 

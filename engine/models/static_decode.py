@@ -76,10 +76,11 @@ def _fused_qkv(attn: nn.Module) -> Linear:
 class StaticDecodeStep:
     """Next-token logits for every row of a :class:`KVCache` after appending one token per row.
 
-    ``step(tokens, positions)`` takes int64 CPU tensors [N] (the token each row appends and its M-RoPE position
-    id), writes K/V at each row's current length, advances ``cache.lengths`` by one and returns logits [N, V] in
-    the model's dtype. On CUDA (``cuda_graph``) the returned tensor is the graph's output buffer: read it before
-    the next step.
+    ``step(tokens, positions, live)`` takes int64 CPU tensors: tokens / positions [N] (the token each row appends
+    and its M-RoPE position id) and the ``live`` row indices. Every row writes K/V at its current length, but only
+    live rows advance ``cache.lengths``: a finished row keeps overwriting one slot past its sequence, so it never
+    makes the cache grow. Returns logits [N, V] in the model's dtype (a finished row's are meaningless). On CUDA
+    (``cuda_graph``) the returned tensor is the graph's output buffer: read it before the next step.
     """
 
     def __init__(self, model: nn.Module, cache: KVCache, cuda_graph: bool = True) -> None:
@@ -117,13 +118,13 @@ class StaticDecodeStep:
         self.graph_cache_ptr = 0
         self.graph_logits: torch.Tensor | None = None
 
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
         cache = self.cache
-        cache.ensure(int(cache.lengths.max()) + 1)
+        span = int(cache.lengths.max()) + 1
+        cache.ensure(span)
         host = torch.stack([tokens, positions, cache.lengths])
         self.inputs.copy_(host, non_blocking=self.device.type == "cuda")
-        span = int(cache.lengths.max()) + 1
-        cache.lengths += 1
+        cache.lengths[live] += 1
         if not self.use_graph:
             return self._forward(span)
         if self.graph is None or self.graph_cache_ptr != cache.k[0].data_ptr():
