@@ -15,7 +15,7 @@ import triton.language as tl
 from ._dispatch import check_float, check_targets, check_temperature, resolve_backend
 
 # Launch defaults from `python -m benchmarks.kernels --device cuda --sweep` on an H200 (bf16, N=8192, V=151936;
-# benchmarks/results/2026-11-26-NVIDIA_H200/kernels_sweep.json): 8192 columns × 4 warps gave the best forward and
+# benchmarks/results/2026-11-26b-NVIDIA_H200/kernels_sweep.json): 8192 columns × 4 warps gave the best forward and
 # backward together (83.7 % and 91.4 % of the copy bound, against 71.2 % / 89.2 % for the earlier 4096 × 8).
 _BLOCK_V = 8192
 _NUM_WARPS = 4

@@ -20,10 +20,10 @@ cache rows at once (rows that are already done compute a throw-away token):
 - On CUDA the step is captured once as a CUDA graph and replayed: one host→device copy of (tokens, positions,
   lengths) and one graph launch per token. The graph is captured again only if the cache is reallocated.
 
-Decode tokens are text, whose three M-RoPE ids are equal, so the rotation is the plain RoPE of one position id;
-the tables match ``mrope_cos_sin`` exactly. Memory: one extra copy of the q/k/v weights (about a sixth of the
-decoder's parameters for Qwen2.5-VL) and of every LoRA-adapted weight, for the duration of the ``generate``
-call. Use it with the parameters gathered (``engine.distributed.unsharded``), as rollouts are.
+Decode tokens are text, whose three M-RoPE ids are equal; the step builds its tables with ``mrope_cos_sin`` and
+rotates with ``apply_rope``, as the module path does on the CPU. Memory: one extra copy of the q/k/v weights
+(about a sixth of the decoder's parameters for Qwen2.5-VL) and of every LoRA-adapted weight, for the duration of
+the ``generate`` call. Use it with the parameters gathered (``engine.distributed.unsharded``), as rollouts are.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .decoder import KVCache
-from .rope import inv_freq, rotate_half
+from .rope import apply_rope, inv_freq, mrope_cos_sin
 
 Linear = tuple[torch.Tensor, torch.Tensor | None]  # (weight [out, in], bias [out] or None)
 
@@ -64,13 +64,9 @@ def _effective_linear(linear: nn.Linear) -> Linear:
 
 
 def _fused_qkv(attn: nn.Module) -> Linear:
+    """q/k/v stacked into one Linear (Qwen2's q/k/v projections always carry a bias)."""
     parts = [_effective_linear(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
-    weight = torch.cat([w for w, _ in parts])
-    biases = [b for _, b in parts]
-    if all(b is None for b in biases):
-        return weight, None
-    bias = torch.cat([b if b is not None else weight.new_zeros(w.shape[0]) for (w, _), b in zip(parts, biases)])
-    return weight, bias
+    return torch.cat([w for w, _ in parts]), torch.cat([b for _, b in parts])
 
 
 class StaticDecodeStep:
@@ -96,6 +92,7 @@ class StaticDecodeStep:
         self.lm_head_weight = model.lm_head_weight.detach()
         self.device = self.lm_head_weight.device
         self.freqs = inv_freq(cfg.head_dim, cfg.rope_theta, self.device)
+        self.mrope_section = cfg.mrope_section
         self.layers = []
         for layer in model.model.layers:
             mlp = layer.mlp
@@ -153,14 +150,12 @@ class StaticDecodeStep:
         n, d = tokens.shape[0], self.head_dim
         hq, hkv = self.num_heads, self.num_kv_heads
         x = F.embedding(tokens, self.embed_weight)
-        angles = positions.to(torch.float32).unsqueeze(-1) * self.freqs
-        angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)  # [N, 1, D]
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin = mrope_cos_sin(positions.expand(3, -1), self.freqs, self.mrope_section, x.dtype)  # [N, D]
         mask = (torch.arange(span, device=self.device) <= lengths.unsqueeze(1)).view(n, 1, 1, span)
         for w, k_cache, v_cache in zip(self.layers, self.cache.k, self.cache.v):
             qkv = F.linear(w.input_norm.forward(x), *w.qkv).view(n, hq + 2 * hkv, d)
             qk, v = qkv[:, : hq + hkv], qkv[:, hq + hkv :]
-            qk = qk * cos + rotate_half(qk) * sin
+            qk = apply_rope(qk, cos, sin)
             q, k = qk[:, :hq], qk[:, hq:]
             k_cache[self.row_index, :, lengths] = k.to(k_cache.dtype)
             v_cache[self.row_index, :, lengths] = v.to(v_cache.dtype)
