@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import sft_sif
 from common import frozen_copy, hf_exporter, load_policy, load_split, resolve_checkpoint, window_means
 
 from engine.config import DataConfig, LoRAConfig, ModelConfig, TrainConfig, load_config, to_dict
+from engine.data.schema import Record
 from engine.distributed import DistEnv, init_distributed, parallelize
+from engine.models import Processor
+from engine.rl.evaluation import EvalConfig, evaluate, report
 from engine.rl.grpo import GRPOObjective, RLConfig
 from engine.rl.probe import PROBE_KEYS, probe_rewards
 from engine.rl.prompts import build_prompt
@@ -50,6 +53,9 @@ class GRPORecipeConfig:
 
     summary_window: steps in the printed first-vs-last means of the logged rewards. probe_prompts: the first N
     training prompts are scored before and after GRPO with fixed seeds (``engine.rl.probe``; 0: no probe).
+    evaluate: score the starting policy and the trained one on the held-out split (``data.eval_path``, else the
+    bundled ``heldout``; the first ``eval_limit`` records, 0 all) with ``engine.rl.evaluation`` (the ``eval``
+    section's decoding, in the run's focusing mode) and print them side by side with the baselines.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -68,8 +74,11 @@ class GRPORecipeConfig:
         )
     )
     sft: sft_sif.SFTRecipeConfig = field(default_factory=sft_sif.SFTRecipeConfig)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(max_new_tokens=512))
     summary_window: int = 10
     probe_prompts: int = 32
+    evaluate: bool = True
+    eval_limit: int = 0
 
 
 def main(argv: list[str] | None = None) -> TrainResult:
@@ -81,6 +90,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
 def run(cfg: GRPORecipeConfig, env: DistEnv) -> TrainResult:
     """SFT warm-up if needed, then GRPO-SIF, in an initialised process group; prints the reward summary."""
     if not cfg.model.path:
+        cfg.sft.evaluate = False  # the GRPO run scores the SFT export itself, beside its own result
         if cfg.rl.focus_mode == "crop":  # warm up on the sequences a crop-mode policy generates
             cfg.sft.views = SFTViews("crop", cfg.rl.max_views, cfg.rl.crop_size, cfg.rl.depth_views)
         sft_result = sft_sif.run(cfg.sft, env)
@@ -106,9 +116,6 @@ def run(cfg: GRPORecipeConfig, env: DistEnv) -> TrainResult:
         reference=reference,
         judge=http_judge(cfg.rl.judge_url) if cfg.rl.judge_url else None,
     )
-    probe = [build_prompt(r, processor, with_depth=cfg.rl.depth_in_prompt) for r in records[: cfg.probe_prompts]]
-    probe_kwargs = dict(seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, judge=source.judge)
-    before = probe_rewards(model, processor, probe, cfg.rl, **probe_kwargs) if probe else None
     trainer = Trainer(
         model,
         GRPOObjective(cfg.rl),
@@ -119,8 +126,18 @@ def run(cfg: GRPORecipeConfig, env: DistEnv) -> TrainResult:
         run_config=to_dict(cfg),
         export_fn=hf_exporter(model.config, processor),
     )
+    model = trainer.model  # sharded: the probe and the held-out evaluation run on the training device
+    probe = [build_prompt(r, processor, with_depth=cfg.rl.depth_in_prompt) for r in records[: cfg.probe_prompts]]
+    probe_kwargs = dict(seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, judge=source.judge)
+    before = probe_rewards(model, processor, probe, cfg.rl, **probe_kwargs) if probe else None
+    heldout = load_split(cfg.data.eval_path, "heldout", cfg.eval_limit) if cfg.evaluate else []
+    start_eval = _start_evaluation(trainer, processor, heldout, cfg, env) if heldout else None
     result = trainer.fit()
     after = probe_rewards(model, processor, probe, cfg.rl, **probe_kwargs) if probe else None
+    eval_cfg = _eval_config(cfg)
+    end_eval = (
+        evaluate(model, processor, heldout, eval_cfg, rank=env.rank, world_size=env.world_size) if heldout else []
+    )
     if env.is_main:
         first, last = window_means(trainer.metrics_log.path, PROBE_KEYS, cfg.summary_window)
         w = cfg.summary_window
@@ -132,7 +149,38 @@ def run(cfg: GRPORecipeConfig, env: DistEnv) -> TrainResult:
             _print_change(before, after)
             probe_file = trainer.run_dir / "probe.json"
             probe_file.write_text(json.dumps({"prompts": n, "samples": g, "before": before, "after": after}) + "\n")
+        if heldout:
+            named = {"SFT export (start)": start_eval, f"after GRPO ({result.step} steps)": end_eval}
+            report(named, trainer.run_dir, f"held-out {len(heldout)} records, {cfg.rl.focus_mode} mode")
     return result
+
+
+def _eval_config(cfg: GRPORecipeConfig) -> EvalConfig:
+    """The recipe's eval section in the rollouts' focusing mode and crop settings."""
+    rl = cfg.rl
+    return replace(
+        cfg.eval,
+        focus_mode=rl.focus_mode,
+        max_views=rl.max_views,
+        crop_size=rl.crop_size,
+        depth_views=rl.depth_views,
+        prompt_depth_image=rl.prompt_depth_image,
+    )
+
+
+def _start_evaluation(
+    trainer: Trainer, processor: Processor, heldout: list[Record], cfg: GRPORecipeConfig, env: DistEnv
+) -> list[dict]:
+    """Held-out rows of the starting policy (the SFT export); kept in ``eval_start.json`` so that a resumed run
+    compares against the policy the run started from, not the checkpoint it resumed."""
+    saved = trainer.run_dir / "eval_start.json"
+    if cfg.train.resume and saved.is_file():
+        return json.loads(saved.read_text())
+    rows = evaluate(trainer.model, processor, heldout, _eval_config(cfg), rank=env.rank, world_size=env.world_size)
+    if env.is_main:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(rows) + "\n")
+    return rows
 
 
 def _print_change(start: dict[str, float], end: dict[str, float]) -> None:

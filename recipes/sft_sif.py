@@ -15,13 +15,14 @@ views after every ``</area>``, as a crop-mode rollout sees them (view tokens are
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 from common import hf_exporter, load_policy, load_split, resolve_checkpoint, window_means
 
 from engine.config import DataConfig, LoRAConfig, ModelConfig, TrainConfig, load_config, to_dict
 from engine.distributed import DistEnv, init_distributed
+from engine.rl.evaluation import EvalConfig, evaluate, report
 from engine.train.batch_source import IndexedBatchSource
 from engine.train.sft import SFTDataset, SFTObjective, SFTViews, collate_sft
 from engine.train.trainer import Trainer, TrainResult
@@ -31,12 +32,18 @@ from engine.train.trainer import Trainer, TrainResult
 class SFTRecipeConfig:
     """Defaults: the tiny embedded model, full fine-tuning on the bundled synthetic traces: 500 steps of one trace
     per rank (5 epochs on 2 ranks), about 3 minutes on 2 CPU cores. The tiny model's vision tower is randomly
-    initialised, so it trains too (``lora.freeze_vision false``); the 7B configs freeze their pretrained one."""
+    initialised, so it trains too (``lora.freeze_vision false``); the 7B configs freeze their pretrained one.
+
+    evaluate: end with the held-out evaluation (``engine.rl.evaluation``: ``data.eval_path``, else the bundled
+    ``heldout``, its first ``eval_limit`` records, 0 all), in the views' focusing mode."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(max_seq_len=2048, max_pixels=224 * 224))
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(freeze_vision=False))
     views: SFTViews = field(default_factory=SFTViews)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(max_new_tokens=512))
+    evaluate: bool = True
+    eval_limit: int = 0
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
             run_name="sft-tiny",
@@ -88,7 +95,16 @@ def run(cfg: SFTRecipeConfig, env: DistEnv) -> TrainResult:
         export_fn=hf_exporter(model.config, processor),
     )
     result = trainer.fit()
+    heldout = load_split(cfg.data.eval_path, "heldout", cfg.eval_limit) if cfg.evaluate else []
+    if heldout:
+        v = cfg.views
+        eval_cfg = replace(
+            cfg.eval, focus_mode=v.focus_mode, max_views=v.max_views, crop_size=v.crop_size, depth_views=v.depth_views
+        )
+        rows = evaluate(trainer.model, processor, heldout, eval_cfg, rank=env.rank, world_size=env.world_size)
     if env.is_main:
+        if heldout:
+            report({f"after SFT ({result.step} steps)": rows}, trainer.run_dir, f"held-out {len(heldout)} records")
         first, last = window_means(trainer.metrics_log.path, ["loss"], window=10)
         print(
             f"[sft] {result.step} steps, loss {first['loss']:.4f} (first 10) -> {last['loss']:.4f} (last 10); "

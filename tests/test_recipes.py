@@ -29,7 +29,7 @@ def test_grpo_recipe_runs_sft_then_grpo_and_logs_rewards(recipes, tmp_path: Path
         "--data.limit", "4",
         "--sft.train.output_dir", out, "--sft.train.max_steps", "2", "--sft.train.micro_batch_size", "1",
         "--sft.data.limit", "2", "--sft.train.progress_bar", "false", "--sft.train.plot", "false",
-        "--summary_window", "1", "--probe_prompts", "2",
+        "--summary_window", "1", "--probe_prompts", "2", "--eval_limit", "2", "--eval.max_new_tokens", "8",
     ]  # fmt: skip
     result = grpo_sif.main(argv)
     assert result.step == 2
@@ -53,6 +53,13 @@ def test_grpo_recipe_runs_sft_then_grpo_and_logs_rewards(recipes, tmp_path: Path
     for when in ("before", "after"):
         assert 0.0 <= probe[when]["reward/format"] <= 1.0 and "reward/accuracy" in probe[when]
     assert "probe, the same 2 training prompts x 2 samples" in printed
+    evals = json.loads((tmp_path / "runs/grpo-tiny/eval.json").read_text())
+    assert list(evals) == ["SFT export (start)", "after GRPO (2 steps)"]
+    for name, part in evals.items():
+        assert part["summary"]["num_records"] == 2 and len(part["records"]) == 2
+        assert "majority" in part["summary"] and "chance" in part["summary"]
+    assert (tmp_path / "runs/grpo-tiny/eval.png").stat().st_size > 0
+    assert "side by side" in printed and "majority" in printed
 
     summary = eval_sif.main(
         ["--model.path", str(result.export_dir), "--data.limit", "2", "--eval.max_new_tokens", "8",
@@ -60,4 +67,6 @@ def test_grpo_recipe_runs_sft_then_grpo_and_logs_rewards(recipes, tmp_path: Path
     )  # fmt: skip
     assert summary["num_records"] == 2
     assert summary["accuracy"] == 0.0  # 8 untrained bytes hold no <answer>: a missing answer is wrong
-    assert json.loads((tmp_path / "eval/eval.json").read_text())["summary"]["num_records"] == 2
+    saved = json.loads((tmp_path / "eval/eval.json").read_text())
+    assert [part["summary"]["num_records"] for part in saved.values()] == [2]
+    assert (tmp_path / "eval/eval.png").stat().st_size > 0
