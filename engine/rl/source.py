@@ -27,10 +27,11 @@ from engine.data.schema import Record
 from engine.distributed import unsharded
 from engine.models import ModelConfig, Processor
 from engine.rl.advantages import group_advantages
+from engine.rl.collapse import AnswerWatch, group_signals
 from engine.rl.grpo import GRPOMicroBatch, RLConfig, reference_logprobs, rollout_logprobs
 from engine.rl.packing import pack_rollouts
 from engine.rl.prompts import build_prompt
-from engine.rl.rewards import AnswerProgress, Judge, score_completions
+from engine.rl.rewards import AnswerProgress, Judge, RewardBatch, score_completions
 from engine.rl.rollout import RolloutBatch, generate_rollouts
 from engine.train.batch_source import IndexedBatchSource, StepContext
 
@@ -79,6 +80,7 @@ class GRPOBatchSource:
         self.reference = reference
         self.judge = judge
         self.progress = AnswerProgress()
+        self.answer_watch = AnswerWatch()
         self.last_batch: RolloutBatch | None = None
         self._cache: list[GRPOMicroBatch] = []
         self._cache_metrics: dict[str, float] = {}
@@ -127,10 +129,26 @@ class GRPOBatchSource:
                 micro_batches.append(mb)
         metrics = rewards.metrics()
         metrics["reward/group_std"] = float(rewards.total.view(-1, cfg.num_generations).std(dim=1).mean())
+        metrics.update(self._collapse_signals(batch, rewards))
         metrics.update(batch.metrics())
         ctx.metrics.update(metrics)
         self._cache, self._cache_metrics, self._uses_left = micro_batches, metrics, cfg.num_iterations - 1
         return micro_batches
+
+    def _collapse_signals(self, batch: RolloutBatch, rewards: RewardBatch) -> dict[str, float]:
+        """``engine.rl.collapse`` signals of this step; the answer window sees every rank's samples."""
+        records = [batch.prompts[r.prompt_index].record for r in batch.rollouts]
+        answers = [parsed.answer for parsed in rewards.parsed]
+        types = [r.answer_type for r in records]
+        signals = group_signals(rewards.total, answers, types, self.cfg.num_generations)
+        samples = [(r.qtype or r.answer_type, a, r.answer, r.answer_type) for r, a in zip(records, answers)]
+        if self.world_size > 1 and dist.is_initialized():
+            gathered: list[Any] = [None] * self.world_size
+            dist.all_gather_object(gathered, samples)
+            samples = [s for part in gathered for s in part]
+        if samples:
+            signals.update(self.answer_watch.update(*(list(column) for column in zip(*samples))))
+        return signals
 
     def _share_progress(self, record_ids: list[str]) -> None:
         """Make this step's answer-progress updates of every rank known to all ranks."""
@@ -143,9 +161,15 @@ class GRPOBatchSource:
             self.progress.merge({k: v for k, v in update.items() if v is not None})
 
     def state_dict(self) -> dict[str, Any]:
-        return {"prompts": self.prompts.state_dict(), "progress": self.progress.state_dict()}
+        return {
+            "prompts": self.prompts.state_dict(),
+            "progress": self.progress.state_dict(),
+            "answer_watch": self.answer_watch.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.prompts.load_state_dict(state["prompts"])
         self.progress.load_state_dict(state["progress"])
+        if "answer_watch" in state:
+            self.answer_watch.load_state_dict(state["answer_watch"])
         self._cache, self._cache_metrics, self._uses_left = [], {}, 0
