@@ -248,3 +248,51 @@ def test_cli_writes_a_loadable_dataset(tmp_path, capsys):
     assert len(list((tmp_path / "images").glob("*.png"))) == 3
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--n", "1", "--qtypes", "colour"])
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    from engine.data.synth import make_scene
+
+    return [make_scene(4242, i) for i in range(150)]
+
+
+def test_answers_are_balanced_by_construction(scenes):
+    """Two-way answers are drawn before the pair, counts before the attribute (the old makers gave ``1`` to ~60 %
+    of the counting questions)."""
+    from collections import Counter
+
+    from engine.data.synth_questions import make_question
+
+    answers = {q: Counter() for q in ("left_right", "above_below", "counting")}
+    for i, scene in enumerate(scenes):
+        rng = np.random.default_rng([4242, i, 1])
+        for qtype, counter in answers.items():
+            q = make_question(qtype, scene, rng)
+            if q is not None:
+                counter[q.answer] += 1
+    for qtype in ("left_right", "above_below"):
+        total = sum(answers[qtype].values())
+        assert total > 100 and max(answers[qtype].values()) / total < 0.62, answers[qtype]
+    counting = answers["counting"]
+    assert counting["1"] / sum(counting.values()) < 0.52 and len(counting) >= 3, counting
+
+
+def test_survey_names_every_object_left_to_right(scenes):
+    from engine.data.synth_questions import SceneTextWriter, make_question
+
+    scene = scenes[0]
+    q = make_question("survey", scene, np.random.default_rng(0))
+    assert q.answer == str(len(scene.objects)) and sorted(q.targets) == list(range(len(scene.objects)))
+    lefts = [scene.objects[k].box[0] for k in q.targets]
+    assert lefts == sorted(lefts)
+    conclusion = SceneTextWriter(scene, q)._conclusion()
+    assert conclusion == ", ".join(scene.objects[k].name for k in q.targets) + f": {q.answer}."
+
+
+def test_cli_mix_weights_and_asks_each_kind_once_per_scene(tmp_path):
+    main(["--out", str(tmp_path), "--n", "12", "--per-scene", "2", "--qtypes", "survey,survey,survey,locate"])
+    records, _ = load_records(tmp_path / "records.jsonl")
+    ids = [r.id for r in records]
+    assert len(ids) == len(set(ids)) == 12
+    assert {r.qtype for r in records} == {"survey", "locate"}

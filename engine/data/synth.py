@@ -42,7 +42,7 @@ from engine.data.depth_colormap import depth_to_spectral_r
 from engine.data.images import save_depth, save_image
 from engine.data.render import COLORS, SHAPES, Camera, Rendered, SceneObject, render
 from engine.data.schema import trace_step_json
-from engine.data.synth_questions import QTYPES, SceneTextWriter, make_question
+from engine.data.synth_questions import CURRICULUM_QTYPES, QTYPES, SceneTextWriter, make_question
 from engine.data.traces import TraceConfig, build_trace
 
 
@@ -157,9 +157,13 @@ def scene_records(scene: Scene, cfg: SynthConfig, seed: int, index: int) -> list
     """Question records (JSON dicts with paths relative to the dataset folder) for one scene."""
     rng = np.random.default_rng([seed, index, 1])
     records = []
+    asked: set[str] = set()
     for qtype in [cfg.qtypes[k] for k in rng.permutation(len(cfg.qtypes))]:
         if len(records) == cfg.questions_per_scene:
             break
+        if qtype in asked:  # a kind listed several times weighs the mix; a scene asks it once
+            continue
+        asked.add(qtype)
         q = make_question(qtype, scene, rng)
         if q is None:
             continue
@@ -258,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("W", "H"))
     p.add_argument("--per-scene", type=int, default=1, help="questions per scene")
-    p.add_argument("--qtypes", default=",".join(QTYPES), help="comma-separated question kinds")
+    p.add_argument(
+        "--qtypes",
+        default=",".join(QTYPES),
+        help="comma-separated question kinds; a kind named k times is tried k times as often (a training mix)",
+    )
     p.add_argument("--distractor-prob", type=float, default=0.5)
     p.add_argument("--no-trace", action="store_true")
     p.add_argument("--workers", type=int, default=1)
@@ -269,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.out is None or a.n is None:
         p.error("--out and --n are required (or --bundled)")
     qtypes = tuple(q for q in a.qtypes.split(",") if q)
-    unknown = [q for q in qtypes if q not in QTYPES]
+    unknown = [q for q in qtypes if q not in QTYPES + CURRICULUM_QTYPES]
     if unknown:
-        p.error(f"unknown question kind(s) {unknown}; choose from {list(QTYPES)}")
+        p.error(f"unknown question kind(s) {unknown}; choose from {list(QTYPES + CURRICULUM_QTYPES)}")
     cfg = SynthConfig(
         width=a.size[0],
         height=a.size[1],

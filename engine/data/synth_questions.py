@@ -28,6 +28,11 @@ QTYPES = (
     "grounding",
     "locate",
 )
+"""The question types of the held-out splits (and of the default training mix)."""
+
+CURRICULUM_QTYPES = ("survey",)
+"""Training-only types: ``survey`` (find every object, named left to right) supervises every object's box,
+depth and name in one trace, so a model that starts blind learns to see from fewer images."""
 
 
 @dataclass
@@ -61,10 +66,18 @@ def _pairs(rng: np.random.Generator, n: int) -> list[tuple[int, int]]:
     return [pairs[k] for k in rng.permutation(len(pairs))]
 
 
+def _oriented(i: int, j: int, first_is_smaller: bool, values: list[float]) -> tuple[int, int]:
+    """The pair (i, j) or (j, i), whichever has ``values[first] < values[second]`` equal to ``first_is_smaller``:
+    the wanted answer is drawn first, so both answers of a two-way question are equally likely."""
+    return (i, j) if (values[i] < values[j]) == first_is_smaller else (j, i)
+
+
 def _q_left_right(scene: Scene, rng: np.random.Generator) -> Question | None:
     us = [scene.camera.project(ob.center)[0] for ob in scene.objects]
+    want_left = bool(rng.random() < 0.5)
     for i, j in _pairs(rng, len(us)):
         if abs(us[i] - us[j]) >= 0.08 * scene.camera.width:
+            i, j = _oriented(i, j, want_left, us)
             a, b = scene.objects[i], scene.objects[j]
             ans = "left" if us[i] < us[j] else "right"
             return Question(
@@ -80,8 +93,10 @@ def _q_left_right(scene: Scene, rng: np.random.Generator) -> Question | None:
 
 def _q_above_below(scene: Scene, rng: np.random.Generator) -> Question | None:
     vs = [scene.camera.project(ob.center)[1] for ob in scene.objects]
+    want_above = bool(rng.random() < 0.5)
     for i, j in _pairs(rng, len(vs)):
         if abs(vs[i] - vs[j]) >= 0.06 * scene.camera.height:
+            i, j = _oriented(i, j, want_above, vs)
             a, b = scene.objects[i], scene.objects[j]
             ans = "above" if vs[i] < vs[j] else "below"
             return Question(
@@ -107,9 +122,16 @@ def _q_nearer(scene: Scene, rng: np.random.Generator) -> Question | None:
 
 
 def _q_counting(scene: Scene, rng: np.random.Generator) -> Question | None:
-    by_shape = rng.random() < 0.5
-    values = sorted({ob.shape if by_shape else ob.color for ob in scene.objects})
-    value = values[int(rng.integers(len(values)))]
+    """The count is drawn uniformly from the counts the scene offers (of any shape or colour), then a shape or
+    colour with that count: drawing the attribute first would make most answers ``1`` (colours are rarely shared)."""
+    by_count: dict[int, list[tuple[bool, str]]] = {}
+    for by_shape in (True, False):
+        for value in sorted({ob.shape if by_shape else ob.color for ob in scene.objects}):
+            n = sum((ob.shape if by_shape else ob.color) == value for ob in scene.objects)
+            by_count.setdefault(n, []).append((by_shape, value))
+    counts = sorted(by_count)
+    candidates = by_count[counts[int(rng.integers(len(counts)))]]
+    by_shape, value = candidates[int(rng.integers(len(candidates)))]
     idx = [k for k, ob in enumerate(scene.objects) if (ob.shape if by_shape else ob.color) == value]
     q = f"How many {value}s are there in the image?" if by_shape else f"How many {value} objects are there?"
     return Question("counting", q, str(len(idx)), "number", idx, facts={"attribute": value})
@@ -170,6 +192,12 @@ def _q_locate(scene: Scene, rng: np.random.Generator) -> Question | None:
     return Question("locate", q, _fmt_box(scene.objects[k].box), "box", [k])
 
 
+def _q_survey(scene: Scene, rng: np.random.Generator) -> Question | None:
+    order = sorted(range(len(scene.objects)), key=lambda k: scene.objects[k].box[0])
+    q = "Find every object in the image, from left to right. How many are there?"
+    return Question("survey", q, str(len(order)), "number", order)
+
+
 _MAKERS = {
     "left_right": _q_left_right,
     "above_below": _q_above_below,
@@ -179,13 +207,14 @@ _MAKERS = {
     "attribute": _q_attribute,
     "grounding": _q_grounding,
     "locate": _q_locate,
+    "survey": _q_survey,
 }
 
 
 def make_question(qtype: str, scene: Scene, rng: np.random.Generator) -> Question | None:
     """A question of kind ``qtype`` about ``scene`` (None when the scene has no unambiguous instance)."""
     if qtype not in _MAKERS:
-        raise ValueError(f"unknown question kind {qtype!r}; expected one of {QTYPES}")
+        raise ValueError(f"unknown question kind {qtype!r}; expected one of {QTYPES + CURRICULUM_QTYPES}")
     return _MAKERS[qtype](scene, rng)
 
 
@@ -238,11 +267,13 @@ class SceneTextWriter:
             return f"Farthest {t[0].shape}, depth {t[0].visible_depth:.2f}: {q.answer}."
         if q.qtype == "grounding":
             return f"It is in box {q.answer}."
+        if q.qtype == "survey":
+            return ", ".join(ob.name for ob in t) + f": {q.answer}."
         return f"Found at {q.answer}."
 
     def __call__(self, step: StepContext) -> str:
         if step.kind == "full":
-            return f"Find {self._targets()}."
+            return "Find every object." if self.q.qtype == "survey" else f"Find {self._targets()}."
         if step.kind == "distractor":
             return "Not here; refocus."
         if step.kind == "target":
