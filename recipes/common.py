@@ -19,6 +19,7 @@ from engine.config import DataConfig, LoRAConfig
 from engine.config import ModelConfig as ModelSection
 from engine.data import bundled_dataset_dir
 from engine.data.schema import Record, load_records
+from engine.data.synth import SynthSplit, ensure_split
 from engine.distributed import DistEnv
 from engine.models import (
     ModelConfig,
@@ -45,6 +46,14 @@ def resolve_checkpoint(path: str, output_dir: str, env: DistEnv) -> Path:
         create_tiny_checkpoint(tiny, seed=0)
     env.barrier()
     return tiny
+
+
+def generated_split(split: SynthSplit, output_dir: str, env: DistEnv) -> str:
+    """The folder of a generated split under ``output_dir/data`` (rank 0 renders it once; the others wait)."""
+    if env.is_main:
+        ensure_split(Path(output_dir) / "data", split)
+    env.barrier()
+    return str(Path(output_dir) / "data" / split.folder_name())
 
 
 def load_split(path: str, split: str, limit: int = 0) -> list[Record]:

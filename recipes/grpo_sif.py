@@ -20,10 +20,11 @@ import sys
 from dataclasses import dataclass, field, replace
 
 import sft_sif
-from common import frozen_copy, hf_exporter, load_policy, load_split, resolve_checkpoint, window_means
+from common import frozen_copy, generated_split, hf_exporter, load_policy, load_split, resolve_checkpoint, window_means
 
 from engine.config import DataConfig, LoRAConfig, ModelConfig, TrainConfig, load_config, to_dict
 from engine.data.schema import Record
+from engine.data.synth import SynthSplit
 from engine.distributed import DistEnv, init_distributed, parallelize
 from engine.models import Processor
 from engine.rl.evaluation import EvalConfig, evaluate, report
@@ -53,6 +54,8 @@ class GRPORecipeConfig:
 
     summary_window: steps in the printed first-vs-last means of the logged rewards. probe_prompts: the first N
     training prompts are scored before and after GRPO with fixed seeds (``engine.rl.probe``; 0: no probe).
+    synth: with ``records > 0`` and no ``data.path``, the GRPO prompts come from a generated split (as the
+    ``sft`` section's own ``synth`` for the warm-up).
     evaluate: score the starting policy and the trained one on the held-out split (``data.eval_path``, else the
     bundled ``heldout``; the first ``eval_limit`` records, 0 all) with ``engine.rl.evaluation`` (the ``eval``
     section's decoding, in the run's focusing mode) and print them side by side with the baselines.
@@ -74,6 +77,7 @@ class GRPORecipeConfig:
         )
     )
     sft: sft_sif.SFTRecipeConfig = field(default_factory=sft_sif.SFTRecipeConfig)
+    synth: SynthSplit = field(default_factory=SynthSplit)
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(max_new_tokens=512))
     summary_window: int = 10
     probe_prompts: int = 32
@@ -101,7 +105,10 @@ def run(cfg: GRPORecipeConfig, env: DistEnv) -> TrainResult:
     if cfg.rl.beta != 0.0 and not cfg.lora.enabled:
         reference = parallelize(frozen_copy(model), env.mesh)
 
-    records = load_split(cfg.data.path, "train", cfg.data.limit)
+    path = cfg.data.path
+    if not path and cfg.synth.records > 0:
+        path = generated_split(cfg.synth, cfg.train.output_dir, env)
+    records = load_split(path, "train", cfg.data.limit)
     source = GRPOBatchSource(
         records,
         processor,

@@ -18,9 +18,10 @@ import sys
 from dataclasses import dataclass, field, replace
 from functools import partial
 
-from common import hf_exporter, load_policy, load_split, resolve_checkpoint, window_means
+from common import generated_split, hf_exporter, load_policy, load_split, resolve_checkpoint, window_means
 
 from engine.config import DataConfig, LoRAConfig, ModelConfig, TrainConfig, load_config, to_dict
+from engine.data.synth import SynthSplit
 from engine.distributed import DistEnv, init_distributed
 from engine.rl.evaluation import EvalConfig, evaluate, report
 from engine.train.batch_source import IndexedBatchSource
@@ -34,6 +35,8 @@ class SFTRecipeConfig:
     per rank (5 epochs on 2 ranks), about 3 minutes on 2 CPU cores. The tiny model's vision tower is randomly
     initialised, so it trains too (``lora.freeze_vision false``); the 7B configs freeze their pretrained one.
 
+    synth: with ``records > 0`` and no ``data.path``, train on a freshly generated split of that many records
+    (``engine.data.synth.SynthSplit``; rendered once under ``train.output_dir/data``) instead of the bundled one.
     evaluate: end with the held-out evaluation (``engine.rl.evaluation``: ``data.eval_path``, else the bundled
     ``heldout``, its first ``eval_limit`` records, 0 all), in the views' focusing mode."""
 
@@ -41,6 +44,7 @@ class SFTRecipeConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(max_seq_len=2048, max_pixels=224 * 224))
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(freeze_vision=False))
     views: SFTViews = field(default_factory=SFTViews)
+    synth: SynthSplit = field(default_factory=SynthSplit)
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(max_new_tokens=512))
     evaluate: bool = True
     eval_limit: int = 0
@@ -70,7 +74,10 @@ def run(cfg: SFTRecipeConfig, env: DistEnv) -> TrainResult:
     checkpoint = resolve_checkpoint(cfg.model.path, cfg.train.output_dir, env)
     model, processor = load_policy(checkpoint, cfg.model, cfg.lora, cfg.data, cfg.train.seed)
 
-    records = load_split(cfg.data.path, "train", cfg.data.limit)
+    path = cfg.data.path
+    if not path and cfg.synth.records > 0:
+        path = generated_split(cfg.synth, cfg.train.output_dir, env)
+    records = load_split(path, "train", cfg.data.limit)
     dataset = SFTDataset(
         records, processor, with_depth=cfg.data.with_depth, max_seq_len=cfg.data.max_seq_len, views=cfg.views
     )

@@ -296,3 +296,18 @@ def test_cli_mix_weights_and_asks_each_kind_once_per_scene(tmp_path):
     ids = [r.id for r in records]
     assert len(ids) == len(set(ids)) == 12
     assert {r.qtype for r in records} == {"survey", "locate"}
+
+
+def test_ensure_split_generates_once_and_names_its_settings(tmp_path):
+    from engine.data.synth import SynthSplit, ensure_split
+
+    split = SynthSplit(records=4, seed=7, per_scene=2, qtypes="locate,survey", workers=1)
+    out = ensure_split(tmp_path, split)
+    assert out.name == split.folder_name() and "seed7-n4-q2" in out.name
+    records, report = load_records(out / "records.jsonl")
+    assert len(records) == 4 and not report.skipped
+    stamp = (out / "records.jsonl").stat().st_mtime_ns
+    assert ensure_split(tmp_path, split) == out and (out / "records.jsonl").stat().st_mtime_ns == stamp
+    assert SynthSplit(records=4, seed=7, qtypes="locate").folder_name() != split.folder_name()
+    with pytest.raises(ValueError, match="unknown kinds"):
+        SynthSplit(records=4, qtypes="locate,lcoate").config()

@@ -27,6 +27,7 @@ prefix of a dataset is reproducible and workers can render scenes in any order.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import multiprocessing
@@ -238,10 +239,46 @@ def generate_dataset(
         for f in (out / sub).glob("*.png"):
             if f.stem not in used:
                 f.unlink()
-    with open(out / "records.jsonl", "w", encoding="utf-8") as f:
+    partial = out / "records.jsonl.tmp"
+    with open(partial, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, separators=(",", ":")) + "\n")
+    partial.replace(out / "records.jsonl")
     return records
+
+
+@dataclass
+class SynthSplit:
+    """A generated split for a recipe: ``records`` questions (``per_scene`` per scene) of scenes ``0, 1, ...`` of
+    ``seed``, of the kinds in ``qtypes`` (comma-separated; a kind named k times is tried k times as often),
+    rendered by ``workers`` processes. ``records = 0``: none (the recipe uses its ``data.path`` or the bundled set).
+    """
+
+    records: int = 0
+    seed: int = 100
+    per_scene: int = 2
+    qtypes: str = ",".join(QTYPES)
+    workers: int = 2
+
+    def config(self) -> SynthConfig:
+        kinds = tuple(q for q in self.qtypes.split(",") if q)
+        unknown = sorted(set(kinds) - set(QTYPES + CURRICULUM_QTYPES))
+        if unknown or not kinds:
+            raise ValueError(f"synth.qtypes {self.qtypes!r}: unknown kinds {unknown}; use {QTYPES + CURRICULUM_QTYPES}")
+        return SynthConfig(questions_per_scene=self.per_scene, qtypes=kinds)
+
+    def folder_name(self) -> str:
+        mix = hashlib.sha1(self.qtypes.encode()).hexdigest()[:8]
+        return f"synth-seed{self.seed}-n{self.records}-q{self.per_scene}-{mix}"
+
+
+def ensure_split(root: str | Path, split: SynthSplit) -> Path:
+    """The folder of ``split`` under ``root``, generated unless a complete one is there (``records.jsonl`` is
+    written last, through a temporary name, so a killed generation is redone, never half-used)."""
+    out = Path(root) / split.folder_name()
+    if not (out / "records.jsonl").is_file():
+        generate_dataset(out, split.records, split.seed, split.config(), workers=split.workers)
+    return out
 
 
 BUNDLED_CONFIG = SynthConfig(questions_per_scene=2, png_optimize=True)
