@@ -57,14 +57,19 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where the records come from and how sequences are shaped. ``path`` empty: the bundled synthetic set."""
+    """Where the records come from and how sequences are shaped. ``path`` empty: the bundled synthetic set.
+
+    with_depth: SFT prompts show the colour-mapped depth image after the RGB one. None: as the rollouts and the
+    evaluation of the same focusing mode show it (crop: yes, text: no), so that SFT trains on the prompts the
+    policy is later sampled and judged on.
+    """
 
     path: str = ""
     eval_path: str = ""
     max_seq_len: int = 2048
     max_pixels: int = 448 * 448
     min_pixels: int = 56 * 56
-    with_depth: bool = True
+    with_depth: bool | None = None
     shuffle: bool = True
     limit: int = 0  # 0 = all records
 

@@ -25,7 +25,7 @@ from engine.data.synth import SynthSplit
 from engine.distributed import DistEnv, init_distributed
 from engine.rl.evaluation import EvalConfig, evaluate, report
 from engine.train.batch_source import IndexedBatchSource
-from engine.train.sft import SFTDataset, SFTObjective, SFTViews, collate_sft
+from engine.train.sft import SFTDataset, SFTObjective, SFTViews, collate_sft, prompt_shows_depth
 from engine.train.trainer import Trainer, TrainResult
 
 
@@ -79,7 +79,11 @@ def run(cfg: SFTRecipeConfig, env: DistEnv) -> TrainResult:
         path = generated_split(cfg.synth, cfg.train.output_dir, env)
     records = load_split(path, "train", cfg.data.limit)
     dataset = SFTDataset(
-        records, processor, with_depth=cfg.data.with_depth, max_seq_len=cfg.data.max_seq_len, views=cfg.views
+        records,
+        processor,
+        with_depth=prompt_shows_depth(cfg.data.with_depth, cfg.views),
+        max_seq_len=cfg.data.max_seq_len,
+        views=cfg.views,
     )
     source = IndexedBatchSource(
         dataset,

@@ -122,3 +122,27 @@ def test_collate_puts_every_tensor_of_the_batch_on_the_training_device(tmp_path:
     tensors = {f.name: getattr(packed, f.name) for f in dataclasses.fields(packed)}
     assert all(t.is_meta for t in tensors.values() if t is not None), {k: t.device for k, t in tensors.items()}
     assert collate_sft([data[0]], cfg).source_rows.device.type == "cpu"
+
+
+@pytest.mark.parametrize("focus_mode", ["text", "crop"])
+def test_sft_prompt_is_the_prompt_the_policy_is_sampled_on(tmp_path: Path, focus_mode: str) -> None:
+    """By default an SFT conversation starts with exactly the tokens and images of the rollout prompt of the same
+    focusing mode (text mode shows no depth image); SFT on a prompt the policy never sees was a silent mismatch."""
+    from engine.config import DataConfig
+    from engine.rl.grpo import RLConfig
+    from engine.rl.prompts import build_prompt
+    from engine.train.sft import prompt_shows_depth
+
+    tok = Tokenizer(build_byte_tokenizer())
+    processor = Processor(tok, ImageConfig(min_pixels=28 * 28, max_pixels=56 * 56))
+    record = _record(tmp_path, 0)
+    views = SFTViews(focus_mode)
+    with_depth = prompt_shows_depth(DataConfig().with_depth, views)
+    example = SFTDataset([record], processor, with_depth=with_depth, max_seq_len=4096, views=views)[0]
+    prompt = build_prompt(record, processor, with_depth=RLConfig(focus_mode=focus_mode).depth_in_prompt).inputs
+    n = prompt["input_ids"].numel()
+    assert torch.equal(example.input_ids[:n], prompt["input_ids"])
+    prompt_patches = prompt["pixel_values"].shape[0]
+    torch.testing.assert_close(example.pixel_values[:prompt_patches], prompt["pixel_values"])
+    assert with_depth == (focus_mode == "crop")
+    assert prompt_shows_depth(True, SFTViews("text")) and not prompt_shows_depth(False, SFTViews("crop"))

@@ -95,6 +95,12 @@ class SFTViews:
     depth_views: bool = True
 
 
+def prompt_shows_depth(with_depth: bool | None, views: SFTViews) -> bool:
+    """Whether SFT prompts carry the depth image: ``with_depth`` when set, else what a rollout of the views'
+    focusing mode shows (``RLConfig.depth_in_prompt``: crop yes, text no)."""
+    return with_depth if with_depth is not None else views.focus_mode == "crop"
+
+
 @dataclass
 class _Prefix:
     """A focus request for the hook: the response up to and including one ``</area>``."""
