@@ -10,12 +10,13 @@ answer happens to be that constant. Per step this module reports
   frequent predicted answer of a question type covers more of that type's predictions than its most frequent
   true answer covers of the truths (0.8 predicted "1" against 0.45 true "1" is 0.35).
 
-:class:`AnswerWatch` warns (once per type until it recovers) when the excess of a type passes ``margin``.
+:class:`AnswerWatch` prints a warning (once per type until it recovers) when the excess of a type passes
+``margin``.
 """
 
 from __future__ import annotations
 
-import warnings
+import sys
 from collections import Counter, deque
 from collections.abc import Sequence
 
@@ -54,13 +55,14 @@ def group_signals(
 class AnswerWatch:
     """Sliding window of (question type, predicted answer, true answer) over the last ``window`` samples.
 
-    ``update`` returns ``collapse/answer_excess`` and warns for a type with at least ``min_samples`` samples in
-    the window whose predicted top share exceeds its true top share by more than ``margin``.
+    ``update`` returns ``collapse/answer_excess`` and, with ``verbose``, prints a warning for a type with at least
+    ``min_samples`` samples in the window whose predicted top share exceeds its true top share by more than
+    ``margin`` (every rank keeps the same window; one of them prints).
     """
 
-    def __init__(self, window: int = 256, margin: float = 0.2, min_samples: int = 32) -> None:
+    def __init__(self, window: int = 256, margin: float = 0.2, min_samples: int = 32, verbose: bool = True) -> None:
         self.samples: deque[tuple[str, str, str]] = deque(maxlen=window)
-        self.margin, self.min_samples = margin, min_samples
+        self.margin, self.min_samples, self.verbose = margin, min_samples, verbose
         self.flagged: set[str] = set()
 
     def update(
@@ -79,11 +81,13 @@ class AnswerWatch:
             worst = max(worst, excess)
             if excess > self.margin and qtype not in self.flagged:
                 self.flagged.add(qtype)
-                warnings.warn(
-                    f"answer collapse: {qtype}: {pred!r} is {pred_n / len(part):.0%} of the last {len(part)} "
-                    f"predictions, the most common true answer {true_n / len(part):.0%}",
-                    stacklevel=2,
-                )
+                if self.verbose:
+                    print(
+                        f"[grpo] WARNING answer collapse: {qtype}: {pred!r} is {pred_n / len(part):.0%} of the last "
+                        f"{len(part)} predictions, the most common true answer {true_n / len(part):.0%}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             elif excess <= self.margin:
                 self.flagged.discard(qtype)
         return {"collapse/answer_excess": worst}

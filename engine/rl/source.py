@@ -80,7 +80,7 @@ class GRPOBatchSource:
         self.reference = reference
         self.judge = judge
         self.progress = AnswerProgress()
-        self.answer_watch = AnswerWatch()
+        self.answer_watch = AnswerWatch(verbose=rank == 0)
         self.last_batch: RolloutBatch | None = None
         self._cache: list[GRPOMicroBatch] = []
         self._cache_metrics: dict[str, float] = {}
