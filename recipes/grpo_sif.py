@@ -157,7 +157,7 @@ def run(cfg: GRPORecipeConfig, env: DistEnv) -> TrainResult:
             probe_file = trainer.run_dir / "probe.json"
             probe_file.write_text(json.dumps({"prompts": n, "samples": g, "before": before, "after": after}) + "\n")
         if heldout:
-            named = {"SFT export (start)": start_eval, f"after GRPO ({result.step} steps)": end_eval}
+            named = {"SFT export": start_eval, "after GRPO": end_eval}
             report(named, trainer.run_dir, f"held-out {len(heldout)} records, {cfg.rl.focus_mode} mode")
     return result
 

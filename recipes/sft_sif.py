@@ -115,7 +115,7 @@ def run(cfg: SFTRecipeConfig, env: DistEnv) -> TrainResult:
         rows = evaluate(trainer.model, processor, heldout, eval_cfg, rank=env.rank, world_size=env.world_size)
     if env.is_main:
         if heldout:
-            report({f"after SFT ({result.step} steps)": rows}, trainer.run_dir, f"held-out {len(heldout)} records")
+            report({"after SFT": rows}, trainer.run_dir, f"held-out {len(heldout)} records")
         first, last = window_means(trainer.metrics_log.path, ["loss"], window=10)
         print(
             f"[sft] {result.step} steps, loss {first['loss']:.4f} (first 10) -> {last['loss']:.4f} (last 10); "

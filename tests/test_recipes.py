@@ -54,7 +54,7 @@ def test_grpo_recipe_runs_sft_then_grpo_and_logs_rewards(recipes, tmp_path: Path
         assert 0.0 <= probe[when]["reward/format"] <= 1.0 and "reward/accuracy" in probe[when]
     assert "probe, the same 2 training prompts x 2 samples" in printed
     evals = json.loads((tmp_path / "runs/grpo-tiny/eval.json").read_text())
-    assert list(evals) == ["SFT export (start)", "after GRPO (2 steps)"]
+    assert list(evals) == ["SFT export", "after GRPO"]
     for part in evals.values():
         assert part["summary"]["num_records"] == 2 and len(part["records"]) == 2
         assert "majority" in part["summary"] and "chance" in part["summary"]
