@@ -9,7 +9,8 @@
 //   depth           float32 [N, H, W] or None
 //   crops           float32 [K, 3, h, w]: bilinear resample, uint8 scaled to [0, 1], then (x - mean) / std
 //   depth_crops     float32 [K, 1, h, w] resampled the same way, or an empty [0] tensor without depth
-//   depth_stats     float32 [K, 3] (lower median, mean, min over the box's support pixels), or empty [0]
+//   depth_stats     float32 [K, 3] (lower median, mean, min over the pixels the box touches: columns
+//                   floor(x1) .. ceil(x2) - 1 and rows alike, clamped, at least one), or empty [0]
 #pragma once
 
 #include <ATen/core/Tensor.h>

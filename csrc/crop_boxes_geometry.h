@@ -14,7 +14,15 @@
 // F.interpolate(mode="bilinear", align_corners=False); the arithmetic below is ATen's (float32 scale = extent /
 // out, source index fma(scale, j + 0.5, -0.5)) so that it agrees with it to float rounding of the blend (a
 // different rounding of the source index alone would cost ~1e-4 on 1000-pixel boxes of noisy images).
-// The depth statistics use the same support (rows x cols), so every box reads at least one pixel.
+//
+// The depth statistics (median, mean, min) are NOT taken over that support but over the pixels the box touches,
+// the project's one definition of a box's depth (engine.data.boxes.box_pixel_bounds, shared with the trace writer
+// and the depth reward, and the released SIFThinker's calculate_avg_depth): per axis
+//   lo = min(floor(c1), W - 1), hi = max(ceil(c2), lo + 1) - 1
+// i.e. columns floor(x1) .. ceil(x2) - 1 of the clamped box, at least one. For integer boxes both sets are the
+// pixels x1..x2-1; they differ for fractional boxes (a box covering 0.8..2.0 samples pixel 1 but its statistics
+// read pixels 0 and 1). Callers with normalised boxes pass the integer bounds of box_pixel_bounds (computed in
+// double precision), so the float32 floor/ceil here never decides a pixel for them.
 #pragma once
 
 #include <cmath>
@@ -103,6 +111,28 @@ SIF_HOST_DEVICE Axis make_axis(float a, float b, int size, int out) {
   ax.offset = c1 - static_cast<float>(lo);
   ax.step = div_rn(c2 - c1, static_cast<float>(out));
   return ax;
+}
+
+// Pixels [lo, hi] one axis of a box touches, for the depth statistics (see the header comment). Memory-safe
+// for any input: NaN or inverted boxes give one pixel inside [0, size).
+struct Span {
+  int lo;
+  int hi;
+};
+
+SIF_HOST_DEVICE Span stats_span(float a, float b, int size) {
+  const float fsize = static_cast<float>(size);
+  const float c1 = clampf(a, 0.f, fsize);
+  const float c2 = clampf(b, 0.f, fsize);
+  int lo = static_cast<int>(floorf(c1));
+  if (lo > size - 1) lo = size - 1;
+  int hi = static_cast<int>(ceilf(c2)) - 1;
+  if (hi < lo) hi = lo;
+  if (hi > size - 1) hi = size - 1;
+  Span sp;
+  sp.lo = lo < 0 ? 0 : lo;
+  sp.hi = hi;
+  return sp;
 }
 
 SIF_HOST_DEVICE Tap make_tap(const Axis& ax, int j) {

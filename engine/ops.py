@@ -24,10 +24,17 @@ For integer boxes the support is the sliced region ``[y1:y2, x1:x2]``, so a crop
 calling ``F.interpolate(mode="bilinear", align_corners=False)``. For fractional boxes the sample positions follow
 the continuous box while the taps stay inside the support, so no pixel whose centre lies outside the box ever
 contributes (as with slicing). Colours: uint8 is divided by 255, then ``(x - mean) / std``; float images are
-used as they are (expected in [0, 1]). Depth crops use the same sampling. Depth statistics ``(median, mean,
-min)`` are taken over the depth pixels of the support (so at least one pixel); the median is the lower median
-(``torch.median``'s convention, rank ``(n - 1) // 2``). Depth must be finite (non-finite values give
-unspecified statistics).
+used as they are (expected in [0, 1]). Depth crops use the same sampling.
+
+Depth statistics ``(median, mean, min)`` are taken over the pixels the box *touches*, not over the sampling
+support: columns ``floor(c1) .. ceil(c2) - 1`` of the clamped box (``lo = min(floor(c1), W - 1)``, at least one
+pixel), rows alike. That is the project's one definition of a box's depth (``engine.data.boxes.box_pixel_bounds``),
+shared with the SIF trace writer and the depth reward, and the released SIFThinker's ``calculate_avg_depth``. For
+integer boxes the two pixel sets coincide; a fractional box such as ``x ∈ [0.8, 2.0)`` samples pixel 1 only but
+its statistics read pixels 0 and 1. Callers holding normalised boxes should pass the integer bounds of
+``box_pixel_bounds`` (computed in float64), as the depth reward does, so that the float32 ``floor``/``ceil`` here
+never decides a pixel for them. The median is the lower median (``torch.median``'s convention, rank
+``(n - 1) // 2``). Depth must be finite (non-finite values give unspecified statistics).
 """
 
 from __future__ import annotations
@@ -78,7 +85,7 @@ class CropResult(NamedTuple):
 
     crops: torch.Tensor  # float32 [K, 3, h, w], normalised
     depth_crops: torch.Tensor | None  # float32 [K, 1, h, w]
-    depth_stats: torch.Tensor | None  # float32 [K, 3]: lower median, mean, min over the box
+    depth_stats: torch.Tensor | None  # float32 [K, 3]: lower median, mean, min over the pixels the box touches
 
 
 def crop_boxes(
@@ -235,6 +242,14 @@ def _axis(a: float, b: float, size: int, out: int) -> tuple[int, int, torch.Tens
     return lo, hi, rel
 
 
+def _stats_span(a: float, b: float, size: int) -> tuple[int, int]:
+    """Pixels [lo, hi] one axis of a box touches (the depth statistics), as the kernels compute it in float32."""
+    c1 = float(torch.tensor(a, dtype=torch.float32).clamp(0, size))
+    c2 = float(torch.tensor(b, dtype=torch.float32).clamp(0, size))
+    lo = min(math.floor(c1), size - 1)
+    return lo, min(max(math.ceil(c2) - 1, lo), size - 1)
+
+
 def crop_boxes_reference(
     images: torch.Tensor,
     boxes: torch.Tensor,
@@ -247,7 +262,8 @@ def crop_boxes_reference(
 ) -> CropResult:
     """The sampling definition of ``crop_boxes`` in plain torch, one box at a time (slow; for tests and
     benchmarks, never called by ``crop_boxes``): slice the support, then ``F.grid_sample`` (bilinear, border
-    padding, ``align_corners=False``) at the float32 sample positions, in float64. Same arguments and result."""
+    padding, ``align_corners=False``) at the float32 sample positions, in float64; depth statistics over the
+    sliced pixels the box touches. Same arguments and result."""
     oh, ow = _out_size(out_size)
     _check_tensors(images, boxes, box_image_index, depth)
     _check_boxes(boxes, box_image_index, images)
@@ -270,7 +286,8 @@ def crop_boxes_reference(
             dregion = depth[n, ylo : yhi + 1, xlo : xhi + 1].double()
             dsample = F.grid_sample(dregion[None, None], grid, padding_mode="border", align_corners=False)[0]
             depth_crops.append(dsample.float())
-            flat = dregion.flatten()
+            (sxlo, sxhi), (sylo, syhi) = _stats_span(box[0], box[2], w), _stats_span(box[1], box[3], h)
+            flat = depth[n, sylo : syhi + 1, sxlo : sxhi + 1].double().flatten()
             stats.append(torch.stack([flat.median(), flat.mean(), flat.min()]).float())
     dev = images.device
     out = torch.stack(crops) if crops else torch.empty((0, 3, oh, ow), device=dev)

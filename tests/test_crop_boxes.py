@@ -134,6 +134,24 @@ def test_one_pixel_and_sub_pixel_boxes_use_one_pixel() -> None:
         torch.testing.assert_close(got.depth_stats[k], depth[0, r, c].expand(3), atol=0, rtol=0)
 
 
+def test_depth_stats_read_the_pixels_a_box_touches() -> None:
+    # Statistics use columns floor(x1) .. ceil(x2) - 1 (rows alike), the rule of engine.data.boxes, while the
+    # crops sample the pixels whose centres lie inside. Every row is [.2, .8, .8, .8]: the box x ∈ [0.8, 2.0)
+    # touches columns 0 and 1 (mean 0.5) though its only centre inside is column 1's (crop = 0.8).
+    depth = torch.tensor([0.2, 0.8, 0.8, 0.8]).repeat(4, 1)[None]
+    images = torch.zeros(1, 4, 4, 3, dtype=torch.uint8)
+    boxes = torch.tensor([[0.8, 0.0, 2.0, 4.0], [0.9, 1.2, 1.1, 1.4], [-3.0, 3.5, 0.5, 9.0]])
+    got = crop_boxes(images, boxes, torch.zeros(3, dtype=torch.int64), (2, 3), depth=depth)
+    torch.testing.assert_close(got.depth_crops[0], torch.full((1, 2, 3), 0.8))
+    # box 1: a sub-pixel box across the column 0|1 edge touches both (row 1); the crops read the pixel holding its
+    # centre, column 1. Box 2 is clamped to column 0, row 3.
+    torch.testing.assert_close(got.depth_crops[1], torch.full((1, 2, 3), 0.8))
+    want = torch.tensor([[0.2, 0.5, 0.2], [0.2, 0.5, 0.2], [0.2, 0.2, 0.2]])
+    torch.testing.assert_close(got.depth_stats, want)
+    ref = crop_boxes_reference(images, boxes, torch.zeros(3, dtype=torch.int64), (2, 3), depth=depth)
+    torch.testing.assert_close(ref.depth_stats, want)
+
+
 def test_fractional_box_touches_only_pixels_with_centres_inside() -> None:
     # Pixels outside the support (centres outside the box) are set to 255; a box whose support is columns 2..4
     # and rows 1..3 must never see them, whatever the output size.

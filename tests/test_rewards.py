@@ -252,3 +252,33 @@ def test_http_judge_posts_json_and_reads_the_score() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ------------------------------------------------------------------------------------ one box mean depth (§4)
+
+
+def test_writer_reward_and_crop_op_agree_on_a_box_mean_depth() -> None:
+    # Issue 13's case: every row of a 4x4 map is [.2, .8, .8, .8]; box x ∈ [.2, .5] covers pixel columns
+    # floor(.2·4) = 0 .. ceil(.5·4) − 1 = 1, so its mean is (.2 + .8) / 2 = 0.5 (all rows).
+    from engine.data.boxes import box_mean_depth
+    from engine.ops import crop_boxes
+    from engine.rl.rewards import box_mean_depths
+
+    depth = torch.tensor([0.2, 0.8, 0.8, 0.8]).repeat(4, 1)
+    box = DepthBox(0.2, 0.0, 0.5, 1.0, 0.5)
+    assert box_mean_depth(depth, box[:4]) == pytest.approx(0.5)
+    assert box_mean_depths([depth], [(0, box)]) == [pytest.approx(0.5)]
+    # the op on the same box in pixel coordinates [0.8, 0, 2, 4]: median 0.2 (lower), mean 0.5, min 0.2
+    stats = crop_boxes(
+        torch.zeros(1, 4, 4, 3, dtype=torch.uint8),
+        torch.tensor([[0.8, 0.0, 2.0, 4.0]]),
+        torch.zeros(1, dtype=torch.int64),
+        1,
+        depth=depth[None],
+    ).depth_stats
+    torch.testing.assert_close(stats, torch.tensor([[0.2, 0.5, 0.2]]))
+    # so a trace that states the writer's 0.5 is right in both profiles
+    target = _target(gt_boxes=[[0.2, 0.0, 0.5, 1.0]], depth=depth)
+    for profile in ("strict", "release"):
+        out = score_completions([_response([[box]])], [0], [target], weights=RewardWeights(profile=profile))
+        assert out.terms["depth"].item() == 1.0, profile

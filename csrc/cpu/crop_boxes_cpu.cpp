@@ -4,8 +4,9 @@
 // float scratch row (contiguous, vectorisable; uint8 -> float happens here, once per source pixel), then each
 // output sample blends two scratch columns and applies scale/shift for its channel. Source pixels are read
 // once per output row that needs them; there is no intermediate image. Depth rows go through the same path.
-// Depth statistics: one task per box (dynamic schedule, boxes differ in size), exact lower median (rank
-// (n - 1) / 2, torch.median's convention) by a value histogram + selection, see DepthStats.
+// Depth statistics: one task per box (dynamic schedule, boxes differ in size) over the pixels the box touches
+// (stats_span, crop_boxes_geometry.h), exact lower median (rank (n - 1) / 2, torch.median's convention) by a value
+// histogram + selection, see DepthStats.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -30,8 +31,10 @@ namespace {
 
 struct BoxGeometry {
   int64_t image;
-  Axis x;
+  Axis x;  // sampling
   Axis y;
+  Span sx;  // depth statistics: the pixels the box touches
+  Span sy;
 };
 
 // Vertical blend of two rows over `count` contiguous values: out[t] = a[t] + wy * (b[t] - a[t]).
@@ -72,7 +75,7 @@ void blend_columns_rgb(const float* __restrict row, const Tap* __restrict taps, 
   }
 }
 
-// Exact lower median, mean and min of the box's support pixels of one depth map.
+// Exact lower median, mean and min of the pixels a box touches (g.sx x g.sy) of one depth map.
 // Pass 1 takes sum (double), min and max; pass 2 counts values into kBins equal-width bins over [min, max]
 // (the bin index is monotone in the value, so the rank-(n-1)/2 element lies in the bin where the counts
 // cross it); pass 3 gathers that bin's values and std::nth_element finishes the selection. Small boxes skip
@@ -80,11 +83,11 @@ void blend_columns_rgb(const float* __restrict row, const Tap* __restrict taps, 
 class DepthStats {
  public:
   void operator()(const float* depth, int64_t width, const BoxGeometry& g, float* out) {
-    const int64_t cols = g.x.hi - g.x.lo + 1;
-    const int64_t rows = g.y.hi - g.y.lo + 1;
+    const int64_t cols = g.sx.hi - g.sx.lo + 1;
+    const int64_t rows = g.sy.hi - g.sy.lo + 1;
     const int64_t n = rows * cols;
     const int64_t rank = (n - 1) / 2;
-    const float* first = depth + g.y.lo * width + g.x.lo;
+    const float* first = depth + g.sy.lo * width + g.sx.lo;
     auto row = [&](int64_t r) { return first + r * width; };
 
     double sum = 0.0;
@@ -281,6 +284,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crop_boxes_cpu(const at::Tensor& 
     g.image = ip[k];
     g.x = make_axis(bk[0], bk[2], static_cast<int>(plan.width), static_cast<int>(plan.out_w));
     g.y = make_axis(bk[1], bk[3], static_cast<int>(plan.height), static_cast<int>(plan.out_h));
+    g.sx = stats_span(bk[0], bk[2], static_cast<int>(plan.width));
+    g.sy = stats_span(bk[1], bk[3], static_cast<int>(plan.height));
     for (int64_t j = 0; j < plan.out_w; ++j) xtaps[k * plan.out_w + j] = make_tap(g.x, static_cast<int>(j));
     for (int64_t i = 0; i < plan.out_h; ++i) ytaps[k * plan.out_h + i] = make_tap(g.y, static_cast<int>(i));
   }

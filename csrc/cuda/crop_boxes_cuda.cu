@@ -6,13 +6,14 @@
 // for all channels (uint8 HWC: 3 bytes per tap through the read-only cache), blends in registers and applies
 // the fused scale/shift. The x taps are computed once per thread and reused down its rows.
 //
-// Depth statistics: a second small launch, one block per box. The exact lower median is found by radix
-// selection on the order-preserving uint32 key of each float: three passes over the box's support with an
+// Depth statistics: a second small launch, one block per box, over the pixels the box touches (stats_span in
+// crop_boxes_geometry.h, the same rule as the CPU kernel and engine.data.boxes). The exact lower median is found
+// by radix selection on the order-preserving uint32 key of each float: three passes over the box's pixels with an
 // 11/11/10-bit shared-memory histogram, each pass keeping only the values that share the prefix selected so far
 // (no sort, no global scratch, deterministic). The first pass also reduces sum (double) and min. Warp-aggregated
 // atomics (__match_any_sync) keep smooth depth maps, whose values crowd a few bins, from serialising on one
-// counter. A box's support is read three times (from L2 for typical depth maps); the crops dominate traffic.
-// NaN anywhere in the support gives NaN statistics (torch's median/mean/min propagate NaN).
+// counter. A box's pixels are read three times (from L2 for typical depth maps); the crops dominate traffic.
+// NaN anywhere in those pixels gives NaN statistics (torch's median/mean/min propagate NaN).
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -199,8 +200,8 @@ __global__ void __launch_bounds__(kStatsThreads, 2)
       if (threadIdx.x == 0) out[0] = out[1] = out[2] = __int_as_float(0x7fc00000);
       continue;
     }
-    const Axis ax = make_axis(b.x, b.z, s.width, 1);
-    const Axis ay = make_axis(b.y, b.w, s.height, 1);
+    const Span ax = stats_span(b.x, b.z, s.width);
+    const Span ay = stats_span(b.y, b.w, s.height);
     const int cols = ax.hi - ax.lo + 1, rows = ay.hi - ay.lo + 1;
     const float* base = depth + n * hw + static_cast<int64_t>(ay.lo) * s.width + ax.lo;
     const unsigned count = static_cast<unsigned>(rows) * static_cast<unsigned>(cols);

@@ -68,8 +68,14 @@ def round_outward(box: Sequence[float], decimals: int = 3) -> Box:
 
 
 def box_pixel_bounds(box: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:
-    """Pixel rows/cols ``(r0, r1, c0, c1)`` covered by a normalised box: floor of the low corner, ceil of the high
-    one, clipped to the image and never empty (the release's ``calculate_avg_depth`` rounding, made total)."""
+    """Pixel rows ``r0 .. r1 - 1`` and columns ``c0 .. c1 - 1`` a normalised box touches: the one definition of a
+    box's pixels for its depth, shared by the trace writer (:func:`box_mean_depth`), both depth-reward profiles and
+    the depth statistics of ``engine.ops.crop_boxes`` (which the reward calls with these integer bounds).
+
+    ``c0 = clamp(floor(x1·W), 0, W − 1)``, ``c1 = clamp(ceil(x2·W), c0 + 1, W)``, rows alike: every pixel the box
+    overlaps, even partly. This is the rounding of the released SIFThinker's ``calculate_avg_depth``, in float64 as
+    there (so ``ceil(0.07·100) = 8``, 0.07·100 being 7.000000000000001); the release raises where ``c1 <= c0``
+    after clamping, here at least one pixel is kept, which only matters for boxes that are not valid."""
     c0 = min(max(int(math.floor(box[0] * width)), 0), width - 1)
     r0 = min(max(int(math.floor(box[1] * height)), 0), height - 1)
     c1 = min(max(int(math.ceil(box[2] * width)), c0 + 1), width)
@@ -78,7 +84,7 @@ def box_pixel_bounds(box: Sequence[float], height: int, width: int) -> tuple[int
 
 
 def box_mean_depth(depth: np.ndarray | torch.Tensor, box: Sequence[float]) -> float:
-    """Mean of a depth map [H, W] over a normalised box (see :func:`box_pixel_bounds`)."""
+    """Mean of a depth map [H, W] over the pixels a normalised box touches (:func:`box_pixel_bounds`)."""
     h, w = depth.shape[-2:]
     r0, r1, c0, c1 = box_pixel_bounds(box, h, w)
     return float(depth[..., r0:r1, c0:c1].mean())

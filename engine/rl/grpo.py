@@ -43,10 +43,11 @@ class RLConfig:
     boxes are cropped and spliced in as new views, prompt carries RGB + depth). prompt_depth_image: override the
     mode's choice of showing the colour-mapped depth image in the prompt. max_views: box views per sample
     (crop mode). crop_size: side of each view in pixels (a multiple of 28). depth_views: add the depth crop of
-    each box as a second view. rewards: per-term weights. judge_answer_types: answer types scored by the judge
-    hook instead of the rules (needs a judge callable or judge_url). decode: how rollouts run their one-token steps
-    (``engine.models.generate``): ``graph`` (a captured CUDA graph on GPU, the static step on CPU), ``static``, or
-    ``eager`` (the model's modules, for debugging).
+    each box as a second view. rewards: per-term weights and ``profile``: ``strict`` by default (the engine's rules,
+    not the release's), ``release`` for the released reward code term by term (docs/rewards.md).
+    judge_answer_types: answer types scored by the judge hook instead of the rules (needs a judge callable or
+    judge_url). decode: how rollouts run their one-token steps (``engine.models.generate``): ``graph`` (a captured
+    CUDA graph on GPU, the static step on CPU), ``static``, or ``eager`` (the model's modules, for debugging).
     """
 
     num_generations: int = 8

@@ -13,6 +13,11 @@ coordinates). Both measures compare a *set* of predicted boxes with a *set* of g
   ``max(|P|, |G|)``, so extra or missing boxes are penalised.
 
 Degenerate boxes (zero width or height) have zero area; an empty set gives IoU 0.
+
+``release_box_set_iou`` is the released SIFThinker's variant (the ``release`` reward profile, docs/rewards.md):
+boxes are used as written (never re-ordered), a box without positive width and height is left out of the union
+region but still takes part in the matching (with IoU 0), the matched sum is divided by ``min(|P|, |G|)`` (the
+mean over matched pairs: extra or missing boxes are not penalised there), and two empty sets score 1.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ from scipy.optimize import linear_sum_assignment
 BoxesLike = Sequence[Sequence[float]] | np.ndarray
 
 
-def _as_boxes(boxes: BoxesLike, name: str) -> np.ndarray:
-    """float64 [K, 4] with x1 <= x2, y1 <= y2 (coordinates are re-ordered, never rejected)."""
+def _as_boxes(boxes: BoxesLike, name: str, reorder: bool = True) -> np.ndarray:
+    """float64 [K, 4]; with ``reorder`` x1 <= x2, y1 <= y2 (coordinates are re-ordered, never rejected)."""
     arr = np.asarray(boxes, dtype=np.float64)
     if arr.size == 0:
         return np.zeros((0, 4))
@@ -34,6 +39,8 @@ def _as_boxes(boxes: BoxesLike, name: str) -> np.ndarray:
         raise ValueError(f"{name}: expected boxes of shape [K, 4], got {arr.shape}")
     if not np.isfinite(arr).all():
         raise ValueError(f"{name}: boxes contain NaN or inf: {arr.tolist()}")
+    if not reorder:
+        return arr
     x1, x2 = np.minimum(arr[:, 0], arr[:, 2]), np.maximum(arr[:, 0], arr[:, 2])
     y1, y2 = np.minimum(arr[:, 1], arr[:, 3]), np.maximum(arr[:, 1], arr[:, 3])
     return np.stack([x1, y1, x2, y2], axis=1)
@@ -71,9 +78,12 @@ def union_iou(pred: BoxesLike, gt: BoxesLike) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def pairwise_iou(pred: BoxesLike, gt: BoxesLike) -> np.ndarray:
-    """float64 [|P|, |G|] IoU of every predicted box with every ground-truth box."""
-    p, g = _as_boxes(pred, "pred"), _as_boxes(gt, "gt")
+def pairwise_iou(pred: BoxesLike, gt: BoxesLike, reorder: bool = True) -> np.ndarray:
+    """float64 [|P|, |G|] IoU of every predicted box with every ground-truth box.
+
+    ``reorder=False`` takes the corners as written: a box with x2 <= x1 or y2 <= y1 then overlaps nothing (IoU 0).
+    """
+    p, g = _as_boxes(pred, "pred", reorder), _as_boxes(gt, "gt", reorder)
     ix = np.clip(np.minimum(p[:, None, 2], g[None, :, 2]) - np.maximum(p[:, None, 0], g[None, :, 0]), 0, None)
     iy = np.clip(np.minimum(p[:, None, 3], g[None, :, 3]) - np.maximum(p[:, None, 1], g[None, :, 1]), 0, None)
     inter = ix * iy
@@ -95,3 +105,27 @@ def matched_iou(pred: BoxesLike, gt: BoxesLike) -> float:
 def box_set_iou(pred: BoxesLike, gt: BoxesLike) -> float:
     """The grounding IoU of design.md §6: mean of ``union_iou`` and ``matched_iou``."""
     return 0.5 * (union_iou(pred, gt) + matched_iou(pred, gt))
+
+
+def release_box_set_iou(pred: BoxesLike, gt: BoxesLike) -> float:
+    """The released SIFThinker's box-set IoU: ``(union term + matched term) / 2`` with boxes as written.
+
+    union term: IoU of the regions covered by the boxes with positive width and height (others are left out);
+    1 when neither set has such a box, 0 when only one has. matched term: Hungarian-matched sum of pairwise IoU
+    (corners as written, so an inverted or flat box scores 0 with everything) over ``min(|P|, |G|)``; 1 when both
+    sets are empty, 0 when one is. Coordinates must be finite (the caller decides what an unreadable box means).
+    """
+    p, g = _as_boxes(pred, "pred", reorder=False), _as_boxes(gt, "gt", reorder=False)
+    positive = lambda b: b[(b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])]
+    pp, gp = positive(p), positive(g)
+    if len(pp) == 0 or len(gp) == 0:
+        union_term = 1.0 if len(pp) == len(gp) else 0.0
+    else:
+        union_term = union_iou(pp, gp)
+    if len(p) == 0 or len(g) == 0:
+        matched_term = 1.0 if len(p) == len(g) else 0.0
+    else:
+        ious = pairwise_iou(p, g, reorder=False)
+        rows, cols = linear_sum_assignment(ious, maximize=True)
+        matched_term = float(ious[rows, cols].sum()) / min(ious.shape)
+    return 0.5 * (union_term + matched_term)

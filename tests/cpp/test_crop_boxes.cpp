@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "crop_boxes.h"
@@ -121,11 +122,17 @@ void run_case(bool uint8_input) {
         dworst = std::max(dworst, std::abs(d - dgot[(k * OH + i) * OW + j]));
       }
     }
-    // Statistics over the support rows x cols.
-    const Taps sx = naive_axis(b[0], b[2], W, 1, 0), sy = naive_axis(b[1], b[3], H, 1, 0);
+    // Statistics over the pixels the box touches: floor(x1) .. ceil(x2) - 1 of the clamped box, rows alike.
+    auto touched = [](double a, double z, int size) {
+      const int lo = std::min(static_cast<int>(std::floor(std::clamp(a, 0.0, static_cast<double>(size)))), size - 1);
+      const int hi = std::max(static_cast<int>(std::ceil(std::clamp(z, 0.0, static_cast<double>(size)))) - 1, lo);
+      return std::pair<int, int>(lo, hi);
+    };
+    const auto [sxlo, sxhi] = touched(b[0], b[2], W);
+    const auto [sylo, syhi] = touched(b[1], b[3], H);
     std::vector<float> values;
-    for (int y = sy.lo; y <= sy.hi; ++y)
-      for (int x = sx.lo; x <= sx.hi; ++x) values.push_back(dep[(n * H + y) * W + x]);
+    for (int y = sylo; y <= syhi; ++y)
+      for (int x = sxlo; x <= sxhi; ++x) values.push_back(dep[(n * H + y) * W + x]);
     std::sort(values.begin(), values.end());
     double sum = 0.0;
     for (float v : values) sum += v;
