@@ -6,8 +6,10 @@
 Ops and implementations compared:
 - token_logprobs (logits → per-token log-probs): ours (Triton), torch reference eager / torch.compile, TRL-style
   selective_log_softmax, Liger's fused_selective_log_softmax (forward only, it has no backward).
-- grpo_from_logits (fwd+bwd of the GRPO loss from logits): ours (in-place gradient), Liger triton_grpo_loss
-  (inplace=True), torch reference eager / torch.compile.
+- grpo_from_logits (fwd+bwd of the GRPO loss from logits): ours (in-place gradient) as impl="two_pass" (the
+  default), "one_pass" and "fused" (kernels/grpo_logits.py), Liger triton_grpo_loss (inplace=True), torch
+  reference eager / torch.compile; at the token importance level, and with ``--grpo-levels`` also at the
+  sequence level (CUDA).
 - linear_logprobs (hidden, lm_head → log-probs): ours (Triton tiles on CUDA, chunked torch on CPU), materialised
   logits in torch (eager / compile).
 - grpo_from_hidden (hidden → GRPO loss): ours (linear_token_logprobs + grpo_loss), Liger LigerFusedLinearGRPOLoss.
@@ -20,11 +22,16 @@ RSS growth of a fresh subprocess that builds the inputs and runs the op once.
 
 ``--sweep`` instead times the token_logprobs forward and backward kernels at each launch configuration (BLOCK_V ×
 num_warps) on N=8192 rows of V=151936 bf16 logits; the defaults in ``kernels/logprob.py`` come from its H200 run.
+``--sweep-grpo`` times grpo_loss_from_logits(impl="one_pass" / "fused") at each launch configuration of their
+kernels (BLOCK_V × warps × stages × programs per SM) at B=8, L=1024, V=151936 bf16, the defaults in
+``kernels/grpo_logits.py`` marked; fwd+bwd % of bound is against the same 3-pass bound, so the fused kernel shows
+above 100 % exactly when its second read of a row comes from L2.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -45,6 +52,8 @@ from benchmarks.common import (
 )
 from kernels import GRPOLossConfig, grpo_loss, grpo_loss_from_logits, linear_token_logprobs, token_logprobs
 from kernels._dispatch import interpreter_enabled
+from kernels.grpo_logits import BWD_LAUNCH, FUSED_LAUNCH, FWD_LAUNCH, LogitsLaunch, grpo_from_logits_triton
+from kernels.grpo_loss import _aggregation_scale
 from kernels.logprob import logprob_bwd_triton, logprob_fwd_triton, token_logprobs_reference
 
 CFG = GRPOLossConfig(beta=0.04, eps_low=0.2, eps_high=0.28, loss_type="grpo")
@@ -166,16 +175,17 @@ def _grpo_inputs(b: int, length: int, device: str):
 
 def build_grpo_from_logits(shape: dict, device: str, compile_: bool) -> list[Case]:
     b, length, v, dtype = shape["B"], shape["L"], shape["V"], _dtype(shape["dtype"])
+    cfg = dataclasses.replace(CFG, importance_level=shape.get("level", "token"))
     full = torch.randn(b, length + 1, v, device=device, dtype=dtype)
     ids = torch.randint(0, v, (b, length), device=device)
     old, ref, adv, mask = _grpo_inputs(b, length, device)
     leaf = full.clone().requires_grad_(True)
 
-    def ours(x):  # x: [B, L + 1, V], as Liger takes it; the gradient lands in x's buffer
-        return grpo_loss_from_logits(x, ids, old, ref, adv, mask, CFG, backend="triton")[0]
+    def ours(x, impl="two_pass"):  # x: [B, L + 1, V], as Liger takes it; the gradient lands in x's buffer
+        return grpo_loss_from_logits(x, ids, old, ref, adv, mask, cfg, impl=impl, backend="triton")[0]
 
     def reference(x):
-        return grpo_loss_from_logits(x, ids, old, ref, adv, mask, CFG, backend="torch")[0]
+        return grpo_loss_from_logits(x, ids, old, ref, adv, mask, cfg, backend="torch")[0]
 
     cases = [Case("torch eager", lambda: reference(full), _fwdbwd(lambda: reference(leaf), [leaf]))]
     compiled = _maybe_compile(reference, compile_)
@@ -192,24 +202,35 @@ def build_grpo_from_logits(shape: dict, device: str, compile_: bool) -> list[Cas
                 ids,
                 adv,
                 mask,
-                temperature=CFG.temperature,
-                beta=CFG.beta,
-                eps_low=CFG.eps_low,
-                eps_high=CFG.eps_high,
+                temperature=cfg.temperature,
+                beta=cfg.beta,
+                eps_low=cfg.eps_low,
+                eps_high=cfg.eps_high,
                 inplace=True,
-                loss_type="grpo",
+                loss_type=cfg.loss_type,
+                importance_sampling_level=cfg.importance_level,
                 reduce=True,
             )[0]
 
-        # both backwards write the gradient into their logits: each gets its own copy (whose values then stay
-        # gradient-sized, which neither kernel's speed depends on)
-        liger_leaf, ours_leaf = (full.clone().requires_grad_(True) for _ in range(2))
+        # every backward writes the gradient into its logits: each gets its own copy (whose values then stay
+        # gradient-sized, which no kernel's speed depends on)
+        liger_leaf = full.clone().requires_grad_(True)
         cases.append(
             Case("liger triton_grpo_loss", lambda: liger(full), _fwdbwd(lambda: liger(liger_leaf), [liger_leaf]))
         )
-        cases.append(
-            Case("ours (triton, in-place bwd)", lambda: ours(full), _fwdbwd(lambda: ours(ours_leaf), [ours_leaf]))
-        )
+        for name, impl in (
+            ("ours (triton, in-place bwd)", "two_pass"),
+            ("ours one_pass (in-place bwd)", "one_pass"),
+            ("ours fused (in-place)", "fused"),
+        ):
+            own = full.clone().requires_grad_(True)
+            cases.append(
+                Case(
+                    name,
+                    lambda impl=impl: ours(full, impl),
+                    _fwdbwd(lambda own=own, impl=impl: ours(own, impl), [own]),
+                )
+            )
     return cases
 
 
@@ -294,6 +315,7 @@ BUILDERS = {
 SMOKE = [
     Group("token_logprobs", {"N": 6, "V": 300, "dtype": "fp32"}, "bytes"),
     Group("grpo_from_logits", {"B": 2, "L": 3, "V": 300, "dtype": "fp32"}, "bytes"),
+    Group("grpo_from_logits", {"B": 2, "L": 3, "V": 300, "level": "sequence", "dtype": "fp32"}, "bytes"),
     Group("linear_logprobs", {"N": 6, "H": 8, "V": 300, "dtype": "fp32"}, "flops"),
     Group("grpo_from_hidden", {"B": 2, "L": 3, "H": 8, "V": 300, "dtype": "fp32"}, "flops"),
 ]
@@ -302,15 +324,20 @@ SMOKE = [
 CUDA_SIZES = (4096, 8192, 16384)
 
 
-def groups_for(device: str, smoke: bool = False, sizes: tuple[int, ...] = CUDA_SIZES) -> list[Group]:
-    """The shape groups of one run; ``sizes`` are the CUDA token counts (multiples of 1024)."""
+def groups_for(
+    device: str, smoke: bool = False, sizes: tuple[int, ...] = CUDA_SIZES, grpo_levels: tuple[str, ...] = ("token",)
+) -> list[Group]:
+    """The shape groups of one run; ``sizes`` are the CUDA token counts (multiples of 1024), ``grpo_levels`` the
+    importance levels of the CUDA grpo_from_logits groups."""
     if smoke:
         return SMOKE
     if device == "cuda":
         out = []
         for n in sizes:
             out.append(Group("token_logprobs", {"N": n, "V": 151936, "dtype": "bf16"}, "bytes"))
-            out.append(Group("grpo_from_logits", {"B": n // 1024, "L": 1024, "V": 151936, "dtype": "bf16"}, "bytes"))
+            for level in grpo_levels:
+                grpo = {"B": n // 1024, "L": 1024, "V": 151936, **({"level": level} if level != "token" else {})}
+                out.append(Group("grpo_from_logits", {**grpo, "dtype": "bf16"}, "bytes"))
             out.append(Group("linear_logprobs", {"N": n, "H": 3584, "V": 152064, "dtype": "bf16"}, "flops"))
             out.append(
                 Group("grpo_from_hidden", {"B": n // 1024, "L": 1024, "H": 3584, "V": 152064, "dtype": "bf16"}, "flops")
@@ -366,10 +393,17 @@ def _child(group_index: int, impl: str, device: str, compile_: bool) -> None:
 
 
 def run(
-    device: str, compile_: bool, iters: int, only: set[str] | None, limits: dict, smoke: bool, sizes: tuple[int, ...]
+    device: str,
+    compile_: bool,
+    iters: int,
+    only: set[str] | None,
+    limits: dict,
+    smoke: bool,
+    sizes: tuple[int, ...],
+    grpo_levels: tuple[str, ...] = ("token",),
 ) -> list[dict]:
     rows = []
-    for index, group in enumerate(groups_for(device, smoke, sizes)):
+    for index, group in enumerate(groups_for(device, smoke, sizes, grpo_levels)):
         if only and group.op not in only:
             continue
         cases = BUILDERS[group.op](group.shape, device, compile_)
@@ -434,6 +468,74 @@ def sweep_logprob_launch(device: str, smoke: bool, iters: int, limits: dict) -> 
     return rows
 
 
+def _grpo_sweep_launches(smoke: bool) -> list[tuple[str, str, dict[str, LogitsLaunch]]]:
+    """(impl, swept kernel, launch overrides) of the --sweep-grpo run: the fused kernel's configurations, then the
+    one_pass forward's (with the default backward) and the one_pass backward's (with the default forward)."""
+    if smoke:
+        fused = [LogitsLaunch(bv, 1, None, pps) for bv in (64, 128) for pps in (1, 0)]
+        fwd = [LogitsLaunch(64, 1, 2)]
+        bwd = [LogitsLaunch(128, 1)]
+    else:
+        fused = [LogitsLaunch(bv, w, None, pps) for bv in (4096, 8192, 16384) for w in (4, 8, 16) for pps in (1, 2, 0)]
+        fwd = [LogitsLaunch(bv, w, 2) for bv in (1024, 2048, 4096) for w in (1, 2, 4, 8)]
+        bwd = [LogitsLaunch(bv, w) for bv in (4096, 8192) for w in (4, 8, 16)]
+    out = [("fused", "fused", {"fused": launch}) for launch in fused]
+    out += [("one_pass", "fwd", {"fwd": launch, "bwd": BWD_LAUNCH}) for launch in fwd]
+    out += [("one_pass", "bwd", {"fwd": FWD_LAUNCH, "bwd": launch}) for launch in bwd]
+    return out
+
+
+def sweep_grpo_launch(device: str, smoke: bool, iters: int, limits: dict) -> list[dict]:
+    """fwd+bwd time of grpo_loss_from_logits(impl="one_pass" | "fused") at each launch configuration (token level,
+    CFG, in-place gradient), and the forward without grad on the rows that sweep the "fwd" kernel (the one it
+    runs); % of bound as in the main table (fwd: one read of the logits, fwd+bwd: three passes)."""
+    b, length, v, dtype = (2, 3, 300, torch.float32) if smoke else (8, 1024, 151936, torch.bfloat16)
+    full = torch.randn(b, length + 1, v, device=device, dtype=dtype)
+    leaf = full.clone().requires_grad_(True)
+    ids = torch.randint(0, v, (b, length), device=device)
+    old, ref, adv, mask = _grpo_inputs(b, length, device)
+    mask_f = mask.float().contiguous()
+    scale = _aggregation_scale(mask_f, CFG, None)
+    one_pass_ms = b * length * v * full.element_size() / limits["copy_bytes_per_s"] * 1e3 if limits else None
+    defaults = {"fused": FUSED_LAUNCH, "fwd": FWD_LAUNCH, "bwd": BWD_LAUNCH}
+    rows = []
+    for impl, key, launch in _grpo_sweep_launches(smoke):
+        swept = launch[key]
+
+        def loss(x, launch=launch, impl=impl):
+            return grpo_from_logits_triton(x, ids, old, ref, adv, mask_f, scale, CFG, impl, True, launch=launch)[0]
+
+        row = {"impl": impl, "kernel": key, **dataclasses.asdict(swept), "default": swept == defaults[key]}
+        try:
+            row["fwd_ms"] = None  # the forward without grad runs the "fwd" kernel: timed on its rows only
+            if key == "fwd":
+                with torch.no_grad():
+                    row["fwd_ms"] = time_ms(lambda loss=loss: loss(full), device, 1, iters)
+            row["fwdbwd_ms"] = time_ms(_fwdbwd(lambda loss=loss: loss(leaf), [leaf]), device, 1, iters)
+        except (RuntimeError, torch.OutOfMemoryError) as err:  # e.g. out of resources: report, keep going
+            row["error"] = str(err).splitlines()[0][:200]
+        if one_pass_ms and "error" not in row:
+            row["fwd_pct_bound"] = 100 * one_pass_ms / row["fwd_ms"] if row["fwd_ms"] else None
+            row["fwdbwd_pct_bound"] = 100 * 3 * one_pass_ms / row["fwdbwd_ms"]
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    return rows
+
+
+GRPO_SWEEP_COLUMNS = [
+    ("impl", "impl"),
+    ("kernel", "kernel"),
+    ("block_v", "BLOCK_V"),
+    ("num_warps", "warps"),
+    ("num_stages", "stages"),
+    ("programs_per_sm", "programs/SM"),
+    ("default", "default"),
+    ("fwd_ms", "fwd ms"),
+    ("fwdbwd_ms", "fwd+bwd ms"),
+    ("fwd_pct_bound", "fwd % of bound"),
+    ("fwdbwd_pct_bound", "fwd+bwd % of bound"),
+]
+
 SWEEP_COLUMNS = [
     ("block_v", "BLOCK_V"),
     ("num_warps", "warps"),
@@ -477,6 +579,18 @@ def main(argv: list[str] | None = None) -> None:
         "TRITON_INTERPRET=1 on CPU this includes the Triton ones)",
     )
     parser.add_argument("--sweep", action="store_true", help="time the token_logprobs kernels' launch configurations")
+    parser.add_argument(
+        "--sweep-grpo",
+        action="store_true",
+        help="time the launch configurations of grpo_loss_from_logits(impl='one_pass' | 'fused')",
+    )
+    parser.add_argument(
+        "--grpo-levels",
+        nargs="+",
+        choices=("token", "sequence"),
+        default=["token"],
+        help="importance levels of the CUDA grpo_from_logits groups",
+    )
     parser.add_argument("--child", nargs=2, metavar=("GROUP", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -500,8 +614,17 @@ def main(argv: list[str] | None = None) -> None:
         if args.out:
             write_json(args.out, {"environment": env, "limits": limits, "sweep": rows})
         return
+    if args.sweep_grpo:
+        if not _triton(args.device):
+            parser.error("--sweep-grpo times Triton kernels: it needs CUDA, or TRITON_INTERPRET=1 with --smoke")
+        rows = sweep_grpo_launch(args.device, args.smoke, iters, limits)
+        print(f"\n{env['device']} · torch {env['torch']} · commit {env['commit']} · {env['date']}\n")
+        print(markdown_table(rows, GRPO_SWEEP_COLUMNS))
+        if args.out:
+            write_json(args.out, {"environment": env, "limits": limits, "sweep_grpo": rows})
+        return
     only = set(args.ops) if args.ops else None
-    rows = run(args.device, compile_, iters, only, limits, args.smoke, tuple(args.sizes))
+    rows = run(args.device, compile_, iters, only, limits, args.smoke, tuple(args.sizes), tuple(args.grpo_levels))
     print(f"\n{env['device']} · torch {env['torch']} · commit {env['commit']} · {env['date']}\n")
     print(markdown_table(rows, COLUMNS))
     for row in rows:

@@ -2,8 +2,12 @@
 # The GPU pass, for a session that is lent a GPU: build the CUDA extension, run the gpu-marked tests and the
 # benchmarks, and write the JSON + one report.md into DEST (default benchmarks/results/<date>-<gpu>-<commit>/).
 #
-#   bash benchmarks/run_gpu.sh [DEST] [STEP...]    STEP: build tests kernels sweep crop e2e model train
-#                                                    compile profile (default: all)
+#   bash benchmarks/run_gpu.sh [DEST] [STEP...]    STEP: build tests kernels sweep grpo crop crop-v2 e2e model
+#                                                    train compile profile (default: all)
+#
+# grpo (issue 17): grpo_loss_from_logits impl="two_pass" (default) / "one_pass" / "fused" beside Liger's
+# triton_grpo_loss and the copy bound, both importance levels, N = 8192, then the launch sweep of the new
+# kernels (kernels/grpo_logits.py); the default impl switches only after this step shows the winner.
 #
 # Each step runs under its own time limit, so one that hangs costs its limit and the rest still run.
 # SIF_DECODE (graph | static | eager, default graph) picks the rollout decode of the profile and train steps.
@@ -16,7 +20,7 @@ gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '
 export SIF_COMMIT=${SIF_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 dest=${1:-benchmarks/results/$(date -u +%Y-%m-%d)-${gpu}-${SIF_COMMIT}}
 shift || true
-steps=${*:-build tests kernels sweep crop e2e model train compile profile}
+steps=${*:-build tests kernels sweep grpo crop crop-v2 e2e model train compile profile}
 decode=${SIF_DECODE:-graph}
 mkdir -p "$dest"
 export PYTHONUNBUFFERED=1
@@ -39,6 +43,11 @@ for s in $steps; do
         tests) step tests 240 python -m pytest -q -m gpu tests -rs ;;
         kernels) step kernels 240 python -m benchmarks.kernels --device cuda --no-compile --out "$dest/kernels.json" ;;
         sweep) step sweep 180 python -m benchmarks.kernels --device cuda --sweep --out "$dest/kernels_sweep.json" ;;
+        grpo)
+            step grpo-tests 120 python -m pytest -q tests/test_kernels_grpo_logits.py -rs
+            step grpo 180 python -m benchmarks.kernels --device cuda --no-compile --sizes 8192 --ops grpo_from_logits \
+                --grpo-levels token sequence --out "$dest/kernels_grpo.json"
+            step grpo-sweep 300 python -m benchmarks.kernels --device cuda --sweep-grpo --out "$dest/kernels_grpo_sweep.json" ;;
         crop) step crop 120 python -m benchmarks.crop_boxes --device cuda --out "$dest/crop_boxes.json" ;;
         e2e)
             step e2e 300 torchrun --nproc_per_node=1 recipes/grpo_sif.py --train.output_dir /tmp/sif-e2e \

@@ -15,7 +15,8 @@ plain mean over sequences at sequence level) and the masked mean k3 KL.
 Triton path: one program per sequence computes the loss terms, the metrics and d(loss)/d(lp) in a single
 pass (two for the sequence level); hyper-parameters are runtime fp32 arguments, so no recompile per value.
 ``grpo_loss_from_logits`` chains the token log-prob kernel (one pass over the logits, masked rows skipped) with
-this kernel; its backward writes the logits gradient in place by default, with no extra N×V buffer.
+this kernel (``impl="two_pass"``, the default); its backward writes the logits gradient in place by default, with
+no extra N×V buffer. ``kernels/grpo_logits.py`` holds the opt-in ``impl="one_pass"`` / ``"fused"`` paths.
 """
 
 from __future__ import annotations
@@ -381,6 +382,7 @@ def grpo_loss_from_logits(
     num_items_in_batch: torch.Tensor | float | None = None,
     *,
     inplace_backward: bool = True,
+    impl: str = "two_pass",
     backend: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO loss straight from logits, with log-probs at cfg.temperature. Other arguments as ``grpo_loss``.
@@ -393,8 +395,19 @@ def grpo_loss_from_logits(
     Triton path: one read of the logits in the forward (rows with mask == 0 are skipped); the backward writes
     d(loss)/d(logits) into the logits buffer when inplace_backward (default; the caller must not need the logits
     afterwards, see ``token_logprobs``), so no N×V buffer beyond the logits exists.
+
+    impl (Triton path): "two_pass" (default, the measured path: token log-prob kernel, then the per-sequence loss
+    kernel), "one_pass" (one forward kernel computes log-probs, loss terms and d(loss)/d(logp) per token; one
+    backward kernel) or "fused" (token level: the forward kernel also writes the logits gradient, for an upstream
+    gradient of 1, which the backward rescales when it is not 1; the logits are then overwritten at the forward,
+    not the backward; sequence level: as "one_pass"). See ``kernels/grpo_logits.py``; the last two are not yet
+    timed on a GPU, so they are opt-in.
     """
     op = "grpo_loss_from_logits"
+    from .grpo_logits import IMPLS  # a cycle at module level: grpo_logits imports this module
+
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
     if logits.dim() != 3 or completion_ids.dim() != 2:
         raise ValueError(
             f"{op}: need logits [B, L(+1), V] and completion_ids [B, L], got {list(logits.shape)} "
@@ -409,6 +422,14 @@ def grpo_loss_from_logits(
     if resolve_backend(backend, logits, op) == "torch":
         logp = token_logprobs_reference(scored, completion_ids, cfg.temperature)
         return grpo_loss_reference(logp, old_logp, ref_logp, advantages, mask, cfg, num_items_in_batch)
+    if impl != "two_pass":
+        from .grpo_logits import grpo_from_logits_triton
+
+        mask_f = mask.float().contiguous()
+        scale = _aggregation_scale(mask_f, cfg, num_items_in_batch)
+        return grpo_from_logits_triton(
+            logits, completion_ids, old_logp, ref_logp, advantages, mask_f, scale, cfg, impl, inplace_backward
+        )
     row_mask = (mask != 0).to(torch.int8)
     logp, _ = TokenLogprobsFunction.apply(
         logits, completion_ids, float(cfg.temperature), False, inplace_backward, row_mask

@@ -38,11 +38,14 @@ def test_kernel_benchmark_smoke(tmp_path):
         ("token_logprobs", "ours (triton, in-place bwd)"),
         ("grpo_from_logits", "ours (triton, in-place bwd)"),
         ("grpo_from_logits", "liger triton_grpo_loss"),
+        ("grpo_from_logits", "ours one_pass (in-place bwd)"),
+        ("grpo_from_logits", "ours fused (in-place)"),
         ("linear_logprobs", "ours (triton tiles)"),
         ("grpo_from_hidden", "liger LigerFusedLinearGRPOLoss"),
     ]:
         assert (op, impl) in impls
     assert all(r["fwdbwd_ms"] is None or r["fwdbwd_ms"] > 0 for r in rows)
+    assert any("level=sequence" in r["shape"] for r in rows if r["op"] == "grpo_from_logits")
     assert "| op | shape | impl |" in stdout
 
 
@@ -53,3 +56,14 @@ def test_launch_sweep_smoke(tmp_path):
     assert {(r["block_v"], r["num_warps"]) for r in rows} == {(64, 1), (64, 4), (128, 1), (128, 4)}
     assert all(r["fwd_ms"] > 0 and r["bwd_ms"] > 0 for r in rows)
     assert "| BLOCK_V | warps |" in stdout
+
+
+@needs_triton
+def test_grpo_launch_sweep_smoke(tmp_path):
+    stdout, result = run_smoke(tmp_path / "sweep_grpo.json", "--sweep-grpo")
+    rows = result["sweep_grpo"]
+    assert [r for r in rows if "error" in r] == []
+    assert {(r["impl"], r["kernel"]) for r in rows} == {("fused", "fused"), ("one_pass", "fwd"), ("one_pass", "bwd")}
+    assert {r["programs_per_sm"] for r in rows if r["kernel"] == "fused"} == {0, 1}
+    assert all(r["fwdbwd_ms"] > 0 for r in rows) and all(r["fwd_ms"] > 0 for r in rows if r["kernel"] == "fwd")
+    assert "| impl | kernel | BLOCK_V |" in stdout

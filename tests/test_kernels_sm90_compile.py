@@ -16,6 +16,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from kernels.grpo_logits import _grpo_logits_bwd_kernel, _grpo_logits_fwd_kernel, _scale_grad_kernel
 from kernels.grpo_loss import _grpo_seq_kernel
 from kernels.linear_logprob import _tile_bwd_kernel, _tile_fwd_kernel
 from kernels.logprob import _logprob_bwd_kernel, _logprob_fwd_kernel
@@ -57,6 +58,53 @@ KERNELS = {
         },
         {"HAS_OLD": True, "HAS_REF": True, "SEQUENCE": True, "BLOCK_L": 1024},
         4,
+    ),
+    "grpo_logits_fused": (
+        _grpo_logits_fwd_kernel,
+        GRPO_LOGITS_FWD := {
+            "X": "*bf16",
+            **{k: "i64" for k in ("stride_xb", "stride_xl")},
+            "DX": "*bf16",
+            **{k: "i64" for k in ("stride_db", "stride_dl")},
+            **{k: "i32" for k in ("L", "N", "V", "ITERS")},
+            "TARGET": "*i64",
+            **{name: "*fp32" for name in ("MASK", "ADV", "SCALE", "OLD", "REF", "LOGP", "LSE", "DLP", "TOK")},
+            **{name: "fp32" for name in ("temperature", "beta", "eps_low", "eps_high", "delta", "clamp")},
+        },
+        {"HAS_OLD": True, "HAS_REF": True, "TOKEN_LOSS": True, "WRITE_GRAD": True, "BLOCK_V": 8192},
+        8,
+    ),
+    "grpo_logits_seq": (
+        _grpo_logits_fwd_kernel,
+        GRPO_LOGITS_FWD,
+        {"HAS_OLD": True, "HAS_REF": True, "TOKEN_LOSS": False, "WRITE_GRAD": False, "BLOCK_V": 2048},
+        1,
+    ),
+    "grpo_logits_bwd": (
+        _grpo_logits_bwd_kernel,
+        {
+            "X": "*bf16",
+            **{k: "i64" for k in ("stride_xb", "stride_xl")},
+            "DX": "*bf16",
+            **{k: "i64" for k in ("stride_db", "stride_dl")},
+            **{k: "i32" for k in ("L", "N", "V", "ITERS")},
+            "TARGET": "*i64",
+            **{name: "*fp32" for name in ("MASK", "LSE", "DLP", "G")},
+            "temperature": "fp32",
+        },
+        {"BLOCK_V": 8192},
+        4,
+    ),
+    "grpo_logits_scale": (
+        _scale_grad_kernel,
+        {
+            "DX": "*bf16",
+            **{k: "i64" for k in ("stride_db", "stride_dl")},
+            **{k: "i32" for k in ("L", "N", "V", "ITERS")},
+            **{name: "*fp32" for name in ("MASK", "G")},
+        },
+        {"BLOCK_V": 4096},
+        8,
     ),
     "tile_fwd": (
         _tile_fwd_kernel,
