@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from common import load_split, resolve_checkpoint
 
-from engine.config import DataConfig, ModelConfig, load_config
+from engine.config import DataConfig, ModelConfig, exit_on_config_error, load_config
 from engine.distributed import DistEnv, init_distributed
 from engine.models import from_pretrained, processor_from_pretrained
 from engine.rl.grpo import RLConfig
@@ -115,6 +115,7 @@ def summarise(rows: list[dict]) -> dict:
     }
 
 
+@exit_on_config_error
 def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(EvalRecipeConfig(), sys.argv[1:] if argv is None else argv)
     with init_distributed() as env:
