@@ -15,7 +15,8 @@ the recipe's defaults, then ``--config FILE`` (JSON, or TOML via tomllib: tables
 overrides ``--train.lr 1e-5 --rl.num_generations 8`` (also ``--train.lr=1e-5``). Values are parsed and checked
 against each field's annotation (bool, int, float, str, ``X | None``, ``Literal[...]``, ``tuple[...]``,
 ``list[...]``, nested dataclasses); an unknown key is an error naming it and the nearest valid key. Sections nest to
-any depth, so any dataclass tree works. ``--resume`` is shorthand for ``--train.resume true``.
+any depth, so any dataclass tree works. ``--resume`` is shorthand for ``--train.resume true``. A recipe's ``main``
+decorated with :func:`exit_on_config_error` prints a ConfigError as one line on rank 0 and exits with status 2.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import json
+import os
+import sys
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -41,6 +45,22 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config key or value is invalid; the message names the key (and its source)."""
+
+
+def exit_on_config_error(main: Callable[..., T]) -> Callable[..., T]:
+    """Wrap a recipe's ``main``: a ConfigError (a bad key or value, a refused ``--resume``) ends the process with
+    its message on stderr — printed by rank 0 only, prefixed ``error:`` — and exit status 2, not a traceback."""
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return main(*args, **kwargs)
+        except ConfigError as exc:
+            if os.environ.get("RANK", "0") == "0":
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+    return wrapper
 
 
 @dataclass
@@ -72,6 +92,7 @@ class DataConfig:
     with_depth: bool | None = None
     shuffle: bool = True
     limit: int = 0  # 0 = all records
+    max_skip_share: float = 0.1  # stop once more than this share of the records is skipped (at load or decode)
 
 
 @dataclass
@@ -109,6 +130,7 @@ class TrainConfig:
     keep_last: int = 2
     checkpoint_frozen: bool = False  # also save frozen parameters (a LoRA base); off: they come from model.path
     resume: bool = False
+    resume_accept: tuple[str, ...] = ()  # keys / sections whose changes a resume accepts as given (docs/robustness.md)
     export_hf: bool = True
     export_dtype: Literal["float32", "bfloat16"] = "float32"
     activation_checkpointing: bool = False
@@ -386,6 +408,7 @@ __all__ = [
     "TrainConfig",
     "apply_mapping",
     "coerce",
+    "exit_on_config_error",
     "flat_keys",
     "format_help",
     "load_config",

@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from engine.config import DataConfig, LoRAConfig
+from engine.config import ConfigError, DataConfig, LoRAConfig
 from engine.config import ModelConfig as ModelSection
 from engine.data import bundled_dataset_dir
-from engine.data.schema import Record, load_records
+from engine.data.schema import RecordList, load_records
 from engine.data.synth import SynthSplit, ensure_split
 from engine.distributed import DistEnv
 from engine.models import (
@@ -39,7 +39,7 @@ def resolve_checkpoint(path: str, output_dir: str, env: DistEnv) -> Path:
     """``path``, or (empty) the tiny embedded default, written once by rank 0 under ``output_dir``."""
     if path:
         if not Path(path).is_dir():
-            raise FileNotFoundError(f"model.path {path!r} is not a checkpoint folder")
+            raise ConfigError(f"model.path {path!r} is not a checkpoint folder")
         return Path(path)
     tiny = Path(output_dir) / TINY_DIRNAME
     if env.is_main and not (tiny / "config.json").is_file():
@@ -56,16 +56,21 @@ def generated_split(split: SynthSplit, output_dir: str, env: DistEnv) -> str:
     return str(Path(output_dir) / "data" / split.folder_name())
 
 
-def load_split(path: str, split: str, limit: int = 0) -> list[Record]:
-    """Records from ``path`` (a records.jsonl or a folder holding one), or the bundled ``split``; raises if empty."""
+def load_split(path: str, split: str, limit: int = 0, max_skip_share: float = 1.0) -> RecordList:
+    """Records from ``path`` (a records.jsonl or a folder holding one), or the bundled ``split``, with the load's
+    SkipReport (``.report``, which the datasets add decode-time skips to); raises if empty or if more than
+    ``max_skip_share`` of the records were skipped (SkipLimitError, with the list)."""
     if path:
         file = Path(path) / "records.jsonl" if Path(path).is_dir() else Path(path)
+        if not file.is_file():
+            raise ConfigError(f"data path {path!r}: no such file ({file})")
     else:
         file = bundled_dataset_dir(split) / "records.jsonl"
     records, report = load_records(file)
     if not records:
-        raise ValueError(f"{file}: no usable records ({report})")
-    return records[:limit] if limit > 0 else records
+        raise ValueError(f"{file}: no usable records ({report.summary()})")
+    report.check_share(max_skip_share)
+    return RecordList(records[:limit] if limit > 0 else records, report)
 
 
 def load_policy(

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from common import load_split, resolve_checkpoint
 
-from engine.config import DataConfig, ModelConfig, load_config
+from engine.config import DataConfig, ModelConfig, exit_on_config_error, load_config
 from engine.distributed import DistEnv, init_distributed
 from engine.models import from_pretrained, processor_from_pretrained
 from engine.rl.evaluation import EvalConfig, evaluate, format_summary, plot_eval, summarise, write_eval
@@ -38,6 +38,7 @@ class EvalRecipeConfig:
     output_dir: str = "runs"
 
 
+@exit_on_config_error
 def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(EvalRecipeConfig(), sys.argv[1:] if argv is None else argv)
     with init_distributed() as env:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 import sft_sif
 from common import frozen_copy, generated_split, hf_exporter, load_policy, load_split, resolve_checkpoint, window_means
 
-from engine.config import DataConfig, LoRAConfig, ModelConfig, TrainConfig, load_config, to_dict
+from engine.config import DataConfig, LoRAConfig, ModelConfig, TrainConfig, exit_on_config_error, load_config, to_dict
 from engine.data.schema import Record
 from engine.data.synth import SynthSplit
 from engine.distributed import DistEnv, init_distributed, parallelize
@@ -30,7 +30,6 @@ from engine.models import Processor
 from engine.rl.evaluation import EvalConfig, evaluate, report
 from engine.rl.grpo import GRPOObjective, RLConfig
 from engine.rl.probe import PROBE_KEYS, probe_rewards
-from engine.rl.prompts import build_prompt
 from engine.rl.rewards import http_judge
 from engine.rl.source import GRPOBatchSource
 from engine.train.sft import SFTViews
@@ -85,6 +84,7 @@ class GRPORecipeConfig:
     eval_limit: int = 0
 
 
+@exit_on_config_error
 def main(argv: list[str] | None = None) -> TrainResult:
     cfg = load_config(GRPORecipeConfig(), sys.argv[1:] if argv is None else argv)
     with init_distributed() as env:
@@ -97,8 +97,7 @@ def run(cfg: GRPORecipeConfig, env: DistEnv) -> TrainResult:
         cfg.sft.evaluate = False  # the GRPO run scores the SFT export itself, beside its own result
         if cfg.rl.focus_mode == "crop":  # warm up on the sequences a crop-mode policy generates
             cfg.sft.views = SFTViews("crop", cfg.rl.max_views, cfg.rl.crop_size, cfg.rl.depth_views)
-        sft_result = sft_sif.run(cfg.sft, env)
-        cfg.model.path = str(sft_result.export_dir)
+        cfg.model.path = str(sft_sif.warm_up(cfg.sft, env, resume=cfg.train.resume))  # --resume reaches it
     checkpoint = resolve_checkpoint(cfg.model.path, cfg.train.output_dir, env)
     model, processor = load_policy(checkpoint, cfg.model, cfg.lora, cfg.data, cfg.train.seed)
     reference = None
@@ -108,7 +107,7 @@ def run(cfg: GRPORecipeConfig, env: DistEnv) -> TrainResult:
     path = cfg.data.path
     if not path and cfg.synth.records > 0:
         path = generated_split(cfg.synth, cfg.train.output_dir, env)
-    records = load_split(path, "train", cfg.data.limit)
+    records = load_split(path, "train", cfg.data.limit, max_skip_share=cfg.data.max_skip_share)
     source = GRPOBatchSource(
         records,
         processor,
@@ -121,7 +120,8 @@ def run(cfg: GRPORecipeConfig, env: DistEnv) -> TrainResult:
         seed=cfg.train.seed,
         shuffle=cfg.data.shuffle,
         reference=reference,
-        judge=http_judge(cfg.rl.judge_url) if cfg.rl.judge_url else None,
+        judge=http_judge(cfg.rl.judge_url, answer_types=cfg.rl.judge_answer_types) if cfg.rl.judge_url else None,
+        max_skip_share=cfg.data.max_skip_share,
     )
     trainer = Trainer(
         model,
@@ -134,7 +134,7 @@ def run(cfg: GRPORecipeConfig, env: DistEnv) -> TrainResult:
         export_fn=hf_exporter(model.config, processor),
     )
     model = trainer.model  # sharded: the probe and the held-out evaluation run on the training device
-    probe = [build_prompt(r, processor, with_depth=cfg.rl.depth_in_prompt) for r in records[: cfg.probe_prompts]]
+    probe = source.first_prompts(cfg.probe_prompts, env.device)  # bad media skipped and counted
     probe_kwargs = dict(seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, judge=source.judge)
     before = probe_rewards(model, processor, probe, cfg.rl, **probe_kwargs) if probe else None
     heldout = load_split(cfg.data.eval_path, "heldout", cfg.eval_limit) if cfg.evaluate else []

@@ -17,16 +17,19 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
 
 from common import generated_split, hf_exporter, load_policy, load_split, resolve_checkpoint, window_means
 
-from engine.config import DataConfig, LoRAConfig, ModelConfig, TrainConfig, load_config, to_dict
+from engine.config import DataConfig, LoRAConfig, ModelConfig, TrainConfig, exit_on_config_error, load_config, to_dict
 from engine.data.synth import SynthSplit
 from engine.distributed import DistEnv, init_distributed
 from engine.rl.evaluation import EvalConfig, evaluate, report
 from engine.train.batch_source import IndexedBatchSource
+from engine.train.checkpoint import ResumeError
+from engine.train.resume import classify
 from engine.train.sft import SFTDataset, SFTObjective, SFTViews, collate_sft, prompt_shows_depth
-from engine.train.trainer import Trainer, TrainResult
+from engine.train.trainer import Trainer, TrainResult, finished_export
 
 
 @dataclass
@@ -63,6 +66,7 @@ class SFTRecipeConfig:
     )
 
 
+@exit_on_config_error
 def main(argv: list[str] | None = None) -> TrainResult:
     cfg = load_config(SFTRecipeConfig(), sys.argv[1:] if argv is None else argv)
     with init_distributed() as env:
@@ -77,13 +81,14 @@ def run(cfg: SFTRecipeConfig, env: DistEnv) -> TrainResult:
     path = cfg.data.path
     if not path and cfg.synth.records > 0:
         path = generated_split(cfg.synth, cfg.train.output_dir, env)
-    records = load_split(path, "train", cfg.data.limit)
+    records = load_split(path, "train", cfg.data.limit, max_skip_share=cfg.data.max_skip_share)
     dataset = SFTDataset(
         records,
         processor,
         with_depth=prompt_shows_depth(cfg.data.with_depth, cfg.views),
         max_seq_len=cfg.data.max_seq_len,
         views=cfg.views,
+        max_skip_share=cfg.data.max_skip_share,
     )
     source = IndexedBatchSource(
         dataset,
@@ -123,6 +128,34 @@ def run(cfg: SFTRecipeConfig, env: DistEnv) -> TrainResult:
             flush=True,
         )
     return result
+
+
+def warm_up(cfg: SFTRecipeConfig, env: DistEnv, *, resume: bool) -> Path:
+    """The SFT warm-up of ``grpo_sif.py``: train (or, with ``resume``, continue) and return the HF export.
+
+    With ``resume``, a finished warm-up (its export marked complete, ``hf/export.json``) is reused as it is, without
+    loading anything; one trained with other settings is refused (ResumeError: the GRPO run continues from it);
+    an unfinished one resumes from its newest checkpoint like any run."""
+    run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
+    if resume:
+        done = finished_export(run_dir)
+        if done is not None:
+            changes = [c for c in classify(done.get("config") or {}, to_dict(cfg)) if c.kind != "applied"]
+            for change in changes:
+                change.kind = "refused"
+            if changes:
+                raise ResumeError(
+                    f"--resume refused: the finished SFT warm-up {run_dir} was trained with other settings, and the "
+                    f"GRPO run continues from it; nothing was changed:\n" + "\n".join(c.line() for c in changes)
+                    + "\nPut the old values back, or start a new run (another --sft.train.run_name)."
+                )  # fmt: skip
+            if env.is_main:
+                print(
+                    f"[resume] sft warm-up: finished at step {done.get('step')}; reusing {run_dir / 'hf'}", flush=True
+                )
+            return run_dir / "hf"
+        cfg.train.resume = True
+    return run(cfg, env).export_dir
 
 
 if __name__ == "__main__":

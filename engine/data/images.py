@@ -6,6 +6,11 @@
   colour-mapped PNG (inverted as the SIFThinker release does, see depth_colormap). A colour PNG whose three
   channels agree within 2 everywhere is read like the release reads it: first channel / 255.
 - ``save_image`` / ``save_depth``: the writers the synthetic generator uses (PNG; depth as 16-bit PNG or .npy).
+
+Every failure to read a file raises :class:`MediaError` (a ``ValueError``; :class:`MissingMediaError`, also a
+``FileNotFoundError``, for a missing file) naming the file: a truncated or garbled file, an unsupported mode, an
+image past PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS`` x 2). Training code catches it where a
+record's media is first decoded and skips the record (``engine.data.schema.DecodedRecords``).
 """
 
 from __future__ import annotations
@@ -21,16 +26,27 @@ from engine.data.depth_colormap import spectral_r_to_depth
 
 PathLike = str | os.PathLike
 
+DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+"""What PIL raises on a bad file (``DecompressionBombError`` is none of the others)."""
+
+
+class MediaError(ValueError):
+    """An image or depth file cannot be used: unreadable, truncated, garbled or too large. Names the file."""
+
+
+class MissingMediaError(MediaError, FileNotFoundError):
+    """A media file does not exist."""
+
 
 def _open(path: PathLike, what: str) -> Image.Image:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
+        raise MissingMediaError(f"{what} file not found: {path}")
     try:
         img = Image.open(path)
         img.load()  # decode now so that truncated or corrupt data fail here, naming the file
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ValueError(f"cannot decode {what} file {path}: {exc}") from exc
+    except DECODE_ERRORS as exc:
+        raise MediaError(f"cannot decode {what} file {path}: {exc}") from exc
     return img
 
 
@@ -44,18 +60,18 @@ def _depth_from_array(arr: np.ndarray, path: Path) -> np.ndarray:
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim != 2:
-        raise ValueError(f"depth file {path}: expected a [H, W] map, got shape {arr.shape}")
+        raise MediaError(f"depth file {path}: expected a [H, W] map, got shape {arr.shape}")
     if arr.dtype == np.uint16:
         return arr.astype(np.float32) / np.float32(65535.0)
     if arr.dtype == np.uint8:
         return arr.astype(np.float32) / np.float32(255.0)
     if not np.issubdtype(arr.dtype, np.floating):
-        raise ValueError(f"depth file {path}: unsupported dtype {arr.dtype} (float in [0, 1], uint8 or uint16)")
+        raise MediaError(f"depth file {path}: unsupported dtype {arr.dtype} (float in [0, 1], uint8 or uint16)")
     arr = arr.astype(np.float32)
     if not np.isfinite(arr).all():
-        raise ValueError(f"depth file {path}: contains non-finite values")
+        raise MediaError(f"depth file {path}: contains non-finite values")
     if arr.size and (arr.min() < -1e-6 or arr.max() > 1.0 + 1e-6):
-        raise ValueError(f"depth file {path}: values span [{arr.min()}, {arr.max()}], expected [0, 1]")
+        raise MediaError(f"depth file {path}: values span [{arr.min()}, {arr.max()}], expected [0, 1]")
     return np.clip(arr, 0.0, 1.0)
 
 
@@ -64,18 +80,18 @@ def load_depth(path: PathLike) -> torch.Tensor:
     path = Path(path)
     if path.suffix.lower() == ".npy":
         if not path.is_file():
-            raise FileNotFoundError(f"depth file not found: {path}")
+            raise MissingMediaError(f"depth file not found: {path}")
         try:
             arr = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
-            raise ValueError(f"cannot read depth file {path}: {exc}") from exc
+            raise MediaError(f"cannot read depth file {path}: {exc}") from exc
         return torch.from_numpy(_depth_from_array(arr, path))
     img = _open(path, "depth")
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.array(img)
         if arr.dtype != np.uint16:
             if arr.min() < 0 or arr.max() > 65535:
-                raise ValueError(f"depth file {path}: integer values outside the 16-bit range")
+                raise MediaError(f"depth file {path}: integer values outside the 16-bit range")
             arr = arr.astype(np.uint16)
         return torch.from_numpy(_depth_from_array(arr, path))
     if img.mode == "L":

@@ -13,18 +13,25 @@ are in [0, 1] with 0 = nearest. ``width``/``height`` are read from the image hea
 also be written ``{"text": ..., "box": [x1, y1, x2, y2], "depth": d}``.
 
 ``load_records`` never stops on a bad record: it names it ``file:line``, skips it, and counts the reason in a
-:class:`SkipReport`.
+:class:`SkipReport`. The loader reads image headers only; a file whose body is corrupt (or a depth map a prompt
+needs but the record lacks) is found where the record is first decoded: :class:`DecodedRecords` skips it there,
+counts it in the same report, names it ``file:line``, and uses the next decodable record instead. A run stops
+(:class:`SkipLimitError`, with the list) only when the skipped share of the file's records passes
+``max_skip_share`` (``data.max_skip_share``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import warnings
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -67,6 +74,7 @@ class Record:
     qtype: str = ""
     options: dict[str, str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    origin: str = field(default="", compare=False, repr=False)  # ``file:line`` it was loaded from (not written)
 
     def response(self) -> str:
         """The canonical SIF response (trace + answer) for SFT targets. Raises ValueError without a trace."""
@@ -116,6 +124,10 @@ def trace_step_json(step: TraceStep) -> dict[str, Any]:
     return out
 
 
+class SkipLimitError(RuntimeError):
+    """Too large a share of the records was skipped; the message lists them."""
+
+
 class RecordError(ValueError):
     """A record failed validation; ``category`` is the short reason counted in the SkipReport."""
 
@@ -142,6 +154,20 @@ class SkipReport:
     @property
     def num_skipped(self) -> int:
         return len(self.skipped)
+
+    @property
+    def share(self) -> float:
+        """Skipped records (at load and at decode) over the records of the file."""
+        return self.num_skipped / self.total if self.total else 0.0
+
+    def check_share(self, max_share: float) -> None:
+        """Raise :class:`SkipLimitError` with the list when the skipped share passes ``max_share``."""
+        if self.num_skipped and self.share > max_share:
+            raise SkipLimitError(
+                f"{self.num_skipped} of {self.total} records skipped ({self.share:.1%}), more than "
+                f"data.max_skip_share = {max_share:g}; fix the data or raise the limit:\n"
+                + self.summary(max_examples=50)
+            )
 
     def summary(self, max_examples: int = 5) -> str:
         """One paragraph: counts by reason and the first few offending records."""
@@ -177,6 +203,8 @@ def _file_size(path: Path, what: str) -> tuple[int, int]:
             return (shape[1], shape[0]) if len(shape) >= 2 else (0, 0)
         with Image.open(path) as img:
             return img.size
+    except Image.DecompressionBombError as exc:
+        raise RecordError("image too large", f"{what} {path}: {exc}") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise RecordError("unreadable file", f"{what} {path}: {exc}") from exc
 
@@ -248,6 +276,8 @@ def record_from_json(obj: Any, base_dir: Path, check_files: str = "header") -> R
     rid = _require(obj, "id", (str, int))
     image = _resolve(_require(obj, "image", str), base_dir)
     question = _require(obj, "question", str)
+    if not question.strip():
+        raise RecordError("bad value", "'question' is empty")
     answer = str(_require(obj, "answer", (str, int, float)))
     answer_type = _require(obj, "answer_type", str)
     _check_answer(answer, answer_type)
@@ -335,7 +365,7 @@ def load_records(path: str | os.PathLike, check_files: str = "header") -> tuple[
                     obj = json.loads(line)
                 except (ValueError, RecursionError) as exc:
                     raise RecordError("invalid JSON", str(exc)[:200]) from exc
-                record = record_from_json(obj, base, check_files)
+                record = dataclasses.replace(record_from_json(obj, base, check_files), origin=where)
                 if record.id in seen:
                     raise RecordError("duplicate id", f"{record.id!r} already on line {seen[record.id]}")
             except RecordError as err:
@@ -356,3 +386,99 @@ def write_records(path: str | os.PathLike, records: list[Record]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r.to_json(base), separators=(",", ":"), ensure_ascii=False) + "\n")
+
+
+class RecordList(list):
+    """A list of records that keeps the :class:`SkipReport` of the load it came from (``.report``)."""
+
+    def __init__(self, records: Sequence[Record] = (), report: SkipReport | None = None) -> None:
+        super().__init__(records)
+        self.report = report
+
+
+T = TypeVar("T")
+
+
+class DecodedRecords(Sequence[T], Generic[T]):
+    """``records`` decoded on access by ``decode(record)``, skipping records whose media cannot be decoded.
+
+    A :class:`~engine.data.images.MediaError` from ``decode`` (a truncated or garbled image, a missing depth file,
+    an image past the decompression-bomb limit, a depth map the prompt needs but the record lacks) is warned about
+    once, naming the record's ``file:line`` and the file; it is counted in ``report`` (the loader's, so load-time
+    and decode-time skips are one count; default: ``records.report`` of a :class:`RecordList`) and remembered.
+    Item ``i`` is then the first decodable record at or after ``i`` (cyclically): a step still gets full
+    micro-batches and the choice depends only on which files are bad, so a resume replays it. ``sync_skips``
+    (IndexedBatchSource calls it after every step, on every rank) shares the skips found on every rank; a
+    :class:`SkipLimitError` listing them stops the run once the skipped share passes ``max_share``.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        decode: Callable[[Record], T],
+        *,
+        report: SkipReport | None = None,
+        max_share: float = 0.1,
+    ) -> None:
+        report = report if report is not None else getattr(records, "report", None)
+        self.records = list(records)
+        self.decode = decode
+        self.report = report if report is not None else SkipReport("records", len(self.records), len(self.records))
+        self.max_share = max_share
+        self.bad: dict[int, str] = {}
+        self._unshared: list[tuple[int, str, str]] = []
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> T:  # type: ignore[override]
+        n = len(self.records)
+        for k in range(n):
+            item = self.try_decode((index + k) % n)
+            if item is not None:
+                return item
+        raise SkipLimitError(f"no record can be decoded:\n{self.report.summary(max_examples=50)}")
+
+    def try_decode(self, index: int) -> T | None:
+        """The decoded record ``index``, or None (counted and warned about once) when its media is bad."""
+        if index in self.bad:
+            return None
+        from engine.data.images import MediaError
+
+        record = self.records[index]
+        try:
+            return self.decode(record)
+        except MediaError as exc:
+            where = record.origin or f"record {record.id!r}"
+            self._add(index, where, str(exc))
+            self._unshared.append((index, where, str(exc)))
+            warnings.warn(
+                f"{where}: skipped record {record.id!r}: {exc} ({self.report.num_skipped} of {self.report.total} "
+                f"records skipped so far, limit {self.max_share:.0%})",
+                stacklevel=2,
+            )
+            self.report.check_share(self.max_share)
+            return None
+
+    def _add(self, index: int, where: str, message: str) -> None:
+        self.bad[index] = message
+        self.report.add_skip(where, RecordError("unreadable media", message))
+
+    def sync_skips(self, device: Any = None) -> int:
+        """Share the skips found since the last call with every rank (collective when distributed); check the
+        share limit; return the number of records skipped so far (load + decode)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            count = torch.tensor([len(self._unshared)], dtype=torch.int64, device=device)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            if count.item() > 0:
+                gathered: list[Any] = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, self._unshared)
+                for entries in gathered:
+                    for index, where, message in entries or ():
+                        if index not in self.bad:
+                            self._add(index, where, message)
+        self._unshared = []
+        self.report.check_share(self.max_share)
+        return self.report.num_skipped

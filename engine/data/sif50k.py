@@ -17,6 +17,7 @@ without a trace and the drop is counted in the report's notes). ``answer_type`` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -43,8 +44,11 @@ def infer_answer_type(answer: str) -> str:
 def _image_size(path: Path) -> tuple[int, int]:
     from PIL import Image
 
-    with Image.open(path) as img:
-        return img.size
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except Image.DecompressionBombError as exc:
+        raise ValueError(str(exc)) from exc
 
 
 def _item_to_json(item: Any, index: int, base: Path, stem: str, report: SkipReport) -> dict[str, Any]:
@@ -125,7 +129,8 @@ def load_sif50k(path: str | os.PathLike, check_files: str = "header") -> tuple[l
     for index, (where, item) in enumerate(located):
         report.total += 1
         try:
-            records.append(record_from_json(_item_to_json(item, index, base, path.stem, report), base, check_files))
+            record = record_from_json(_item_to_json(item, index, base, path.stem, report), base, check_files)
+            records.append(dataclasses.replace(record, origin=where))
         except RecordError as err:
             report.add_skip(where, err)
     report.loaded = len(records)

@@ -17,7 +17,7 @@ from engine.distributed import all_reduce_sum, unsharded
 from engine.models import Processor
 from engine.rl.grpo import RLConfig
 from engine.rl.prompts import SIFPrompt
-from engine.rl.rewards import REWARD_TERMS, Judge, score_completions
+from engine.rl.rewards import REWARD_TERMS, Judge, prefetch_judge, score_completions
 from engine.rl.rollout import generate_rollouts
 
 PROBE_KEYS = tuple(f"reward/{k}" for k in (*REWARD_TERMS, "total", "accuracy"))
@@ -48,6 +48,8 @@ def probe_rewards(
             chunk = mine[start : start + prompts_per_call]
             generator = torch.Generator(device=device).manual_seed((seed * 65_537 + rank) * 1_000_003 + c)
             batch = generate_rollouts(model, processor, chunk, cfg, generator=generator)
+            targets = [p.target for p in chunk]
+            prefetch_judge(judge, batch.texts, batch.prompt_index, targets, cfg.judge_answer_types)
             rewards = score_completions(
                 batch.texts,
                 batch.prompt_index,

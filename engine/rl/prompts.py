@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.data.depth_colormap import depth_to_spectral_r, spectral_r_to_depth
-from engine.data.images import load_depth, load_image
+from engine.data.images import MediaError, load_depth, load_image
 from engine.data.schema import Record
 from engine.data.sif_format import sif_user_content
 from engine.models import Processor
@@ -56,7 +56,7 @@ def sif_messages(
         elif depth is not None:
             images.append(depth_to_spectral_r(depth))
         else:
-            raise ValueError(f"record {record.id}: the prompt shows a depth image but the record has no depth")
+            raise MediaError(f"record {record.id}: the prompt shows a depth image but the record has no depth file")
     messages: list[dict] = [{"role": "user", "content": sif_user_content(record.question, with_depth=with_depth)}]
     if response is not None:
         messages.append({"role": "assistant", "content": response})
@@ -80,7 +80,7 @@ def build_prompt(record: Record, processor: Processor, *, with_depth: bool) -> S
     rgb = load_image(record.image)
     depth = record_depth(record)
     if depth is not None and tuple(depth.shape) != tuple(rgb.shape[:2]):
-        raise ValueError(
+        raise MediaError(
             f"record {record.id}: depth map is {tuple(depth.shape)} but the image is {tuple(rgb.shape[:2])}"
         )
     messages, images = sif_messages(record, with_depth, rgb, depth)

@@ -53,10 +53,16 @@ weights 1 by default (the release sums unweighted).
 
 from __future__ import annotations
 
+import concurrent.futures
+import http.client
 import json
 import math
 import re
+import threading
+import time
+import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -152,24 +158,122 @@ def answer_score(
     return float(answers_match(prediction, target.answer, target.answer_type, options=options))
 
 
-def http_judge(url: str, timeout_s: float = 30.0) -> Judge:
+class HTTPJudge:
+    """The ``Judge`` of :func:`http_judge`: one POST per question, retried with exponential backoff.
+
+    ``prefetch(items)`` scores many ``(question, prediction, reference)`` triples concurrently (at most
+    ``max_concurrency`` requests in flight) and keeps the scores of that batch, so that the per-completion calls
+    made by the reward code afterwards are answered from them; a triple not prefetched is fetched when called.
+    """
+
+    RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+    def __init__(self, url: str, *, timeout_s: float, retries: int, backoff_s: float, max_concurrency: int) -> None:
+        if retries < 0 or max_concurrency < 1:
+            raise ValueError(f"judge {url}: retries must be >= 0 and max_concurrency >= 1")
+        self.url, self.timeout_s, self.retries, self.backoff_s = url, timeout_s, retries, backoff_s
+        self.max_concurrency = max_concurrency
+        self._slots = threading.BoundedSemaphore(max_concurrency)
+        self._scores: dict[tuple[str, str, str], float] = {}
+
+    def __call__(self, question: str, prediction: str, reference: str) -> float:
+        key = (question, prediction, reference)
+        if key in self._scores:
+            return self._scores[key]
+        return self._fetch(key)
+
+    def prefetch(self, items: Sequence[tuple[str, str, str]]) -> None:
+        """Score the distinct ``items`` concurrently; the next calls for them return these scores."""
+        unique = list(dict.fromkeys(items))
+        if not unique:
+            self._scores = {}
+            return
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(unique))) as pool:
+            self._scores = dict(zip(unique, pool.map(self._fetch, unique)))
+
+    def _fetch(self, key: tuple[str, str, str]) -> float:
+        question, prediction, reference = key
+        body = json.dumps({"question": question, "prediction": prediction, "reference": reference}).encode()
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
+            try:
+                with self._slots, urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
+                    raw = reply.read()
+            except urllib.error.HTTPError as exc:
+                if exc.code not in self.RETRY_STATUS:
+                    raise RuntimeError(f"judge {self.url}: HTTP {exc.code} {exc.reason} (not retried)") from exc
+                last = exc
+                continue
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
+                last = exc
+                continue
+            return self._score(raw)
+        raise RuntimeError(
+            f"judge {self.url}: no reply after {self.retries + 1} attempts (timeout {self.timeout_s:g} s, backoff "
+            f"from {self.backoff_s:g} s): {type(last).__name__}: {last}"
+        )
+
+    def _score(self, raw: bytes) -> float:
+        try:
+            payload = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"judge {self.url}: reply is not JSON: {raw[:200]!r}") from exc
+        score = payload.get("score") if isinstance(payload, dict) else None
+        if not isinstance(score, (int, float)) or isinstance(score, bool):
+            got = str(payload)[:200]
+            raise ValueError(f"judge {self.url}: expected a JSON object with a numeric 'score', got {got}")
+        return float(score)
+
+
+def http_judge(
+    url: str,
+    timeout_s: float = 30.0,
+    *,
+    retries: int = 3,
+    backoff_s: float = 1.0,
+    max_concurrency: int = 8,
+    answer_types: Sequence[str] | None = None,
+) -> HTTPJudge:
     """A ``Judge`` that POSTs ``{"question", "prediction", "reference"}`` as JSON to ``url`` and reads ``{"score"}``.
 
     Opt-in only (``rl.judge_url``); the engine makes no network calls otherwise. The reply is parsed as JSON,
-    never evaluated; a reply without a numeric ``score`` raises naming the endpoint.
+    never evaluated; a reply without a numeric ``score`` raises naming the endpoint. A failed call (connection
+    error, timeout of ``timeout_s``, HTTP 408/425/429/5xx) is retried ``retries`` times after ``backoff_s``,
+    2 x ``backoff_s``, ...; then it raises naming the URL and the last error (other HTTP errors are not retried).
+    A batch's calls run concurrently, at most ``max_concurrency`` at a time (:meth:`HTTPJudge.prefetch`, which the
+    GRPO source calls through :func:`prefetch_judge`). ``answer_types`` (the run's ``rl.judge_answer_types``):
+    when given and empty, warns that the judge will never be asked.
     """
+    if answer_types is not None and not answer_types:
+        warnings.warn(
+            f"rl.judge_url = {url!r} is set but rl.judge_answer_types is empty: the judge is never called and every "
+            f"answer is scored by the rules; set e.g. --rl.judge_answer_types word",
+            stacklevel=2,
+        )
+    return HTTPJudge(url, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s, max_concurrency=max_concurrency)
 
-    def judge(question: str, prediction: str, reference: str) -> float:
-        body = json.dumps({"question": question, "prediction": prediction, "reference": reference}).encode()
-        request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
-            payload = json.loads(reply.read().decode("utf-8"))
-        score = payload.get("score") if isinstance(payload, dict) else None
-        if not isinstance(score, (int, float)) or isinstance(score, bool):
-            raise ValueError(f"judge {url}: expected a JSON object with a numeric 'score', got {str(payload)[:200]}")
-        return float(score)
 
-    return judge
+def prefetch_judge(
+    judge: Judge | None,
+    texts: Sequence[str],
+    prompt_index: Sequence[int],
+    targets: Sequence[RewardTarget],
+    judge_types: Sequence[str],
+) -> None:
+    """Let a judge with a ``prefetch`` method (:class:`HTTPJudge`) score, concurrently, every completion that
+    :func:`answer_score` will send it (non-empty answer of a ``judge_types`` record); others are left alone."""
+    if judge is None or not judge_types or not hasattr(judge, "prefetch"):
+        return
+    items = []
+    for text, pi in zip(texts, prompt_index):
+        target = targets[pi]
+        answer = parse_response(text).answer
+        if target.answer_type in judge_types and answer is not None and answer.strip():
+            items.append((target.question, answer, target.answer))
+    judge.prefetch(items)
 
 
 def progress_reward(score: float, previous: float | None) -> float:

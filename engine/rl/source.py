@@ -17,21 +17,22 @@ log-probs are the ``old`` policy for the clipped ratio); a resume regenerates ra
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine.data.schema import Record
+from engine.data.schema import DecodedRecords, Record
 from engine.distributed import unsharded
 from engine.models import ModelConfig, Processor
 from engine.rl.advantages import group_advantages
 from engine.rl.collapse import AnswerWatch, group_signals
 from engine.rl.grpo import GRPOMicroBatch, RLConfig, reference_logprobs, rollout_logprobs
 from engine.rl.packing import pack_rollouts
-from engine.rl.prompts import build_prompt
-from engine.rl.rewards import AnswerProgress, Judge, RewardBatch, score_completions
+from engine.rl.prompts import SIFPrompt, build_prompt
+from engine.rl.rewards import AnswerProgress, Judge, RewardBatch, prefetch_judge, score_completions
 from engine.rl.rollout import RolloutBatch, generate_rollouts
 from engine.train.batch_source import IndexedBatchSource, StepContext
 
@@ -42,6 +43,9 @@ class GRPOBatchSource:
     records: the training prompts (each needs gt_boxes for grounding; depth for the depth reward / crops).
     reference: a frozen reference model for full fine-tuning (None: the policy with LoRA adapters off).
     judge: the optional answer judge for ``cfg.judge_answer_types``.
+    max_skip_share: records whose media cannot be decoded are skipped where their prompt is built (named, counted
+        with the loader's skips, replaced by the next decodable record: ``engine.data.schema.DecodedRecords``);
+        the run stops with the list once more than this share of the records is skipped.
     """
 
     def __init__(
@@ -59,11 +63,14 @@ class GRPOBatchSource:
         shuffle: bool = True,
         reference: nn.Module | None = None,
         judge: Judge | None = None,
+        max_skip_share: float = 0.1,
     ) -> None:
         if cfg.judge_answer_types and judge is None:
             raise ValueError(f"rl.judge_answer_types = {cfg.judge_answer_types} but no judge was given")
+        decode = partial(build_prompt, processor=processor, with_depth=cfg.depth_in_prompt)
+        self.decoded = DecodedRecords(records, decode, max_share=max_skip_share)
         self.prompts = IndexedBatchSource(
-            records,
+            self.decoded,
             micro_batch_size=micro_batch_size,
             grad_accum_steps=grad_accum_steps,
             rank=rank,
@@ -87,6 +94,11 @@ class GRPOBatchSource:
         self._uses_left = 0
 
     @property
+    def global_batch(self) -> int:
+        """Prompts per generated batch over all ranks (each sampled ``num_generations`` times)."""
+        return self.prompts.global_batch
+
+    @property
     def steps_per_epoch(self) -> int:
         return self.prompts.steps_per_epoch * self.cfg.num_iterations
 
@@ -97,7 +109,7 @@ class GRPOBatchSource:
             return self._cache
         cfg = self.cfg
         groups = self.prompts.next_step(ctx)
-        prompts = [build_prompt(r, self.processor, with_depth=cfg.depth_in_prompt) for g in groups for r in g]
+        prompts = [p for g in groups for p in g]
         generator = torch.Generator(device=ctx.device).manual_seed(
             (self.seed * 1_000_003 + ctx.step) * 65_537 + ctx.rank
         )
@@ -105,6 +117,8 @@ class GRPOBatchSource:
             batch = generate_rollouts(ctx.model, self.processor, prompts, cfg, generator=generator)
         self.last_batch = batch
         with ctx.timer("reward"):
+            targets = [p.target for p in prompts]
+            prefetch_judge(self.judge, batch.texts, batch.prompt_index, targets, cfg.judge_answer_types)
             rewards = score_completions(
                 batch.texts,
                 batch.prompt_index,
@@ -149,6 +163,19 @@ class GRPOBatchSource:
         if samples:
             signals.update(self.answer_watch.update(*(list(column) for column in zip(*samples))))
         return signals
+
+    def first_prompts(self, n: int, device: torch.device | None = None) -> list[SIFPrompt]:
+        """The first ``n`` decodable prompts in record order (e.g. a probe); bad records are skipped and counted.
+        Collective (the skips are shared): every rank calls it."""
+        out: list[SIFPrompt] = []
+        for i in range(len(self.decoded)):
+            if len(out) == n:
+                break
+            prompt = self.decoded.try_decode(i)
+            if prompt is not None:
+                out.append(prompt)
+        self.decoded.sync_skips(device)
+        return out
 
     def _share_progress(self, record_ids: list[str]) -> None:
         """Make this step's answer-progress updates of every rank known to all ranks."""

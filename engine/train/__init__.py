@@ -1,15 +1,31 @@
 """The training loop shared by SFT and GRPO: Trainer, objectives' output type, batch sources, checkpoints."""
 
 from engine.train.batch_source import BatchSource, IndexedBatchSource, StepContext
-from engine.train.checkpoint import Checkpointer, checkpoint_problem, export_hf, full_state_dict
+from engine.train.checkpoint import (
+    Checkpointer,
+    CheckpointMismatch,
+    ResumeError,
+    checkpoint_problem,
+    export_hf,
+    full_state_dict,
+)
 from engine.train.lora import apply_lora, freeze_vision_tower, lora_disabled, merge_and_unload, merge_lora_state_dict
 from engine.train.metrics import MetricsLog, PhaseTimer, mean_across_ranks, read_metrics
 from engine.train.optim import build_optimizer, build_scheduler
 from engine.train.plot import plot_curves
-from engine.train.trainer import NonFiniteError, Objective, ObjectiveOutput, Trainer, TrainResult, seed_all
+from engine.train.trainer import (
+    NonFiniteError,
+    Objective,
+    ObjectiveOutput,
+    Trainer,
+    TrainResult,
+    finished_export,
+    seed_all,
+)
 
 __all__ = [
     "BatchSource",
+    "CheckpointMismatch",
     "Checkpointer",
     "IndexedBatchSource",
     "MetricsLog",
@@ -17,6 +33,7 @@ __all__ = [
     "Objective",
     "ObjectiveOutput",
     "PhaseTimer",
+    "ResumeError",
     "StepContext",
     "TrainResult",
     "Trainer",
@@ -25,6 +42,7 @@ __all__ = [
     "build_scheduler",
     "checkpoint_problem",
     "export_hf",
+    "finished_export",
     "freeze_vision_tower",
     "full_state_dict",
     "lora_disabled",

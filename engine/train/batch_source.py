@@ -50,7 +50,9 @@ class IndexedBatchSource:
     contiguous chunk and splits it into ``grad_accum_steps`` micro-batches, each passed through ``collate``.
     So one process with ``grad_accum_steps=k*n`` sees the same items per step as ``n`` processes with ``k``.
     The order is a pure function of (seed, epoch): resuming from ``state_dict()`` reproduces it exactly.
-    The last incomplete global batch of an epoch is dropped.
+    The last incomplete global batch of an epoch is dropped. A dataset with a ``sync_skips(device)`` method
+    (``engine.data.schema.DecodedRecords``: records whose media cannot be decoded are skipped) is synced after
+    every step, on every rank; its count of skipped records is logged as ``data/skipped``.
     """
 
     def __init__(
@@ -110,7 +112,13 @@ class IndexedBatchSource:
         mine = order[start : start + per_rank]
         self.batch_in_epoch += 1
         mbs = self.micro_batch_size
-        return [self.collate([self.dataset[i] for i in mine[j : j + mbs]]) for j in range(0, per_rank, mbs)]
+        out = [self.collate([self.dataset[i] for i in mine[j : j + mbs]]) for j in range(0, per_rank, mbs)]
+        sync = getattr(self.dataset, "sync_skips", None)  # a DecodedRecords dataset: share its skips, check the limit
+        if sync is not None:
+            skipped = sync(ctx.device if ctx is not None else None)
+            if skipped and ctx is not None:
+                ctx.metrics["data/skipped"] = float(skipped)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.seed}

@@ -1,34 +1,45 @@
-"""Sharded, atomic, resumable checkpoints with torch.distributed.checkpoint (DCP), and the HF safetensors export.
+"""Sharded, atomic, verified, resumable checkpoints with torch.distributed.checkpoint (DCP), and the HF export.
 
 Layout of ``<run>/checkpoints/step_00000012/``:
 
 * ``*.distcp`` + ``.metadata`` — DCP shards of ``{"model": ..., "optim": ...}`` from ``get_state_dict`` (each rank
   writes its own shards; loading on another world size reshards);
-* ``trainer_state.json`` — step, scheduler, data position, skip counters (rank 0);
+* ``trainer_state.json`` — step, scheduler, data position, skip counters, the run's config and global batch
+  (rank 0);
 * ``rng_rank{r}.safetensors`` — each rank's torch / CUDA / Python / NumPy RNG states;
-* ``manifest.json`` — written last, after a barrier: every file's name and size.
+* ``manifest.json`` — written last, after a barrier: every file's name, size and SHA-256 (the ranks hash their
+  share of the files in parallel), written to a temporary name and renamed.
 
 A checkpoint is written to ``step_N.tmp`` and renamed to ``step_N`` only once complete, so a crash never leaves a
-``step_N`` that looks finished. On resume, the newest ``step_N`` whose manifest exists and whose files all exist
-with the recorded sizes is loaded; newer incomplete or truncated ones are reported by name and skipped.
-Only the last ``keep_last`` complete checkpoints are kept. Frozen parameters (a LoRA base, a frozen vision
+``step_N`` that looks finished. On resume the newest ``step_N`` whose manifest exists and whose every file has
+the recorded size and checksum (verified in parallel by the ranks) is loaded; a newer one that fails the
+verification *or* the load itself is reported by name, with the file at fault, and the next older one tried.
+Nothing in a checkpoint folder can run code: DCP's ``.metadata`` (a pickle) is read by a restricted unpickler
+admitting only DCP's metadata classes, torch dtypes / sizes / layouts and plain containers, and DCP's pickled
+non-tensor entries (optimiser hyper-parameters) are read with ``torch.load(weights_only=True)``.
+Only the last ``keep_last`` complete checkpoints are kept; a broken one is never deleted but renamed
+``step_N.broken`` (with a warning) so that it can be inspected. Frozen parameters (a LoRA base, a frozen vision
 tower) are not saved unless ``save_frozen``: they are the base checkpoint's, which the run loads again before
 resuming; their names are recorded, and a resume whose model freezes a different set is refused.
 Resume on the same world size is bit-for-bit (model, optimiser, schedule, data order and RNG streams all
 restored); on another world size the tensors reshard and the RNG streams are re-seeded (with a warning).
+See docs/robustness.md for what is verified and what a resume applies or refuses.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -36,6 +47,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -44,11 +59,95 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from engine.config import ConfigError
 from engine.distributed import DistEnv, broadcast_object
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
+MANIFEST_FORMAT = 2  # 1: sizes only (older checkpoints, still loaded, with a warning); 2: sizes + SHA-256
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_HASH_CHUNK = 16 << 20
+
+
+class ResumeError(ConfigError):
+    """``--resume`` is refused (every checkpoint broken, or a config change that cannot be applied). Nothing has
+    been changed on disk. A ConfigError, so that a recipe prints it without a traceback."""
+
+
+class CheckpointMismatch(RuntimeError):
+    """The checkpoint is intact but does not fit this model (other architecture, LoRA targets or freezing)."""
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint's pickled metadata refers to something other than DCP metadata and plain data."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# nothing from a checkpoint folder runs code
+
+_ALLOWED_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},  # a torch.layout by name, from a fixed table
+    "torch": {"Size"},  # and torch dtypes, checked by type below
+    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+    "builtins": {"dict", "list", "tuple", "set", "frozenset", "bytes", "bytearray", "str", "int", "float", "bool",
+                 "complex"},
+}  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits only DCP's metadata classes, torch dtypes / sizes / layouts and plain containers."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _ALLOWED_GLOBALS.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise UnsafeCheckpointError(f"refusing to load {module}.{name} (not DCP metadata or plain data)")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafeCheckpointError("refusing a persistent id")
+
+
+def load_dcp_metadata(stream: BinaryIO) -> Metadata:
+    """Unpickle a DCP ``.metadata`` stream with the restricted unpickler."""
+    metadata = _MetadataUnpickler(stream).load()
+    if not isinstance(metadata, Metadata):
+        raise UnsafeCheckpointError(f"a DCP .metadata must hold a Metadata object, got {type(metadata).__name__}")
+    return metadata
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """DCP's FileSystemReader, with ``.metadata`` read by the restricted unpickler instead of ``pickle.load``."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        name = ".metadata" if kwargs.get("rank") is None else f"__{kwargs['rank']}.metadata"
+        with self.fs.create_stream(self.fs.concat_path(self.path, name), "rb") as stream:
+            metadata = load_dcp_metadata(stream)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, with pickled non-tensor entries read by ``torch.load(weights_only=True)``."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# files
 
 
 def _fsync_dir(path: Path) -> None:
@@ -60,29 +159,79 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_durable(path: Path, text: str) -> None:
-    with path.open("w") as fh:
+    """Write ``text`` to ``path`` atomically (a temporary name, fsync, rename)."""
+    tmp = path.with_name(path.name + ".partial")
+    with tmp.open("w") as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
-def checkpoint_problem(path: Path) -> str | None:
-    """Why the checkpoint directory ``path`` cannot be loaded, or None if it is complete."""
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _read_manifest(path: Path) -> tuple[dict[str, dict[str, Any]] | None, str | None]:
+    """(files: name -> {"size", "sha256"?}, problem)."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
-        return f"no {MANIFEST} (the save did not finish)"
+        return None, f"no {MANIFEST} (the save did not finish)"
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        return f"unreadable {MANIFEST}: {exc}"
-    for name, size in files.items():
-        file = path / name
-        if not file.is_file():
-            return f"missing file {name}"
-        actual = file.stat().st_size
-        if actual != size:
-            return f"{name} is {actual} bytes, expected {size} (truncated or corrupt)"
+        out = {}
+        for name, entry in files.items():
+            entry = {"size": entry} if isinstance(entry, int) else dict(entry)
+            if not isinstance(entry.get("size"), int) or Path(name).name != name:
+                raise ValueError(f"bad entry for {name!r}")
+            out[name] = entry
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return None, f"unreadable {MANIFEST}: {exc}"
+    return out, None
+
+
+def _size_problem(path: Path, name: str, entry: dict[str, Any]) -> str | None:
+    file = path / name
+    if not file.is_file():
+        return f"missing file {name}"
+    actual = file.stat().st_size
+    if actual != entry["size"]:
+        return f"{name} is {actual} bytes, expected {entry['size']} (truncated or corrupt)"
+    return None
+
+
+def _checksum_problem(path: Path, name: str, entry: dict[str, Any]) -> str | None:
+    problem = _size_problem(path, name, entry)
+    if problem is None and "sha256" in entry and file_sha256(path / name) != entry["sha256"]:
+        problem = f"{name} does not match its checksum in {MANIFEST} (corrupt)"
+    return problem
+
+
+def checkpoint_problem(path: Path, *, checksums: bool = False) -> str | None:
+    """Why the checkpoint directory ``path`` cannot be loaded, or None if it is complete.
+
+    Sizes only by default (cheap); ``checksums=True`` also hashes every file (what a resume does, in parallel).
+    """
+    files, problem = _read_manifest(path)
+    if problem is not None:
+        return problem
+    check = _checksum_problem if checksums else _size_problem
+    for name, entry in files.items():
+        if (problem := check(path, name, entry)) is not None:
+            return problem
     return None
 
 
@@ -96,6 +245,7 @@ class Checkpointer:
         self.keep_last = keep_last
         self.env = env
         self.save_frozen = save_frozen
+        self.broken: dict[str, str] = {}  # step dir name -> why it could not be used (found by verify / load)
 
     def _options(self) -> StateDictOptions:
         return StateDictOptions(ignore_frozen_params=not self.save_frozen, strict=self.save_frozen)
@@ -127,75 +277,150 @@ class Checkpointer:
             state = dict(trainer_state, world_size=self.env.world_size, frozen_not_saved=self._frozen_names(model))
             _write_durable(tmp / TRAINER_STATE, json.dumps(state, indent=1))
         dist.barrier()
+        names = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        mine = {n: {"size": (tmp / n).stat().st_size, "sha256": file_sha256(tmp / n)} for n in self._share(names)}
+        files = {k: v for part in _all_gather(mine) for k, v in part.items()}
         if self.env.is_main:
-            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-            _write_durable(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
+            manifest = {"format": MANIFEST_FORMAT, "step": step, "files": dict(sorted(files.items()))}
+            _write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1))
             _fsync_dir(tmp)
-            if final.exists():  # re-saving a step after a resume: replace it
-                shutil.rmtree(final)
+            if final.exists():  # re-saving a step after a resume: the old one was broken or is being replaced
+                if final.name in self.broken or checkpoint_problem(final) is not None:
+                    self._set_aside(final, self.broken.get(final.name) or checkpoint_problem(final) or "")
+                else:
+                    shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(self.root)
             self._prune()
         dist.barrier()
         return final
 
+    def _share(self, names: list[str]) -> list[str]:
+        """This rank's share of ``names`` for hashing / verifying (round robin)."""
+        return names[self.env.rank :: self.env.world_size]
+
+    def _set_aside(self, path: Path, problem: str) -> None:
+        """Rename an unusable checkpoint to ``step_N.broken`` (never deleted by the engine)."""
+        target = path.with_name(path.name + ".broken")
+        k = 1
+        while target.exists():
+            target = path.with_name(f"{path.name}.broken.{k}")
+            k += 1
+        os.replace(path, target)
+        self.broken.pop(path.name, None)
+        warnings.warn(f"unusable checkpoint {path.name} ({problem}) kept as {target.name}", stacklevel=3)
+
     def _prune(self) -> None:
-        """Keep the newest ``keep_last`` complete checkpoints; remove older ones and any broken directory."""
+        """Keep the newest ``keep_last`` complete checkpoints, remove older ones; set broken ones aside."""
         kept = 0
         for _, path in self.step_dirs():
-            problem = checkpoint_problem(path)
+            problem = self.broken.get(path.name) or checkpoint_problem(path)
             if problem is not None:
-                warnings.warn(f"removing unusable checkpoint {path.name} ({problem})", stacklevel=3)
+                self._set_aside(path, problem)
             elif kept < self.keep_last:
                 kept += 1
-                continue
-            shutil.rmtree(path)
+            else:
+                shutil.rmtree(path)
+
+    def verify(self, path: Path) -> str | None:
+        """Collective: every file of ``path`` against its manifest (size and SHA-256), the ranks hashing their
+        share in parallel. Returns the first problem found (naming the file), or None."""
+        files, problem = _read_manifest(path) if self.env.is_main else (None, None)
+        files, problem = broadcast_object((files, problem))
+        if problem is not None:
+            return problem
+        mine = None
+        for name in self._share(sorted(files)):
+            if (mine := _checksum_problem(path, name, files[name])) is not None:
+                break
+        problems = [p for p in _all_gather(mine) if p is not None]
+        if problems:
+            return problems[0]
+        if self.env.is_main and any("sha256" not in e for e in files.values()):
+            warnings.warn(f"{path.name}: an older manifest without checksums, checked by file size only", stacklevel=3)
+        return None
+
+    def candidates(self) -> list[Path]:
+        """Every ``step_N`` directory, newest first, as rank 0 sees them (all ranks agree)."""
+        found = [str(p) for _, p in self.step_dirs()] if self.env.is_main else None
+        return [Path(p) for p in broadcast_object(found)]
 
     def latest_valid(self) -> Path | None:
-        """Rank 0 picks the newest complete checkpoint (warning about each newer broken one); all ranks agree."""
-        chosen = None
-        if self.env.is_main:
-            broken = []
-            for _, path in self.step_dirs():
-                problem = checkpoint_problem(path)
-                if problem is None:
-                    chosen = path
-                    break
-                broken.append(f"{path.name} ({problem})")
-            if broken:
-                fallback = chosen.name if chosen else "none, starting fresh"
-                warnings.warn(f"skipping unusable checkpoint(s) {'; '.join(broken)}; using {fallback}", stacklevel=2)
-        chosen = broadcast_object(str(chosen) if chosen else None)
-        return Path(chosen) if chosen else None
+        """The newest checkpoint that passes :meth:`verify` (warning about each newer broken one); collective."""
+        chosen, broken = None, []
+        for path in self.candidates():
+            problem = self.verify(path)
+            if problem is None:
+                chosen = path
+                break
+            self.broken[path.name] = problem
+            broken.append(f"{path.name} ({problem})")
+        if broken and self.env.is_main:
+            fallback = chosen.name if chosen else "none"
+            warnings.warn(f"skipping unusable checkpoint(s) {'; '.join(broken)}; using {fallback}", stacklevel=2)
+        return chosen
 
-    def load_latest(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
-        """Restore model, optimiser and RNG from the newest valid checkpoint; returns its trainer state."""
-        path = self.latest_valid()
-        if path is None:
+    def load_latest(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Path, dict[str, Any]] | None:
+        """Restore model, optimiser and RNG from the newest checkpoint that verifies *and* loads; collective.
+
+        Returns (its path, its trainer state); None when there is no checkpoint at all. A checkpoint that fails
+        to verify or to load is reported by name and the next older one tried; when every one fails, ResumeError
+        lists them (nothing is changed on disk). A checkpoint that does not fit the model raises
+        CheckpointMismatch at once (an older one would not fit either).
+        """
+        paths = self.candidates()
+        failures = []
+        for path in paths:
+            problem = self.verify(path)
+            if problem is None:
+                local = None
+                try:
+                    state = self.load(path, model, optimizer)
+                except CheckpointMismatch:
+                    raise
+                except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+                    local = f"load failed: {_describe(exc)}"
+                problem = next((p for p in _all_gather(local) if p is not None), None)  # every rank agrees
+                if problem is None:
+                    if failures and self.env.is_main:
+                        warnings.warn(
+                            f"skipping unusable checkpoint(s) {'; '.join(failures)}; using {path.name}", stacklevel=2
+                        )
+                    return path, state
+            self.broken[path.name] = problem
+            failures.append(f"{path.name} ({problem})")
+        if not paths:
             return None
-        return self.load(path, model, optimizer)
+        raise ResumeError(
+            f"--resume: no usable checkpoint under {self.root}; nothing was changed (fix or move them, or start a "
+            f"fresh run without --resume):\n" + "\n".join(f"  {f}" for f in failures)
+        )
 
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
         """Restore from the checkpoint directory ``path`` (resharding if the world size changed)."""
-        trainer_state = json.loads((path / TRAINER_STATE).read_text())
+        try:
+            trainer_state = json.loads((path / TRAINER_STATE).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{TRAINER_STATE}: {exc}") from exc
         not_saved = trainer_state.get("frozen_not_saved", [])
         frozen_now = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
         if not_saved and not_saved != frozen_now:
-            raise RuntimeError(
+            raise CheckpointMismatch(
                 f"{path} was saved without its {len(not_saved)} frozen parameters (e.g. {not_saved[0]}), but this "
                 f"model freezes {len(frozen_now)} others: resume with the same base model and LoRA / freeze setup"
             )
         options = StateDictOptions(ignore_frozen_params=bool(not_saved), strict=not not_saved)
+        load_kw = dict(storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
         if optimizer is None:
             state = {"model": get_model_state_dict(model, options=options)}
             _check_model_keys(path, state["model"])
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(state, **load_kw)
             set_model_state_dict(model, state["model"], options=options)
         else:
             model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
             _check_model_keys(path, model_sd)
             state = {"model": model_sd, "optim": optim_sd}
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(state, **load_kw)
             set_state_dict(
                 model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options
             )
@@ -211,14 +436,31 @@ class Checkpointer:
         return trainer_state
 
 
+def _describe(exc: BaseException) -> str:
+    """A one-line account of a load error; DCP's CheckpointException carries each rank's own error."""
+    failures = getattr(exc, "failures", None) or getattr(exc, "_failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, wrapped = next(iter(failures.items()))
+        inner = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+        return f"rank {rank}: {type(inner).__name__}: {inner}"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _check_model_keys(path: Path, model_sd: dict[str, Any]) -> None:
     """Refuse, naming the tensors, a checkpoint whose model tensors differ from the model's (before any load)."""
-    saved = {k.removeprefix("model.") for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata}
+    try:
+        with (path / ".metadata").open("rb") as stream:
+            metadata = load_dcp_metadata(stream)
+    except UnsafeCheckpointError as exc:
+        raise UnsafeCheckpointError(f".metadata: {exc}") from exc
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError) as exc:
+        raise ValueError(f".metadata: unreadable: {type(exc).__name__}: {exc}") from exc
+    saved = {k.removeprefix("model.") for k in metadata.state_dict_metadata}
     saved = {k for k in saved if not k.startswith("optim.")}
     missing = sorted(set(model_sd) - saved)
     extra = sorted(saved - set(model_sd))
     if missing or extra:
-        raise RuntimeError(
+        raise CheckpointMismatch(
             f"{path} does not match this model: it lacks {len(missing)} of its tensors {missing[:3]} and holds "
             f"{len(extra)} it does not have {extra[:3]} (different architecture, LoRA targets or freezing?)"
         )

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
+import warnings
 import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -86,7 +88,9 @@ class MetricsLog:
     """Appends one JSON object per step to ``path`` (rank 0 only; other ranks hold a disabled log).
 
     Non-finite floats are written as JSON ``null`` (strict JSON), with the record still naming the key.
-    ``truncate_after(step)`` drops lines past a resumed step so that a restarted run's curve has no duplicates.
+    ``truncate_after(step)`` drops lines past a resumed step so that a restarted run's curve has no duplicates; a
+    torn last line (a writer killed mid-line) is dropped with a warning; the file is rewritten atomically.
+    ``set_aside()`` keeps an existing log as ``metrics.jsonl.N`` (a ``--resume`` that found no checkpoint).
     """
 
     def __init__(self, path: str | Path, enabled: bool = True) -> None:
@@ -98,8 +102,21 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [r for r in _parse_lines(self.path) if r[1].get("step", 0) <= step] if step > 0 else []
+        tmp = self.path.with_name(self.path.name + ".partial")
+        tmp.write_text("".join(line + "\n" for line, _ in kept))
+        os.replace(tmp, self.path)
+
+    def set_aside(self) -> Path | None:
+        """Rename a non-empty log to the first free ``<name>.N``; returns the new path."""
+        if not self.enabled or not self.path.exists() or self.path.stat().st_size == 0:
+            return None
+        k = 1
+        while (target := self.path.with_name(f"{self.path.name}.{k}")).exists():
+            k += 1
+        os.replace(self.path, target)
+        warnings.warn(f"{self.path}: the earlier log is kept as {target.name}", stacklevel=2)
+        return target
 
     def write(self, record: Mapping[str, object]) -> None:
         if not self.enabled:
@@ -107,6 +124,29 @@ class MetricsLog:
         clean = {k: _json_value(v) for k, v in record.items()}
         with self.path.open("a") as fh:
             fh.write(json.dumps(clean) + "\n")
+
+
+def _parse_lines(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of every non-empty line; a torn last line is dropped with a warning, any other malformed
+    line raises ValueError naming ``file:line``."""
+    lines = path.read_text().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    out = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+        except ValueError as exc:
+            if lineno == len(lines):
+                warnings.warn(f"{path}:{lineno}: dropping a torn last line ({exc}): {line[:80]!r}", stacklevel=3)
+                break
+            raise ValueError(f"{path}:{lineno}: malformed metrics line: {exc}") from exc
+        out.append((line, record))
+    return out
 
 
 def _json_value(value: object) -> object:
@@ -118,13 +158,6 @@ def _json_value(value: object) -> object:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, object]]:
-    """All records of a metrics JSONL file; raises naming the file and line on a malformed line."""
-    records = []
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: malformed metrics line: {exc}") from exc
-    return records
+    """All records of a metrics JSONL file; a torn last line is dropped with a warning; raises naming the file and
+    line on any other malformed line."""
+    return [record for _, record in _parse_lines(Path(path))]

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from engine.data.images import load_image
-from engine.data.schema import Record
+from engine.data.schema import DecodedRecords, Record, SkipReport
 from engine.models import ModelConfig, Processor
 from engine.rl.focus import CropFocusHook
 from engine.rl.packing import PackedBatch, pack_sequences, packed_hidden
@@ -162,8 +162,14 @@ def sft_example(
     return SFTExample(record.id, ids, mask, out["pixel_values"], out["image_grid_thw"])
 
 
-class SFTDataset(Sequence[SFTExample]):
-    """Records with traces, tokenised on access (images decoded lazily, so memory stays flat)."""
+class SFTDataset(DecodedRecords[SFTExample]):
+    """Records with traces, tokenised on access (images decoded lazily, so memory stays flat).
+
+    A record whose media cannot be decoded (``engine.data.images.MediaError``: a truncated or garbled image, a
+    missing depth file, no depth for a prompt that shows one) is skipped there, named ``file:line``, counted in the
+    loader's SkipReport (``report``, default ``records.report``), and replaced by the next decodable record; the
+    run stops with the list once more than ``max_skip_share`` of the records are skipped (see DecodedRecords).
+    """
 
     def __init__(
         self,
@@ -173,26 +179,21 @@ class SFTDataset(Sequence[SFTExample]):
         with_depth: bool,
         max_seq_len: int,
         views: SFTViews | None = None,
+        report: SkipReport | None = None,
+        max_skip_share: float = 0.1,
     ) -> None:
         missing = [r.id for r in records if not r.trace]
         if missing:
             raise ValueError(f"SFT needs traces: {len(missing)} records have none (first: {missing[0]!r})")
-        self.records = list(records)
         self.processor = processor
         self.with_depth = with_depth
         self.max_seq_len = max_seq_len
         self.views = views
+        super().__init__(records, self._example, report=report, max_share=max_skip_share)
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> SFTExample:  # type: ignore[override]
+    def _example(self, record: Record) -> SFTExample:
         return sft_example(
-            self.records[index],
-            self.processor,
-            with_depth=self.with_depth,
-            max_seq_len=self.max_seq_len,
-            views=self.views,
+            record, self.processor, with_depth=self.with_depth, max_seq_len=self.max_seq_len, views=self.views
         )
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 import warnings
@@ -48,7 +49,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from engine.config import TrainConfig
+from engine.config import TrainConfig, to_dict
 from engine.distributed import DistEnv, all_reduce_max, all_reduce_sum, init_distributed, parallelize
 from engine.train.batch_source import BatchSource, StepContext
 from engine.train.metrics import MetricsLog, PhaseTimer, mean_across_ranks
@@ -76,7 +77,9 @@ Objective = Callable[[nn.Module, Any], ObjectiveOutput]
 
 
 class NonFiniteError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
+    """Too many consecutive steps had a non-finite loss or gradient; ``record`` is the last step's metrics line."""
+
+    record: dict[str, Any] | None = None
 
 
 def seed_all(seed: int) -> None:
@@ -121,7 +124,8 @@ class Trainer:
     cfg: the ``train`` section of the run config.
     env: process group / mesh (default: ``init_distributed()``).
     phase: ``"sft"`` or ``"grpo"``, written on every metrics line.
-    run_config: the full run config as a dict, saved as ``<run dir>/config.json``.
+    run_config: the full run config as a dict, saved as ``<run dir>/config.json`` when ``fit`` starts (after a
+        resume was accepted) and in every checkpoint.
     total_steps: overrides ``cfg.max_steps`` / epochs x ``batch_source.steps_per_epoch``.
     export_fn: ``(full_state_dict, out_dir) -> None`` on rank 0 for the final HF export of the LoRA-merged weights
         (default: engine.models.save_pretrained for a VLModel, else safetensors with the model's own parameter
@@ -162,6 +166,7 @@ class Trainer:
         self.model = model
         self.total_steps = total_steps or self._budget()
         self.optimizer = build_optimizer(model, cfg)
+        self._fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.step = 0
@@ -173,10 +178,10 @@ class Trainer:
         self.checkpointer = Checkpointer(
             self.run_dir / "checkpoints", keep_last=cfg.keep_last, env=self.env, save_frozen=cfg.checkpoint_frozen
         )
+        self.run_config = run_config if run_config is not None else {"train": to_dict(cfg)}
+        self._write_config = run_config is not None
+        self.resumed_from: Path | None = None
         seed_all(cfg.seed + self.env.rank)
-        if self.env.is_main and run_config is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
 
     def _budget(self) -> int:
         if self.cfg.max_steps > 0:
@@ -206,7 +211,6 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
         self.step += 1
-        self._account_nonfinite(stats)
         step_time = time.perf_counter() - start
         local = dict(stats.metrics)
         local.update(ctx.metrics)
@@ -224,6 +228,11 @@ class Trainer:
         }
         record.update(mean_across_ranks(local, self.env.device))
         record["time/step"] = step_time
+        try:
+            self._account_nonfinite(stats)
+        except NonFiniteError as exc:
+            exc.record = record  # fit logs the step that stops the run
+            raise
         return record
 
     def compute_gradients(self, micro_batches: list[Any]) -> GradStats:
@@ -306,8 +315,15 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------
     # the run
 
+    @property
+    def global_batch(self) -> int:
+        """Items per optimiser step over all ranks: the batch source's ``global_batch`` if it has one (an
+        IndexedBatchSource: micro_batch_size x grad_accum_steps x world size), else the same from ``cfg``."""
+        found = getattr(self.batch_source, "global_batch", None)
+        return int(found) if found else self.cfg.micro_batch_size * self.cfg.grad_accum_steps * self.env.world_size
+
     def state(self) -> dict[str, Any]:
-        """The trainer's own resumable state (JSON-serialisable)."""
+        """The trainer's own resumable state (JSON-serialisable), with the run's config and global batch."""
         return {
             "step": self.step,
             "num_skipped": self.num_skipped,
@@ -316,28 +332,111 @@ class Trainer:
             "phase": self.phase,
             "scheduler": self.scheduler.state_dict(),
             "data": self.batch_source.state_dict(),
+            "config": self.run_config,
+            "global_batch": self.global_batch,
         }
 
-    def load_state(self, state: dict[str, Any]) -> None:
+    def load_state(self, state: dict[str, Any], reschedule: bool = False) -> None:
+        """Restore the trainer state; ``reschedule``: keep this run's (new) schedule, positioned at the step."""
         self.step = int(state["step"])
         self.num_skipped = int(state["num_skipped"])
         self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if reschedule:
+            lam = self.scheduler.lr_lambdas[0]
+            lrs = [base * lam(self.step) for base in self.scheduler.base_lrs]
+            for group, lr, base in zip(self.optimizer.param_groups, lrs, self.scheduler.base_lrs):
+                group["lr"], group["initial_lr"] = lr, base
+            self.scheduler.last_epoch = self.step
+            self.scheduler._last_lr = lrs
+        else:
+            self.scheduler.load_state_dict(state["scheduler"])
         self.batch_source.load_state_dict(state["data"])
 
     def save_checkpoint(self) -> Path:
         return self.checkpointer.save(self.step, self.model, self.optimizer, self.state())
 
     def resume(self) -> bool:
-        """Load the latest valid checkpoint; False (with a warning) if there is none."""
+        """Load the newest checkpoint that verifies and loads, applying or refusing config changes (see
+        engine.train.resume); False (with a warning) if there is no checkpoint at all. Raises ResumeError, with
+        nothing changed on disk, when every checkpoint is broken or a change cannot be applied."""
         loaded = self.checkpointer.load_latest(self.model, self.optimizer)
         if loaded is None:
             if self.env.is_main:
                 warnings.warn(f"--resume: no checkpoint under {self.checkpointer.root}; starting fresh", stacklevel=2)
+                self.metrics_log.set_aside()
             return False
-        self.load_state(loaded)
+        path, state = loaded
+        reschedule = self._check_changes(path, state)
+        self.load_state(state, reschedule=reschedule)
+        self.resumed_from = path
         self.metrics_log.truncate_after(self.step)
+        if self.env.is_main:
+            print(f"[resume] {self.phase}: loaded {path} (step {self.step} of {self.total_steps})", flush=True)
         return True
+
+    def _check_changes(self, path: Path, state: dict[str, Any]) -> bool:
+        """Report every config difference from the checkpoint; apply them by the rules or raise ResumeError.
+        Returns whether the lr schedule has to be rebuilt."""
+        from engine.train.checkpoint import ResumeError
+        from engine.train.resume import Change, classify
+
+        saved = state.get("config")
+        if saved is None:
+            if self.env.is_main:
+                warnings.warn(f"{path.name} records no config (an older checkpoint): changes cannot be checked",
+                              stacklevel=3)  # fmt: skip
+            return False
+        changes = classify(saved, self.run_config, self.cfg.resume_accept)
+        if state.get("total_steps") != self.total_steps and not any(c.kind == "schedule" for c in changes):
+            changes.append(Change("total steps", state.get("total_steps"), self.total_steps, "schedule"))
+        old_batch = state.get("global_batch")
+        if old_batch is not None and old_batch != self.global_batch:
+            per_rank = self.cfg.micro_batch_size * self.env.world_size
+            hint = (
+                f"; keep it with --train.grad_accum_steps {old_batch // per_rank}" if old_batch % per_rank == 0 else ""
+            )
+            note = f"micro_batch_size x grad_accum_steps x world size {self.env.world_size}: other data per step{hint}"
+            changes.append(Change("global batch", old_batch, self.global_batch, "refused", note))
+        elif state.get("world_size") != self.env.world_size:
+            note = "applied: the same global batch, tensors resharded"
+            changes.append(Change("world size", state.get("world_size"), self.env.world_size, "applied", note))
+        if self.total_steps < int(state["step"]):
+            changes.append(Change("total steps", state.get("total_steps"), self.total_steps, "refused",
+                                  f"below the checkpoint's step {state['step']}"))  # fmt: skip
+        refused = [c for c in changes if c.kind == "refused"]
+        if refused:
+            raise ResumeError(
+                f"--resume refused: the config differs from {path} in what a run in progress cannot change; "
+                f"nothing was changed:\n" + "\n".join(c.line() for c in refused) + "\nPut the old values back, "
+                "accept them with --train.resume_accept KEY,..., or start a new run (another --train.run_name)."
+            )
+        if changes and self.env.is_main:
+            print(f"[resume] the config differs from {path.name}:\n" + "\n".join(c.line() for c in changes),
+                  flush=True)  # fmt: skip
+        for change in changes:
+            if change.kind == "optimizer":
+                from engine.train.resume import OPTIMIZER
+
+                name = OPTIMIZER[change.key]
+                for group, fresh in zip(self.optimizer.param_groups, self._fresh_groups):
+                    group[name] = fresh[name]
+        return any(c.kind == "schedule" for c in changes)
+
+    def _save_unless_nonfinite(self, due: bool, pending: bool) -> tuple[Path | None, bool]:
+        """Save a due (or deferred) checkpoint unless the step is inside a non-finite streak, whose weights must
+        not become the newest checkpoint; then it is deferred to the next finite step. Returns (path, pending)."""
+        if not (due or pending):
+            return None, False
+        if self.consecutive_nonfinite:
+            if due and self.env.is_main:
+                warnings.warn(
+                    f"step {self.step}: checkpoint deferred: the last {self.consecutive_nonfinite} step(s) were "
+                    f"non-finite; it is written at the next finite step",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return None, True
+        return self.save_checkpoint(), False
 
     def fit(self) -> TrainResult:
         """Train until ``total_steps`` (resuming first if ``cfg.resume``); checkpoint, export and plot at the end."""
@@ -347,6 +446,10 @@ class Trainer:
 
         if not (self.cfg.resume and self.resume()):
             self.metrics_log.truncate_after(self.step)  # a fresh run starts a fresh curve
+        if self.env.is_main and self._write_config:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(self.run_config, indent=2) + "\n")
+        finished_before = self.resumed_from is not None and self.step >= self.total_steps
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -355,10 +458,16 @@ class Trainer:
             dynamic_ncols=True,
         )
         record: dict[str, Any] = {}
-        last_ckpt = None
+        last_ckpt = self.resumed_from if finished_before else None
+        pending = False
         with bar:
             while self.step < self.total_steps:
-                record = self.train_step()
+                try:
+                    record = self.train_step()
+                except NonFiniteError as exc:
+                    if exc.record is not None:
+                        self.metrics_log.write(exc.record)
+                    raise
                 if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
                     self.metrics_log.write(record)
                 bar.update(1)
@@ -368,18 +477,57 @@ class Trainer:
                     postfix["reward"] = f"{record['reward/total']:.3g}"
                 bar.set_postfix(postfix)
                 every = self.cfg.checkpoint_every
-                if (every > 0 and self.step % every == 0) or self.step == self.total_steps:
-                    last_ckpt = self.save_checkpoint()
+                due = (every > 0 and self.step % every == 0) or self.step == self.total_steps
+                saved, pending = self._save_unless_nonfinite(due, pending)
+                last_ckpt = saved or last_ckpt
+        if pending and self.env.is_main:
+            warnings.warn(
+                f"step {self.step}: the run ended inside a non-finite streak: no final checkpoint (the newest is "
+                f"{last_ckpt.name if last_ckpt else 'none'})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         export_dir = None
         if self.cfg.export_hf:
             export_dir = self.run_dir / "hf"
-            dtype = getattr(torch, self.cfg.export_dtype)
-            export_hf(self.model, export_dir, env=self.env, write_fn=self.export_fn, dtype=dtype)
+            done = finished_export(self.run_dir)
+            if finished_before and done is not None and done.get("step") == self.step:
+                if self.env.is_main:
+                    print(f"[resume] {self.phase}: already finished; keeping the export {export_dir}", flush=True)
+            else:
+                if self.env.is_main:
+                    (export_dir / EXPORT_MARKER).unlink(missing_ok=True)
+                dtype = getattr(torch, self.cfg.export_dtype)
+                export_hf(self.model, export_dir, env=self.env, write_fn=self.export_fn, dtype=dtype)
+                if self.env.is_main:
+                    marker = {"step": self.step, "phase": self.phase, "config": self.run_config}
+                    _write_marker(export_dir / EXPORT_MARKER, marker)
+                self.env.barrier()
         if self.cfg.plot and self.env.is_main and self.metrics_log.path.exists():
             from engine.train.plot import plot_curves
 
             plot_curves(self.metrics_log.path, self.run_dir / "curves.png", title=f"{self.cfg.run_name} ({self.phase})")
         return TrainResult(self.step, record, self.num_skipped, last_ckpt, export_dir)
+
+
+EXPORT_MARKER = "export.json"
+
+
+def finished_export(run_dir: str | Path) -> dict[str, Any] | None:
+    """The marker a finished run writes after its HF export (``<run_dir>/hf/export.json``: step, phase, the run's
+    config), or None when the export is missing or incomplete."""
+    path = Path(run_dir) / "hf" / EXPORT_MARKER
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def _write_marker(path: Path, marker: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(marker, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def _on_device(value: int | float | torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
