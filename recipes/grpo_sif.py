@@ -23,7 +23,7 @@ import sft_sif
 from common import frozen_copy, hf_exporter, load_policy, load_split, resolve_checkpoint, window_means
 
 from engine.config import DataConfig, LoRAConfig, ModelConfig, TrainConfig, load_config, to_dict
-from engine.distributed import DistEnv, init_distributed, parallelize
+from engine.distributed import DistEnv, init_distributed
 from engine.rl.grpo import GRPOObjective, RLConfig
 from engine.rl.probe import PROBE_KEYS, probe_rewards
 from engine.rl.prompts import build_prompt
@@ -86,10 +86,11 @@ def run(cfg: GRPORecipeConfig, env: DistEnv) -> TrainResult:
         sft_result = sft_sif.run(cfg.sft, env)
         cfg.model.path = str(sft_result.export_dir)
     checkpoint = resolve_checkpoint(cfg.model.path, cfg.train.output_dir, env)
-    model, processor = load_policy(checkpoint, cfg.model, cfg.lora, cfg.data, cfg.train.seed)
+    # sharded from the start on the training device (each rank reads only its shards' slices of the checkpoint)
+    model, processor = load_policy(checkpoint, cfg.model, cfg.lora, cfg.data, cfg.train.seed, env, cfg.train)
     reference = None
     if cfg.rl.beta != 0.0 and not cfg.lora.enabled:
-        reference = parallelize(frozen_copy(model), env.mesh)
+        reference = frozen_copy(model, env, cfg.model, cfg.train)  # its own shards, nothing shared with the policy
 
     records = load_split(cfg.data.path, "train", cfg.data.limit)
     source = GRPOBatchSource(
@@ -108,7 +109,7 @@ def run(cfg: GRPORecipeConfig, env: DistEnv) -> TrainResult:
     )
     probe = [build_prompt(r, processor, with_depth=cfg.rl.depth_in_prompt) for r in records[: cfg.probe_prompts]]
     probe_kwargs = dict(seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, judge=source.judge)
-    before = probe_rewards(model, processor, probe, cfg.rl, **probe_kwargs) if probe else None
+    probe_kwargs["device"] = env.device  # the probes run on the sharded model, collectives on the training device
     trainer = Trainer(
         model,
         GRPOObjective(cfg.rl),
@@ -119,8 +120,9 @@ def run(cfg: GRPORecipeConfig, env: DistEnv) -> TrainResult:
         run_config=to_dict(cfg),
         export_fn=hf_exporter(model.config, processor),
     )
+    before = probe_rewards(trainer.model, processor, probe, cfg.rl, **probe_kwargs) if probe else None
     result = trainer.fit()
-    after = probe_rewards(model, processor, probe, cfg.rl, **probe_kwargs) if probe else None
+    after = probe_rewards(trainer.model, processor, probe, cfg.rl, **probe_kwargs) if probe else None
     if env.is_main:
         first, last = window_means(trainer.metrics_log.path, PROBE_KEYS, cfg.summary_window)
         w = cfg.summary_window

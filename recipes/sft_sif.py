@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
 def run(cfg: SFTRecipeConfig, env: DistEnv) -> TrainResult:
     """Train with a loaded config in an initialised process group; returns the Trainer's result."""
     checkpoint = resolve_checkpoint(cfg.model.path, cfg.train.output_dir, env)
-    model, processor = load_policy(checkpoint, cfg.model, cfg.lora, cfg.data, cfg.train.seed)
+    model, processor = load_policy(checkpoint, cfg.model, cfg.lora, cfg.data, cfg.train.seed, env, cfg.train)
 
     records = load_split(cfg.data.path, "train", cfg.data.limit)
     dataset = SFTDataset(
