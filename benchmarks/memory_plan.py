@@ -201,7 +201,8 @@ def plan(kind: str, cfg, config, gpus: int, nodes: int, gpu_bytes: float = 80 * 
         prefill_tokens = per_rank_prompts * prompt
         roll.temporaries += [
             ("prefill block activations", prefill_tokens * (4 * t.hidden_size + 3 * t.intermediate_size) * 2),
-            ("vision tower activations", per_rank_prompts * patches * (4 * v.hidden_size + 3 * v.intermediate_size) * 2),
+            ("vision tower activations", per_rank_prompts * patches * (4 * v.hidden_size + 3 * v.intermediate_size)
+             * 2),
             ("next-token logits", rows * t.vocab_size * 4 * 2),
         ]  # fmt: skip
         if views:

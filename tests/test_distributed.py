@@ -149,7 +149,8 @@ def _vlm_worker(env, out_dir):
     if env.is_main:
         loaded = from_pretrained(out_dir / "hf")
         half = from_pretrained(out_dir / "hf16")
-        for (name, p), (_, q), (_, h) in zip(ref.named_parameters(), loaded.named_parameters(), half.named_parameters()):
+        triples = zip(ref.named_parameters(), loaded.named_parameters(), half.named_parameters())
+        for (name, p), (_, q), (_, h) in triples:
             assert torch.equal(p, q), name
             assert h.dtype == torch.bfloat16 and torch.equal(p.to(torch.bfloat16), h), name
 

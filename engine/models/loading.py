@@ -6,6 +6,10 @@ tensor, directly in the requested dtype/device, so peak memory is the model plus
 together: missing, unexpected and mis-shaped tensors, each by name and file; a truncated or corrupt file by path.
 Names are mapped explicitly between the hub layout (``model.layers.*``, ``visual.*``, ``lm_head.weight``; what
 we use and what we save) and the transformers-5 layout (``model.language_model.*``, ``model.visual.*``).
+
+:func:`load_weights_sharded` fills a model that is already sharded (FSDP2 / HSDP DTensors after ``to_empty``) in
+place, each rank reading only the slices of its own shards (``safe_open(...).get_slice``), with the same up-front
+validation; ``engine.train.sharded.build_sharded_model`` composes it with the meta-device build (docs/scale.md).
 """
 
 from __future__ import annotations
