@@ -154,7 +154,15 @@ def test_streaming_export_is_sharded_bf16_and_transformers_loads_it(sharded_chec
         torch.testing.assert_close(ours32.logits(ids), want, atol=1e-4, rtol=0)
 
 
-def _hsdp_worker(env, out):
+def _hsdp_worker(env, out, path):
+    # the sharded load on the 2-D mesh: each rank reads its half (its shard group's), replicas read the same half
+    model, stats = build_sharded_model(path, env.data_parallel_mesh(2), env.device, lora=LORA, seed=3)
+    ref = from_pretrained(path)
+    apply_lora(ref, LORA, seed=3)
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        assert p.placements == (Replicate(), Shard(0)) and torch.equal(p.full_tensor(), q), name
+    assert 0.4 * stats.checkpoint_bytes < stats.bytes_read < 0.6 * stats.checkpoint_bytes
+    del model
     cfg = TrainConfig(output_dir=str(out), max_steps=3, lr=5e-2, dp_replicate=2, progress_bar=False, plot=False,
                       export_hf=False, seed=4, grad_clip=0.5)  # fmt: skip
     mesh = env.data_parallel_mesh(2)
@@ -171,11 +179,12 @@ def _hsdp_worker(env, out):
         torch.save({"losses": losses, "state": state}, out / "hsdp.pt")
 
 
-def test_hsdp_2x2_trains_as_one_process(tmp_path):
-    """4 gloo ranks as 2 replicas x 2 shards give the losses and weights of 1 process with 4x the accumulation."""
+def test_hsdp_2x2_trains_as_one_process(sharded_checkpoint, tmp_path):
+    """4 gloo ranks as 2 replicas x 2 shards load the tiny model sharded within each replica, and train a toy model
+    to the losses and weights of 1 process with 4x the accumulation."""
     from engine.distributed import init_distributed
 
-    run_distributed(_hsdp_worker, 4, tmp_path)
+    run_distributed(_hsdp_worker, 4, tmp_path, sharded_checkpoint)
     got = torch.load(tmp_path / "hsdp.pt")
     with init_distributed("cpu") as env:
         cfg = TrainConfig(output_dir=str(tmp_path / "one"), max_steps=3, lr=5e-2, progress_bar=False, plot=False,
