@@ -26,7 +26,7 @@ from pathlib import Path
 from benchmarks.common import environment, markdown_table, random_checkpoint, write_json
 from engine.config import DataConfig, LoRAConfig, TrainConfig
 from engine.config import ModelConfig as ModelSection
-from engine.distributed import init_distributed, parallelize
+from engine.distributed import init_distributed
 from engine.rl.grpo import GRPOObjective, RLConfig
 from engine.rl.source import GRPOBatchSource
 from engine.train.metrics import read_metrics
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
             run_name="train_step_run", output_dir=str(work), max_steps=args.steps, micro_batch_size=args.prompts,
             progress_bar=False, plot=False, export_hf=False, lr=1e-5,
         )  # fmt: skip
-        reference = parallelize(frozen_copy(model), env.mesh) if args.beta and not args.lora else None
+        reference = frozen_copy(model, env) if args.beta and not args.lora else None
         source = GRPOBatchSource(
             load_split("", "train"), processor, model.config, rl, micro_batch_size=args.prompts,
             grad_accum_steps=1, rank=env.rank, world_size=env.world_size, reference=reference,

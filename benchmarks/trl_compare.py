@@ -123,7 +123,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     import engine.rl.rollout as rollout_module
     from engine.config import DataConfig, LoRAConfig, TrainConfig
     from engine.config import ModelConfig as ModelSection
-    from engine.distributed import init_distributed, parallelize
+    from engine.distributed import init_distributed
     from engine.models.tokenizer import Tokenizer
     from engine.rl.grpo import GRPOObjective, RLConfig
     from engine.rl.source import GRPOBatchSource
@@ -162,7 +162,7 @@ def run_ours(args: argparse.Namespace) -> dict:
             grad_accum_steps=1, lr=args.lr, schedule="constant", warmup_ratio=0.0, progress_bar=False, plot=False,
             export_hf=False,
         )  # fmt: skip
-        reference = parallelize(frozen_copy(model), env.mesh) if args.beta else None
+        reference = frozen_copy(model, env) if args.beta else None
         source = GRPOBatchSource(
             _records(args.steps), processor, model.config, rl, micro_batch_size=1, grad_accum_steps=1,
             seed=args.seed, shuffle=False, reference=reference,

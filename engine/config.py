@@ -132,7 +132,9 @@ class TrainConfig:
     resume: bool = False
     resume_accept: tuple[str, ...] = ()  # keys / sections whose changes a resume accepts as given (docs/robustness.md)
     export_hf: bool = True
-    export_dtype: Literal["float32", "bfloat16"] = "float32"
+    export_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    export_max_shard_mb: int = 4096  # HF export: model-0000i-of-0000N.safetensors files of at most this size
+    dp_replicate: int = 1  # 1: FSDP over all ranks; R > 1: HSDP, R replicas x (world / R) shards; 0: one per node
     activation_checkpointing: bool = False
     reshard_after_forward: bool = True
     max_consecutive_nonfinite: int = 5

@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+import torch
 from common import load_split, resolve_checkpoint
 
 from engine.config import DataConfig, ModelConfig, exit_on_config_error, load_config
@@ -48,7 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
 def run(cfg: EvalRecipeConfig, env: DistEnv) -> dict:
     """Evaluate in an initialised process group; rank 0 prints the table and writes eval.json and eval.png."""
     checkpoint = resolve_checkpoint(cfg.model.path, cfg.output_dir, env)
-    model = from_pretrained(checkpoint, device=env.device).eval()
+    # the checkpoint's dtype (bf16 exports) on GPU; fp32 on the CPU, where bf16 matmuls are slow and less exact
+    dtype = None if env.device.type == "cuda" else torch.float32
+    model = from_pretrained(checkpoint, dtype=dtype, device=env.device).eval()
     processor = processor_from_pretrained(checkpoint)
     processor.image.min_pixels, processor.image.max_pixels = cfg.data.min_pixels, cfg.data.max_pixels
     records = load_split(cfg.data.eval_path, "heldout", cfg.data.limit)

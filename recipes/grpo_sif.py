@@ -25,7 +25,7 @@ from common import frozen_copy, generated_split, hf_exporter, load_policy, load_
 from engine.config import DataConfig, LoRAConfig, ModelConfig, TrainConfig, exit_on_config_error, load_config, to_dict
 from engine.data.schema import Record
 from engine.data.synth import SynthSplit
-from engine.distributed import DistEnv, init_distributed, parallelize
+from engine.distributed import DistEnv, init_distributed
 from engine.models import Processor
 from engine.rl.evaluation import EvalConfig, evaluate, report
 from engine.rl.grpo import GRPOObjective, RLConfig
@@ -99,10 +99,11 @@ def run(cfg: GRPORecipeConfig, env: DistEnv) -> TrainResult:
             cfg.sft.views = SFTViews("crop", cfg.rl.max_views, cfg.rl.crop_size, cfg.rl.depth_views)
         cfg.model.path = str(sft_sif.warm_up(cfg.sft, env, resume=cfg.train.resume))  # --resume reaches it
     checkpoint = resolve_checkpoint(cfg.model.path, cfg.train.output_dir, env)
-    model, processor = load_policy(checkpoint, cfg.model, cfg.lora, cfg.data, cfg.train.seed)
+    # sharded from the start on the training device (each rank reads only its shards' slices of the checkpoint)
+    model, processor = load_policy(checkpoint, cfg.model, cfg.lora, cfg.data, cfg.train.seed, env, cfg.train)
     reference = None
     if cfg.rl.beta != 0.0 and not cfg.lora.enabled:
-        reference = parallelize(frozen_copy(model), env.mesh)
+        reference = frozen_copy(model, env, cfg.model, cfg.train)  # its own shards, nothing shared with the policy
 
     path = cfg.data.path
     if not path and cfg.synth.records > 0:
@@ -136,6 +137,7 @@ def run(cfg: GRPORecipeConfig, env: DistEnv) -> TrainResult:
     model = trainer.model  # sharded: the probe and the held-out evaluation run on the training device
     probe = source.first_prompts(cfg.probe_prompts, env.device)  # bad media skipped and counted
     probe_kwargs = dict(seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, judge=source.judge)
+    probe_kwargs["device"] = env.device  # collectives on the training device
     before = probe_rewards(model, processor, probe, cfg.rl, **probe_kwargs) if probe else None
     heldout = load_split(cfg.data.eval_path, "heldout", cfg.eval_limit) if cfg.evaluate else []
     start_eval = _start_evaluation(trainer, processor, heldout, cfg, env) if heldout else None

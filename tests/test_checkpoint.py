@@ -21,6 +21,7 @@ def _trainer(env, root, run, *, resume=False, world=2):
     cfg = TrainConfig(
         run_name=run, output_dir=str(root), lr=2e-2, warmup_ratio=0.25, weight_decay=0.1, max_steps=4,
         checkpoint_every=2, keep_last=3, resume=resume, seed=11, progress_bar=False, plot=False,
+        export_dtype="float32",  # the export must equal the fp32 weights
     )  # fmt: skip
     return Trainer(ToyVLM(dropout=0.3, seed=5), token_ce_objective, source, cfg, env=env)
 

@@ -143,12 +143,16 @@ def _vlm_worker(env, out_dir):
     with torch.no_grad():  # entry points other than __call__ gather the root's parameters too
         ids = batches[0]["ids"][None, :7]
         torch.testing.assert_close(trainer.model.logits(ids), ref.logits(ids), rtol=1e-5, atol=1e-5)
-    # HF export goes through the model package's own saver (config.json + hub names) and loads back.
-    export_hf(trainer.model, out_dir / "hf", env=env)
+    # HF export (config.json + hub names) loads back: as stored (fp32) exactly, and in bf16 by default.
+    export_hf(trainer.model, out_dir / "hf", env=env, dtype=None)
+    export_hf(trainer.model, out_dir / "hf16", env=env)
     if env.is_main:
         loaded = from_pretrained(out_dir / "hf")
-        for (name, p), (_, q) in zip(ref.named_parameters(), loaded.named_parameters()):
+        half = from_pretrained(out_dir / "hf16")
+        triples = zip(ref.named_parameters(), loaded.named_parameters(), half.named_parameters())
+        for (name, p), (_, q), (_, h) in triples:
             assert torch.equal(p, q), name
+            assert h.dtype == torch.bfloat16 and torch.equal(p.to(torch.bfloat16), h), name
 
 
 def _all_workers(env, out_dir):

@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch.distributed.fsdp import FSDPModule
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -19,8 +21,16 @@ def recipes():
     sys.path.remove(str(RECIPES))
 
 
-def test_grpo_recipe_runs_sft_then_grpo_and_logs_rewards(recipes, tmp_path: Path, capsys) -> None:
+def test_grpo_recipe_runs_sft_then_grpo_and_logs_rewards(recipes, tmp_path: Path, capsys, monkeypatch) -> None:
     grpo_sif, eval_sif = recipes
+    probed = []
+    real_probe = grpo_sif.probe_rewards
+
+    def spy(model, *args, **kwargs):  # the probes must run on the sharded model, on the training device
+        probed.append((isinstance(model, FSDPModule), kwargs.get("device")))
+        return real_probe(model, *args, **kwargs)
+
+    monkeypatch.setattr(grpo_sif, "probe_rewards", spy)
     out = str(tmp_path / "runs")
     common = ["--train.progress_bar", "false", "--train.plot", "false"]
     argv = [
@@ -60,6 +70,9 @@ def test_grpo_recipe_runs_sft_then_grpo_and_logs_rewards(recipes, tmp_path: Path
         assert "majority" in part["summary"] and "chance" in part["summary"]
     assert (tmp_path / "runs/grpo-tiny/eval.png").stat().st_size > 0
     assert "side by side" in printed and "majority" in printed
+    assert probed == [(True, torch.device("cpu"))] * 2
+    # the SFT export the GRPO run started from is bf16 (the default export dtype) and sharded-loadable
+    assert json.loads((tmp_path / "runs/sft-tiny/hf/config.json").read_text())["torch_dtype"] == "bfloat16"
 
     summary = eval_sif.main(
         ["--model.path", str(result.export_dir), "--data.limit", "2", "--eval.max_new_tokens", "8",

@@ -3,7 +3,10 @@
 Under torchrun (``WORLD_SIZE``/``RANK``/``LOCAL_RANK``/``MASTER_ADDR`` set) this joins the job's process group:
 NCCL when CUDA is available, gloo otherwise. Without torchrun it creates a one-process group on an in-memory
 store, so that single-process runs take exactly the same FSDP2 / DCP code path as multi-process ones.
-The data-parallel mesh is 1-D (``("dp",)``): FSDP2 shards parameters over all ranks.
+The data-parallel mesh is 1-D (``("dp",)``): FSDP2 shards parameters over all ranks. ``data_parallel_mesh(R)``
+gives the 2-D HSDP mesh ``("dp_replicate", "dp_shard")`` of R replica groups of ``world / R`` consecutive ranks
+each (torchrun numbers the ranks of a node consecutively, so with R = nodes a shard group is a node: all-gathers and
+reduce-scatters stay on the node's links and only the gradient all-reduce crosses nodes).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class DistEnv:
     device: torch.device
     mesh: DeviceMesh
     owns_group: bool = field(default=False, repr=False)
+    _meshes: dict[int, DeviceMesh] = field(default_factory=dict, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -34,6 +38,28 @@ class DistEnv:
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def data_parallel_mesh(self, replicate: int = 1) -> DeviceMesh:
+        """The mesh FSDP2 shards over: ``replicate`` 1 → the 1-D ``mesh`` (FSDP over all ranks); R > 1 → HSDP, a
+        2-D ``(R, world / R)`` mesh named ``("dp_replicate", "dp_shard")``; 0 → R = the number of nodes
+        (``WORLD_SIZE / LOCAL_WORLD_SIZE`` from torchrun; 1 when unknown). Built once per R (collective the first
+        time: every rank must ask for the same R in the same order)."""
+        if replicate == 0:
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+            replicate = max(self.world_size // max(local_world, 1), 1)
+        if replicate < 1 or self.world_size % replicate:
+            raise ValueError(
+                f"dp_replicate={replicate} must be >= 1 and divide the world size {self.world_size} (0: one per node)"
+            )
+        if replicate == 1:
+            return self.mesh
+        if replicate not in self._meshes:
+            self._meshes[replicate] = init_device_mesh(
+                self.device.type,
+                (replicate, self.world_size // replicate),
+                mesh_dim_names=("dp_replicate", "dp_shard"),
+            )
+        return self._meshes[replicate]
 
     def close(self) -> None:
         """Destroy the process group if this env created it."""

@@ -95,12 +95,16 @@ def parallelize(
     activation_checkpointing: bool = False,
     reshard_after_forward: bool = True,
 ) -> nn.Module:
-    """Shard ``model`` in place with FSDP2 over the 1-D ``mesh``; returns it (now also an ``FSDPModule``).
+    """Shard ``model`` in place with FSDP2 over ``mesh``; returns it (now also an ``FSDPModule``).
 
+    ``mesh``: 1-D (``("dp",)``, FSDP over every rank) or 2-D (``("dp_replicate", "dp_shard")``, HSDP: parameters
+    sharded within a group, e.g. a node, and replicated across groups; see ``DistEnv.data_parallel_mesh``).
     Trainable parameters must be fp32 (the optimiser's master copy); frozen ones (a LoRA base) may be bf16.
-    FSDP2 moves the parameters to the mesh's device. Call after LoRA injection / freezing, with real (not meta)
-    parameters, before building the optimiser; afterwards load weights in place (DCP does), never by swapping
-    parameter objects: FSDP2's lazy initialisation has already run.
+    FSDP2 moves the parameters to the mesh's device. Call after LoRA injection / freezing, before building the
+    optimiser. With real parameters the lazy initialisation runs here; afterwards load weights in place (DCP
+    does), never by swapping parameter objects. A model built on the meta device is sharded without memory:
+    then ``to_empty(device=...)``, fill the shards (``engine.models.loading.load_weights_sharded``) and call
+    :func:`lazy_init` (``engine.train.sharded.build_sharded_model`` does all of it).
     """
     if isinstance(model, FSDPModule):
         raise ValueError("parallelize: model is already sharded with FSDP2")
@@ -127,9 +131,19 @@ def parallelize(
             composable_checkpoint(block)
         _shard(block, mesh, policy, reshard_after_forward and i < len(blocks) - 1)
     _shard(model, mesh, policy, False)
-    # FSDP2 initialises lazily: the first unit to run forward becomes the root. Generation calls the vision tower
-    # and the blocks directly, so one of them would claim the root and the model's own forward would then fail.
-    # Initialise now, from the model, as its first forward would (private API: torch has no public one).
+    if not any(p.is_meta for p in model.parameters()):
+        lazy_init(model)
+    return model
+
+
+def lazy_init(model: nn.Module) -> nn.Module:
+    """Run FSDP2's lazy initialisation from the root now (``parallelize`` does, unless the model is on meta).
+
+    FSDP2 initialises lazily: the first unit to run forward becomes the root. Generation calls the vision tower
+    and the blocks directly, so one of them would claim the root and the model's own forward would then fail.
+    Initialise from the model, as its first forward would (private API: torch has no public one). A model sharded
+    on the meta device must be materialised (``to_empty``) first.
+    """
     model._get_fsdp_state()._lazy_init()
     return model
 

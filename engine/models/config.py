@@ -135,6 +135,40 @@ class ModelConfig:
         }
 
 
+def qwen2_5_vl_7b_config() -> ModelConfig:
+    """Qwen/Qwen2.5-VL-7B-Instruct's shape, from its published config.json (no weights needed): decoder hidden
+    3584, 28 layers, 28 heads / 4 KV heads (head_dim 128, M-RoPE sections 16/24/24, rope_theta 1e6), intermediate
+    18944, vocabulary 152064, untied head; ViT depth 32, hidden 1280, intermediate 3420, 16 heads, patch 14,
+    temporal patch 2, 2x2 merge, window 112, full attention in blocks 7/15/23/31, out_hidden 3584; bf16.
+    8.29 B parameters (0.68 B of them the vision tower)."""
+    text = TextConfig(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        mrope_section=[16, 24, 24],
+        max_position_embeddings=128000,
+    )
+    vision = VisionConfig(
+        depth=32,
+        hidden_size=1280,
+        intermediate_size=3420,
+        num_heads=16,
+        patch_size=14,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        window_size=112,
+        out_hidden_size=3584,
+        fullatt_block_indexes=[7, 15, 23, 31],
+        tokens_per_second=2,
+    )
+    return ModelConfig(text=text, vision=vision, tie_word_embeddings=False, torch_dtype="bfloat16")
+
+
 _SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
 
 

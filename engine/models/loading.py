@@ -6,18 +6,27 @@ tensor, directly in the requested dtype/device, so peak memory is the model plus
 together: missing, unexpected and mis-shaped tensors, each by name and file; a truncated or corrupt file by path.
 Names are mapped explicitly between the hub layout (``model.layers.*``, ``visual.*``, ``lm_head.weight``; what
 we use and what we save) and the transformers-5 layout (``model.language_model.*``, ``model.visual.*``).
+
+:func:`load_weights_sharded` fills a model that is already sharded (FSDP2 / HSDP DTensors after ``to_empty``) in
+place, each rank reading only the slices of its own shards (``safe_open(...).get_slice``), with the same up-front
+validation; ``engine.train.sharded.build_sharded_model`` composes it with the meta-device build (docs/scale.md).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from .config import ModelConfig, load_config
 from .model import VLModel
@@ -117,13 +126,14 @@ def _resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig) -> torc
     return _DTYPE_NAMES[name]
 
 
-def load_weights(model: VLModel, path: str | Path, dtype: torch.dtype, device: torch.device | str) -> None:
-    """Materialise every parameter of a (meta-device) model from the checkpoint at ``path``."""
-    path = Path(path)
+def _checkpoint_plan(
+    path: Path, expected: dict[str, tuple[int, ...]], tied: bool
+) -> tuple[dict[Path, list[tuple[str, str]]], dict[str, dict]]:
+    """Map every expected parameter to (file, checkpoint name), validating names and shapes against the headers of
+    all files before any data is read; returns the plan and each checkpoint name's header entry."""
     files = checkpoint_files(path)
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    tied = model.config.tie_word_embeddings
     plan: dict[Path, list[tuple[str, str]]] = {}
+    infos: dict[str, dict] = {}
     seen: dict[str, str] = {}
     unexpected, misshaped, duplicate = [], [], []
     for file in files:
@@ -144,6 +154,7 @@ def load_weights(model: VLModel, path: str | Path, dtype: torch.dtype, device: t
             if info["dtype"] not in _DTYPES:
                 raise CheckpointError(f"{file}: tensor {ck_name} has unsupported dtype {info['dtype']}")
             seen[name] = file.name
+            infos[ck_name] = info
             plan.setdefault(file, []).append((ck_name, name))
     missing = sorted(set(expected) - set(seen))
     if missing or unexpected or misshaped or duplicate:
@@ -158,7 +169,14 @@ def load_weights(model: VLModel, path: str | Path, dtype: torch.dtype, device: t
             if items
         ]
         raise CheckpointError(f"{path}: checkpoint does not match the model config; " + "; ".join(parts))
+    return plan, infos
 
+
+def load_weights(model: VLModel, path: str | Path, dtype: torch.dtype, device: torch.device | str) -> None:
+    """Materialise every parameter of a (meta-device) model from the checkpoint at ``path``."""
+    path = Path(path)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    plan, _ = _checkpoint_plan(path, expected, model.config.tie_word_embeddings)
     params = dict(model.named_parameters())
     for file, names in plan.items():
         try:
@@ -172,6 +190,84 @@ def load_weights(model: VLModel, path: str | Path, dtype: torch.dtype, device: t
             raise
         except Exception as e:  # safetensors raises its own error types for corrupt data
             raise CheckpointError(f"{file}: cannot read tensors ({e})") from e
+
+
+@dataclass
+class LoadStats:
+    """What one rank read in :func:`load_weights_sharded`.
+
+    bytes_read: tensor bytes this rank asked the files for (the slices of its own shards, in the files' dtype);
+    checkpoint_bytes: tensor bytes of every tensor the model loads (its share is ``checkpoint_bytes / ranks``);
+    largest_slice_bytes: the largest single slice (the loader's peak temporary); seconds: wall time.
+    """
+
+    bytes_read: int = 0
+    checkpoint_bytes: int = 0
+    largest_slice_bytes: int = 0
+    tensors: int = 0
+    seconds: float = 0.0
+
+
+def _local_region(param: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """(this rank's storage of ``param``, the index of the global tensor it holds): a DTensor's local shard and its
+    offsets on the mesh (FSDP2 / HSDP: Shard(0) on the shard dimension, Replicate on the others), or the whole
+    tensor."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(param, DTensor):
+        return param.data, tuple(slice(0, n) for n in param.shape)
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    local = param.to_local()
+    if tuple(local.shape) != tuple(shape):
+        raise CheckpointError(f"unexpected local shard shape {tuple(local.shape)} (expected {tuple(shape)})")
+    return local, tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+@torch.no_grad()
+def load_weights_sharded(model: nn.Module, path: str | Path, skip: Sequence[str] = ()) -> LoadStats:
+    """Fill the already materialised (e.g. ``to_empty`` after ``fully_shard``) parameters of ``model`` in place from
+    the checkpoint at ``path``, each rank reading only the slices of its own shards (``safe_open(...).get_slice``).
+
+    Every parameter but those named in ``skip`` (e.g. LoRA adapters, initialised afterwards) must be in the
+    checkpoint with its global shape; names and shapes are validated against all headers first. Each slice is
+    read from the memory-mapped file, cast to the parameter's dtype and copied to its device, one tensor at a time:
+    host memory holds at most one slice beside the shards. Returns what this rank read.
+    """
+    start = time.perf_counter()
+    path = Path(path)
+    skip_set = set(skip)
+    params = {name: p for name, p in model.named_parameters() if name not in skip_set}
+    expected = {name: tuple(p.shape) for name, p in params.items()}
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    plan, infos = _checkpoint_plan(path, expected, tied)
+    stats = LoadStats()
+    for file, names in plan.items():
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for ck_name, name in names:
+                    info = infos[ck_name]
+                    itemsize = torch.empty((), dtype=_DTYPES[info["dtype"]]).element_size()
+                    stats.checkpoint_bytes += math.prod(info["shape"]) * itemsize
+                    local, index = _local_region(params[name])
+                    stats.tensors += 1
+                    if local.numel() == 0:
+                        continue  # an uneven split left this rank no rows of a short tensor
+                    if not index:  # a 0-d tensor
+                        piece = f.get_tensor(ck_name)
+                    else:
+                        piece = f.get_slice(ck_name)[index]
+                    nbytes = piece.numel() * itemsize
+                    stats.bytes_read += nbytes
+                    stats.largest_slice_bytes = max(stats.largest_slice_bytes, nbytes)
+                    local.copy_(piece)
+                    del piece
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for corrupt data
+            raise CheckpointError(f"{file}: cannot read tensors ({e})") from e
+    stats.seconds = time.perf_counter() - start
+    return stats
 
 
 def from_pretrained(

@@ -34,14 +34,18 @@ def probe_rewards(
     world_size: int = 1,
     prompts_per_call: int = 4,
     judge: Judge | None = None,
+    device: torch.device | str | None = None,
 ) -> dict[str, float]:
     """Mean reward terms (``PROBE_KEYS``) over ``len(prompts) × cfg.num_generations`` samples of the whole job.
 
     Every rank passes the same ``prompts`` and scores ``prompts[rank::world_size]``; the stream of chunk ``c`` on
     rank ``r`` is seeded by ``(seed, r, c)``, so two probes of the same policy return the same numbers.
+    Call it on the sharded model (after ``parallelize``; the recipe probes ``trainer.model``): ``device`` (default:
+    where the model's parameters live) is the training device, which holds the sampling generators and the tensor
+    the sums are all-reduced in, as NCCL needs (a CPU tensor in an NCCL process group raises).
     """
     mine = list(prompts[rank::world_size])
-    device = next(model.parameters()).device
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     sums = torch.zeros(len(PROBE_KEYS) + 1, dtype=torch.float64, device=device)
     with torch.no_grad(), unsharded(model):
         for c, start in enumerate(range(0, len(mine), prompts_per_call)):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import random
@@ -503,62 +504,117 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def _export_items(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(name in the export, module, what to emit) in the model's parameter order: ``"param:<attr>"`` for a plain
+    parameter, ``"merged"`` for a LoRA module's weight with its adapter folded in; adapters themselves are not
+    exported and a parameter shared by several modules (tied weights) is exported once, under its first name."""
+    from engine.train.lora import LoRALinear
+
+    items, seen = [], set()
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for attr, param in module.named_parameters(recurse=False):
+            if id(param) in seen or (isinstance(module, LoRALinear) and attr in ("lora_A", "lora_B")):
+                continue
+            seen.add(id(param))
+            kind = "merged" if isinstance(module, LoRALinear) and attr == "weight" else f"param:{attr}"
+            items.append((prefix + attr, module, kind))
+    return items
+
+
+def _gather(param: torch.Tensor) -> torch.Tensor:
+    """The full tensor of a (DTensor) parameter on every rank; collective for a DTensor."""
+    from torch.distributed.tensor import DTensor
+
+    return param.full_tensor() if isinstance(param, DTensor) else param.detach()
+
+
 def export_hf(
     model: nn.Module,
     out_dir: str | Path,
     *,
     env: DistEnv,
-    write_fn: Callable[[dict[str, torch.Tensor], Path], None] | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = torch.bfloat16,
+    max_shard_bytes: int = 4 << 30,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Gather the full weights to rank 0, merge LoRA adapters, and write them as HF safetensors; collective.
+    """Stream the LoRA-merged weights into HF safetensors, one parameter at a time; collective.
 
-    ``write_fn(state_dict, out_dir)`` writes the files; default: for an engine.models.VLModel its own
-    ``save_pretrained`` (config.json + hub-named, size-sharded safetensors; the weights are assigned into a
-    meta-device shell, no copy), otherwise ``out_dir/model.safetensors`` with the model's parameter names (tied
-    weights stored once). ``dtype`` casts floating tensors (e.g. bf16 for a release); default keeps fp32.
+    Nothing gathers the whole model: the files are planned from the parameters' global shapes (greedy, in
+    parameter order, at most ``max_shard_bytes`` each), then each parameter is all-gathered from its shards
+    (``DTensor.full_tensor``, one at a time), a LoRA module's weight merged there with its adapter
+    (``W + (α/r) B A`` in fp32), cast to ``dtype`` (None: as stored) and, on rank 0, moved to the host into the
+    current file, which is written as soon as its last tensor arrives. Memory: one full parameter per rank (on its
+    device) and one file's tensors on rank 0's host. Layout as transformers writes it: ``model.safetensors``, or
+    ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json`` (``metadata.total_size``,
+    ``weight_map``). Names are the model's parameter names (for an engine VLModel the hub names); an engine VLModel
+    also gets its ``config.json`` (with ``torch_dtype``). ``write_extra(out_dir)`` then writes other files on rank 0
+    (tokenizer, preprocessor).
     """
-    from engine.train.lora import lora_scalings, merge_lora_state_dict
+    from engine.train.lora import LoRALinear
 
     out_dir = Path(out_dir)
-    state = full_state_dict(model)
+    items = _export_items(model)
+    params = {name: getattr(module, "weight" if kind == "merged" else kind[6:]) for name, module, kind in items}
+
+    def out_dtype(t: torch.Tensor) -> torch.dtype:
+        return dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+
+    sizes = {
+        name: math.prod(p.shape) * torch.empty((), dtype=out_dtype(p)).element_size() for name, p in params.items()
+    }
+    files: list[list[str]] = [[]]
+    filled = 0
+    for name, _, _ in items:
+        if files[-1] and filled + sizes[name] > max_shard_bytes:
+            files.append([])
+            filled = 0
+        files[-1].append(name)
+        filled += sizes[name]
+    names = (
+        ["model.safetensors"]
+        if len(files) == 1
+        else [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    )
+    file_of = {name: i for i, group in enumerate(files) for name in group}
     if env.is_main:
-        state = merge_lora_state_dict(state, lora_scalings(model))
-        if dtype is not None:
-            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         out_dir.mkdir(parents=True, exist_ok=True)
-        (write_fn or _default_writer(model))(state, out_dir)
+        for stale in out_dir.glob("model*.safetensors*"):
+            stale.unlink()
+    dist.barrier()
+    pending: dict[str, torch.Tensor] = {}
+    for name, module, kind in items:
+        if kind == "merged":
+            assert isinstance(module, LoRALinear)
+            weight, a, b = _gather(module.weight), _gather(module.lora_A), _gather(module.lora_B)
+            tensor = weight.float() + (b.float() @ a.float()) * module.scaling if env.is_main else None
+            del weight, a, b
+        else:
+            tensor = _gather(params[name])
+        if not env.is_main:
+            del tensor
+            continue
+        pending[name] = tensor.to(out_dtype(params[name])).to("cpu").contiguous()
+        del tensor
+        i = file_of[name]
+        if name == files[i][-1]:
+            save_file(pending, str(out_dir / names[i]), metadata={"format": "pt"})
+            pending.clear()
+    if env.is_main:
+        if len(files) > 1:
+            index = {
+                "metadata": {"total_size": sum(sizes.values())},
+                "weight_map": {name: names[file_of[name]] for name, _, _ in items},
+            }
+            (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        config = getattr(model, "config", None)
+        if hasattr(config, "to_hf_dict"):
+            hf = config.to_hf_dict()
+            stored = {out_dtype(p) for p in params.values() if p.is_floating_point()}
+            if len(stored) == 1:
+                hf["torch_dtype"] = str(next(iter(stored))).removeprefix("torch.")
+            (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        if write_extra is not None:
+            write_extra(out_dir)
     dist.barrier()
     return out_dir
-
-
-def _default_writer(model: nn.Module) -> Callable[[dict[str, torch.Tensor], Path], None]:
-    from engine.models import VLModel, save_pretrained
-
-    if isinstance(model, VLModel):
-
-        def write_vlmodel(state: dict[str, torch.Tensor], out_dir: Path) -> None:
-            with torch.device("meta"):
-                shell = VLModel(model.config)
-            shell.load_state_dict(state, strict=True, assign=True)
-            save_pretrained(shell, out_dir)
-
-        return write_vlmodel
-
-    def write_plain(state: dict[str, torch.Tensor], out_dir: Path) -> None:
-        save_file(_dedupe_shared(state), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-
-    return write_plain
-
-
-def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses aliased tensors: keep the first name of each shared storage, contiguous."""
-    seen: set[tuple[int, int]] = set()
-    out = {}
-    for name, tensor in state.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = tensor.contiguous()
-    return out

@@ -74,7 +74,9 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> list[str]:
 
     With ``cfg.freeze_vision`` the vision tower (``model.vision_tower`` / ``model.visual``) gets no adapters.
     Each ``lora_A`` is drawn from a generator seeded by (``seed``, module name), not the global RNG, so every
-    rank builds identical adapters (FSDP2 shards whatever each rank holds) whatever it sampled before.
+    rank builds identical adapters (FSDP2 shards whatever each rank holds) whatever it sampled before. On a
+    meta-device model the adapters are left uninitialised: ``engine.train.sharded`` fills their shards after the
+    load with the same draws (:func:`initial_lora_A`).
     Raises if no module matches, listing a few Linear names that exist.
     """
     tower = vision_tower(model) if cfg.freeze_vision else None
@@ -94,9 +96,22 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> list[str]:
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        gen = torch.Generator(device=module.weight.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        gen = None if module.weight.is_meta else lora_generator(seed, name, module.weight.device)
         setattr(parent, child, LoRALinear(module, cfg.rank, cfg.alpha, cfg.dropout, generator=gen))
     return [name for name, _ in targets]
+
+
+def lora_generator(seed: int, name: str, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator ``lora_A`` of module ``name`` is drawn from (seeded by the run seed and the module name)."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+def initial_lora_A(module: LoRALinear, name: str, seed: int) -> torch.Tensor:
+    """The fp32 [r, in] ``lora_A`` that :func:`apply_lora` draws on the CPU for module ``name`` (Kaiming-uniform from
+    :func:`lora_generator`), whatever device or sharding the module has: sharded builds fill their shards from it."""
+    a = torch.empty(module.rank, module.in_features, dtype=torch.float32)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=lora_generator(seed, name))
+    return a
 
 
 def freeze_vision_tower(model: nn.Module) -> int:

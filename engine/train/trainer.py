@@ -127,9 +127,9 @@ class Trainer:
     run_config: the full run config as a dict, saved as ``<run dir>/config.json`` when ``fit`` starts (after a
         resume was accepted) and in every checkpoint.
     total_steps: overrides ``cfg.max_steps`` / epochs x ``batch_source.steps_per_epoch``.
-    export_fn: ``(full_state_dict, out_dir) -> None`` on rank 0 for the final HF export of the LoRA-merged weights
-        (default: engine.models.save_pretrained for a VLModel, else safetensors with the model's own parameter
-        names; see engine.train.checkpoint.export_hf).
+    export_fn: ``(out_dir) -> None`` on rank 0 after the final HF export has streamed the LoRA-merged weights
+        (sharded safetensors + index, in ``cfg.export_dtype``; config.json for a VLModel; see
+        engine.train.checkpoint.export_hf): the files beside them, e.g. tokenizer and preprocessor.
 
     RNG: every rank is seeded with ``cfg.seed + rank`` here (distinct dropout masks and samples per rank); a
     resume restores the saved streams instead.
@@ -146,7 +146,7 @@ class Trainer:
         phase: str = "sft",
         run_config: dict[str, Any] | None = None,
         total_steps: int | None = None,
-        export_fn: Callable[[dict[str, torch.Tensor], Path], None] | None = None,
+        export_fn: Callable[[Path], None] | None = None,
     ) -> None:
         from engine.train.checkpoint import Checkpointer
 
@@ -159,7 +159,7 @@ class Trainer:
         if not isinstance(model, FSDPModule):
             model = parallelize(
                 model,
-                self.env.mesh,
+                self.env.data_parallel_mesh(cfg.dp_replicate),
                 activation_checkpointing=cfg.activation_checkpointing,
                 reshard_after_forward=cfg.reshard_after_forward,
             )
@@ -497,8 +497,14 @@ class Trainer:
             else:
                 if self.env.is_main:
                     (export_dir / EXPORT_MARKER).unlink(missing_ok=True)
-                dtype = getattr(torch, self.cfg.export_dtype)
-                export_hf(self.model, export_dir, env=self.env, write_fn=self.export_fn, dtype=dtype)
+                export_hf(
+                    self.model,
+                    export_dir,
+                    env=self.env,
+                    dtype=getattr(torch, self.cfg.export_dtype),
+                    max_shard_bytes=self.cfg.export_max_shard_mb << 20,
+                    write_extra=self.export_fn,
+                )
                 if self.env.is_main:
                     marker = {"step": self.step, "phase": self.phase, "config": self.run_config}
                     _write_marker(export_dir / EXPORT_MARKER, marker)
