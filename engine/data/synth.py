@@ -64,6 +64,7 @@ class SynthConfig:
     with_trace: bool = True
     distractor_prob: float = 0.5
     png_optimize: bool = False  # ~8 % smaller PNGs at ~10x the encode time (used for the bundled set)
+    balanced: bool = True  # answers of two-way and counting questions drawn first (engine.data.synth_questions)
 
 
 @dataclass
@@ -165,7 +166,7 @@ def scene_records(scene: Scene, cfg: SynthConfig, seed: int, index: int) -> list
         if qtype in asked:  # a kind listed several times weighs the mix; a scene asks it once
             continue
         asked.add(qtype)
-        q = make_question(qtype, scene, rng)
+        q = make_question(qtype, scene, rng, cfg.balanced)
         if q is None:
             continue
         gt_boxes: list[Box] = [tuple(scene.objects[k].box) for k in q.targets]
@@ -281,7 +282,9 @@ def ensure_split(root: str | Path, split: SynthSplit) -> Path:
     return out
 
 
-BUNDLED_CONFIG = SynthConfig(questions_per_scene=2, png_optimize=True)
+# The bundled splits keep the unbalanced makers they were made with: their prompts and traces are the corpus of the
+# tiny model's BPE vocabulary, and the generated splits (SynthSplit) are the balanced ones.
+BUNDLED_CONFIG = SynthConfig(questions_per_scene=2, png_optimize=True, balanced=False)
 BUNDLED_SPECS = {"train": {"seed": 0, "n": 200}, "heldout": {"seed": 1, "n": 50}}
 
 

@@ -72,12 +72,13 @@ def _oriented(i: int, j: int, first_is_smaller: bool, values: list[float]) -> tu
     return (i, j) if (values[i] < values[j]) == first_is_smaller else (j, i)
 
 
-def _q_left_right(scene: Scene, rng: np.random.Generator) -> Question | None:
+def _q_left_right(scene: Scene, rng: np.random.Generator, balanced: bool = True) -> Question | None:
     us = [scene.camera.project(ob.center)[0] for ob in scene.objects]
-    want_left = bool(rng.random() < 0.5)
+    want_left = bool(rng.random() < 0.5) if balanced else None
     for i, j in _pairs(rng, len(us)):
         if abs(us[i] - us[j]) >= 0.08 * scene.camera.width:
-            i, j = _oriented(i, j, want_left, us)
+            if want_left is not None:
+                i, j = _oriented(i, j, want_left, us)
             a, b = scene.objects[i], scene.objects[j]
             ans = "left" if us[i] < us[j] else "right"
             return Question(
@@ -91,12 +92,13 @@ def _q_left_right(scene: Scene, rng: np.random.Generator) -> Question | None:
     return None
 
 
-def _q_above_below(scene: Scene, rng: np.random.Generator) -> Question | None:
+def _q_above_below(scene: Scene, rng: np.random.Generator, balanced: bool = True) -> Question | None:
     vs = [scene.camera.project(ob.center)[1] for ob in scene.objects]
-    want_above = bool(rng.random() < 0.5)
+    want_above = bool(rng.random() < 0.5) if balanced else None
     for i, j in _pairs(rng, len(vs)):
         if abs(vs[i] - vs[j]) >= 0.06 * scene.camera.height:
-            i, j = _oriented(i, j, want_above, vs)
+            if want_above is not None:
+                i, j = _oriented(i, j, want_above, vs)
             a, b = scene.objects[i], scene.objects[j]
             ans = "above" if vs[i] < vs[j] else "below"
             return Question(
@@ -121,9 +123,17 @@ def _q_nearer(scene: Scene, rng: np.random.Generator) -> Question | None:
     return None
 
 
-def _q_counting(scene: Scene, rng: np.random.Generator) -> Question | None:
+def _q_counting(scene: Scene, rng: np.random.Generator, balanced: bool = True) -> Question | None:
     """The count is drawn uniformly from the counts the scene offers (of any shape or colour), then a shape or
-    colour with that count: drawing the attribute first would make most answers ``1`` (colours are rarely shared)."""
+    colour with that count: drawing the attribute first (``balanced`` False, how the bundled splits were made)
+    makes most answers ``1`` (colours are rarely shared)."""
+    if not balanced:
+        by_shape = rng.random() < 0.5
+        values = sorted({ob.shape if by_shape else ob.color for ob in scene.objects})
+        value = values[int(rng.integers(len(values)))]
+        idx = [k for k, ob in enumerate(scene.objects) if (ob.shape if by_shape else ob.color) == value]
+        q = f"How many {value}s are there in the image?" if by_shape else f"How many {value} objects are there?"
+        return Question("counting", q, str(len(idx)), "number", idx, facts={"attribute": value})
     by_count: dict[int, list[tuple[bool, str]]] = {}
     for by_shape in (True, False):
         for value in sorted({ob.shape if by_shape else ob.color for ob in scene.objects}):
@@ -211,10 +221,17 @@ _MAKERS = {
 }
 
 
-def make_question(qtype: str, scene: Scene, rng: np.random.Generator) -> Question | None:
-    """A question of kind ``qtype`` about ``scene`` (None when the scene has no unambiguous instance)."""
+_BALANCED = ("left_right", "above_below", "counting")
+
+
+def make_question(qtype: str, scene: Scene, rng: np.random.Generator, balanced: bool = True) -> Question | None:
+    """A question of kind ``qtype`` about ``scene`` (None when the scene has no unambiguous instance).
+
+    balanced: draw the answer of two-way and counting questions before the objects (see the makers)."""
     if qtype not in _MAKERS:
         raise ValueError(f"unknown question kind {qtype!r}; expected one of {QTYPES + CURRICULUM_QTYPES}")
+    if qtype in _BALANCED:
+        return _MAKERS[qtype](scene, rng, balanced)
     return _MAKERS[qtype](scene, rng)
 
 
