@@ -98,3 +98,17 @@ def test_adapter_init_ignores_the_global_rng():
     a, b = (dict(m.named_parameters()) for m in models)
     assert torch.equal(a["layers.0.up_proj.lora_A"], b["layers.0.up_proj.lora_A"])
     assert not torch.equal(a["layers.0.up_proj.lora_A"], a["layers.1.up_proj.lora_A"])
+
+
+def test_adapters_take_the_mode_of_the_module_they_replace():
+    """Finding 3: a model put in eval mode before LoRA is applied stays in eval mode (no adapter dropout), and a
+    model in training mode gets adapters in training mode."""
+    ids, image = _inputs()
+    model = ToyVLM().eval()
+    apply_lora(model, LoRAConfig(enabled=True, rank=4, alpha=8, dropout=0.5, target_modules=("up_proj",)))
+    assert not any(m.training for m in model.modules())
+    _perturb_adapters(model)
+    torch.testing.assert_close(model(ids, image), model(ids, image), rtol=0, atol=0)  # deterministic
+    trained = ToyVLM().train()
+    apply_lora(trained, LoRAConfig(enabled=True, rank=4, alpha=8, dropout=0.5, target_modules=("up_proj",)))
+    assert all(m.training for m in trained.modules())

@@ -14,7 +14,8 @@ from engine.models import (
     processor_from_pretrained,
 )
 from engine.models.decoder import KVCache
-from engine.models.generate import _append_step, _Sample
+from engine.models.generate import DecodeEngine, _append_step, _Sample, bucket_sizes
+from engine.models.model import VLModel
 from engine.models.static_decode import StaticDecodeStep
 from engine.train.lora import apply_lora, lora_modules
 
@@ -42,16 +43,17 @@ def full_forward_logprobs(model, r):
     return torch.log_softmax(hidden @ model.lm_head_weight.T, -1)[:-1]
 
 
-def assert_matches_full_forward(model, rollouts):
-    """Each sampled token's log-prob equals a full forward's, and greedy picked the argmax of the allowed tokens."""
+def assert_matches_full_forward(model, rollouts, greedy=True):
+    """Each sampled token's log-prob equals a full forward's, and (``greedy``) the argmax of the allowed tokens."""
     cfg = model.config
     banned = [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id]
     for r in rollouts:
         ref = full_forward_logprobs(model, r)
         idx = r.completion_mask.nonzero().squeeze(1)
         torch.testing.assert_close(r.logprobs[idx], ref[idx - 1, r.input_ids[idx]], atol=1e-4, rtol=0)
-        allowed = ref[idx - 1].index_fill(-1, torch.tensor(banned), float("-inf"))
-        assert torch.equal(allowed.argmax(-1), r.input_ids[idx])
+        if greedy:
+            allowed = ref[idx - 1].index_fill(-1, torch.tensor(banned), float("-inf"))
+            assert torch.equal(allowed.argmax(-1), r.input_ids[idx])
 
 
 def test_focus_hook_splices_into_cache_exactly(setup):
@@ -167,7 +169,7 @@ def test_static_decode_matches_eager_and_full_forward_across_splices_and_growth(
     for a, b in zip(eager, static):
         assert a.input_ids.tolist() == b.input_ids.tolist() and a.finished == b.finished
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
-    assert_matches_full_forward(model, static)
+    assert_matches_full_forward(model, static, greedy=False)
 
 
 def test_static_step_equals_module_step_and_finished_rows_do_not_advance(setup):
@@ -202,8 +204,9 @@ def test_static_step_equals_module_step_and_finished_rows_do_not_advance(setup):
             torch.testing.assert_close(a[row, :, : lengths[row] + 1], b[row, :, : lengths[row] + 1], atol=1e-6, rtol=0)
 
 
-def test_static_decode_merges_lora_adapters(setup):
-    """With adapters on (non-zero B, dropout 0), the static step's merged weights sample what the module path does."""
+def test_static_decode_applies_lora_adapters(setup):
+    """With adapters on (non-zero B, dropout 0; k_proj not adapted, so the fused q/k/v low-rank product has a gap),
+    the static step samples what the module path does."""
     _, proc, prompts = setup
     model = copy.deepcopy(setup[0])
     apply_lora(model, LoRAConfig(rank=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj", "down_proj")))
@@ -313,3 +316,211 @@ def test_stop_string_and_length(setup):
     last = proc.tokenizer.decode(stopped.input_ids[-1:].tolist())  # a BPE token may run past the stop string
     assert stopped.finished and stop in stopped.text and stop not in stopped.text[: len(stopped.text) - len(last)]
     assert len(stopped.text) < len(greedy.text)
+
+
+def _lora_model(
+    base, dropout=0.0, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+):
+    model = copy.deepcopy(base)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, dropout=dropout, target_modules=targets))
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(6)
+        for _, module in lora_modules(model):
+            module.lora_B.normal_(0, 0.5, generator=gen)
+    return model
+
+
+def test_rollouts_sample_in_eval_mode_whatever_the_model_mode(setup):
+    """Finding 3: a model left in training mode (as the Trainer leaves it) with LoRA dropout 0.5 still samples
+    the policy itself: prefill and the crop-splice steps (module path, eager) run without dropout, so two
+    rollouts with the same seed are identical and equal the static path token for token; every module's mode
+    is restored afterwards (the vision tower, here in eval, stays in eval)."""
+    _, proc, prompts = setup
+    model = _lora_model(setup[0], dropout=0.5)
+    model.train()
+    model.visual.eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    crop = torch.rand(3, 56, 56, generator=torch.Generator().manual_seed(9))
+
+    def hook(requests):
+        return [[crop] if q.sample_index == 0 else None for q in requests]
+
+    kwargs = dict(focus_hook=hook, focus_trigger="", max_focus_steps=2)
+
+    def run(decode):
+        return generate(
+            model, proc, prompts, 2, 10, generator=torch.Generator().manual_seed(3), decode=decode, **kwargs
+        )
+
+    first, second, static, graph = run("eager"), run("eager"), run("static"), run("graph")
+    assert sum(r.num_focus_steps for r in first) == 4
+    for a, b, c, d in zip(first, second, static, graph):
+        assert a.input_ids.tolist() == b.input_ids.tolist() == c.input_ids.tolist() == d.input_ids.tolist()
+        assert torch.equal(a.logprobs, b.logprobs)
+        torch.testing.assert_close(a.logprobs, c.logprobs, atol=1e-5, rtol=0)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert_matches_full_forward(model.eval(), first, greedy=False)  # the sampled log-probs are the eval-mode policy's
+
+
+def test_bucket_sizes():
+    assert bucket_sizes(1) == [1]
+    assert bucket_sizes(8) == [1, 2, 4, 8]
+    assert bucket_sizes(12) == [1, 2, 4, 8, 12]
+
+
+def test_finished_rows_leave_the_static_batch(setup, monkeypatch):
+    """Finding 4: rows that finish (a stop string, at temperature 1) leave the decode batch. The live rows are moved
+    down into the smallest power-of-two bucket that holds them, so the static step computes what the live rows
+    cost, never a row beyond the bucket, each bucket's shapes fixed (one graph each on GPU); the tokens and
+    log-probs equal the eager path's (which only ever runs the live rows) for the same seed."""
+    model, proc, prompts = setup
+    buckets, step = [], StaticDecodeStep.step
+
+    def spy(self, tokens, positions, live):
+        buckets.append((len(tokens), len(live)))
+        return step(self, tokens, positions, live)
+
+    monkeypatch.setattr(StaticDecodeStep, "step", spy)
+    kwargs = dict(stop_strings=("o",), temperature=1.0)
+    eager = generate(model, proc, prompts, 4, 24, generator=torch.Generator().manual_seed(3), decode="eager", **kwargs)
+    engine = DecodeEngine()
+    static = generate(
+        model, proc, prompts, 4, 24, generator=torch.Generator().manual_seed(3), decode="static", engine=engine,
+        **kwargs,
+    )  # fmt: skip
+    lengths = [int(r.completion_mask.sum()) for r in static]
+    assert len(set(lengths)) >= 4 and max(lengths) > 2 * min(lengths)  # rows end at many different steps
+    for a, b in zip(eager, static):
+        assert a.input_ids.tolist() == b.input_ids.tolist() and a.finished == b.finished
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+    sizes = [b for b, _ in buckets]
+    assert sizes == sorted(sizes, reverse=True) and set(sizes) <= set(bucket_sizes(8)) and len(set(sizes)) >= 3
+    assert all(live <= b and (b == 1 or live > b // 2 or b == 8) for b, live in buckets)
+    stats = engine.stats
+    assert stats["compactions"] == len(set(sizes)) - 1
+    assert stats["row_steps"] == sum(sizes) < 8 * stats["steps"]  # without compaction: 8 rows every step
+    assert stats["live_row_steps"] == sum(lengths) - len(lengths)  # a step per token after the first
+    assert sorted(engine.step.graphs) == sorted(set(sizes))  # one static input buffer (graph on GPU) per bucket
+
+
+def test_static_step_is_built_once_references_the_weights_and_sees_updates(setup, monkeypatch):
+    """The static step and the KV cache live in the DecodeEngine across generate calls: built once, the cache
+    allocated once to capacity (it never grows), LoRA applied as the low-rank product on the model's own
+    parameters (no merged copy; the only copies are the fused q/k/v buffers). After an optimiser-like update of
+    adapters, a base weight and a norm, the next call samples what the eager path samples from the new weights."""
+    _, proc, prompts = setup
+    model = _lora_model(setup[0])
+    grown, ensure = [], KVCache.ensure
+
+    def spy(self, needed):
+        if needed > self.capacity:
+            grown.append(needed)
+        return ensure(self, needed)
+
+    monkeypatch.setattr(KVCache, "ensure", spy)
+    engine = DecodeEngine()
+    kwargs = dict(temperature=1.0, engine=engine, decode="static")
+    first = generate(model, proc, prompts, 2, 8, generator=torch.Generator().manual_seed(4), **kwargs)
+    step, cache = engine.step, engine.cache
+    ptrs = [t.data_ptr() for t in cache.k + cache.v]
+    params = {p.data_ptr() for p in model.parameters()}
+    layer, attn = step.layers[0], model.model.layers[0].self_attn
+    for lin, module in ((layer.o_proj, attn.o_proj), (layer.down_proj, model.model.layers[0].mlp.down_proj)):
+        assert lin.weight.data_ptr() == module.weight.data_ptr() and lin.lora_A.data_ptr() == module.lora_A.data_ptr()
+    copies = [t for w in step.layers for t in w.tensors() if t.data_ptr() not in params]
+    assert {t.data_ptr() for t in copies} == {t.data_ptr() for w in step.layers for t in w.qkv.tensors()}
+    t = model.config.text
+    qkv_rows = (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
+    assert layer.qkv.lora_A.shape == (3 * 4, t.hidden_size) and layer.qkv.lora_B.shape == (qkv_rows, 3 * 4)
+
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(11)
+        for _, module in lora_modules(model):
+            module.lora_B.add_(torch.randn(module.lora_B.shape, generator=gen) * 0.5)
+        attn.q_proj.weight.add_(torch.randn(attn.q_proj.weight.shape, generator=gen) * 0.1)
+        model.model.layers[1].post_attention_layernorm.weight.mul_(1.5)
+    second = generate(model, proc, prompts, 2, 8, generator=torch.Generator().manual_seed(4), **kwargs)
+    eager = generate(model, proc, prompts, 2, 8, generator=torch.Generator().manual_seed(4), decode="eager")
+    assert engine.num_builds == 1 and engine.step is step and engine.cache is cache
+    assert [t.data_ptr() for t in cache.k + cache.v] == ptrs and not grown
+    assert [r.input_ids.tolist() for r in first] != [r.input_ids.tolist() for r in second]  # the update mattered
+    for a, b in zip(eager, second):
+        assert a.input_ids.tolist() == b.input_ids.tolist()
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+    engine.release()
+    assert engine.cache is None and engine.step is step
+
+
+def test_splice_steps_feed_only_the_splicing_rows_and_skip_the_module_path(setup, monkeypatch):
+    """Finding 5: a step that splices views feeds the new view tokens of the rows that get them in one batched
+    multi-token call (StaticDecodeStep.extend, one call per such step, those rows only) while the other live rows
+    take the static step; the model's module path runs once, for the prompt prefill. Same tokens and log-probs
+    as the eager (module) path, which equals a full forward over the spliced sequences."""
+    model, proc, prompts = setup
+    runs, extends = [], []
+    run_layers, extend = VLModel.run_layers, StaticDecodeStep.extend
+
+    def spy_run(self, *args, **kwargs):
+        runs.append(1)
+        return run_layers(self, *args, **kwargs)
+
+    def spy_extend(self, x, position_ids, view):
+        extends.append(len(view.rows))
+        return extend(self, x, position_ids, view)
+
+    monkeypatch.setattr(VLModel, "run_layers", spy_run)
+    monkeypatch.setattr(StaticDecodeStep, "extend", spy_extend)
+    crops = [torch.rand(3, 56, 84, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+
+    def hook(requests):  # sample 0 of each prompt gets two views per focus step, sample 2 one, the others none
+        return [crops if q.sample_index == 0 else crops[:1] if q.sample_index == 2 else None for q in requests]
+
+    kwargs = dict(temperature=1.0, focus_hook=hook, focus_trigger="", max_focus_steps=2, stop_strings=("o",))
+    eager = generate(model, proc, prompts, 3, 10, generator=torch.Generator().manual_seed(5), decode="eager", **kwargs)
+    eager_runs = len(runs)
+    runs.clear()
+    engine = DecodeEngine()
+    static = generate(
+        model, proc, prompts, 3, 10, generator=torch.Generator().manual_seed(5), decode="static", engine=engine,
+        **kwargs,
+    )  # fmt: skip
+    assert len(runs) == 1 and eager_runs > 1  # static: the prefill only
+    assert [r.num_focus_steps for r in static] == [r.num_focus_steps for r in eager]
+    assert sum(r.num_focus_steps for r in static) >= 4
+    assert extends and max(extends) <= 4 and engine.stats["splice_steps"] == len(extends)
+    for a, b in zip(eager, static):
+        assert a.input_ids.tolist() == b.input_ids.tolist() and a.finished == b.finished
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+    assert_matches_full_forward(model, static, greedy=False)
+
+
+def test_decode_engine_cache_is_reused_while_it_fits(setup):
+    model = setup[0]
+    engine = DecodeEngine()
+    a = engine.kv_cache(model, 4, 10)
+    a.lengths[:] = 3
+    b = engine.kv_cache(model, 8, 5)  # more rows: reallocated once, to the larger of both
+    assert b is not a and (b.k[0].shape[0], b.capacity) == (8, 10)
+    c = engine.kv_cache(model, 2, 3)
+    assert c is b and int(c.lengths.abs().sum()) == 0
+
+
+@pytest.mark.gpu
+def test_cuda_graph_buckets_are_captured_once_and_replayed_across_calls(setup):
+    """bf16 on CUDA, finished rows compacted away: one graph per bucket used, captured in the first call; a second
+    call with the same engine (weights and cache at the same addresses) replays them without capturing, and its
+    tokens equal the static (eager, no-graph) step's."""
+    _, proc, prompts = setup
+    model = _lora_model(setup[0]).to("cuda", torch.bfloat16)
+    engine = DecodeEngine()
+    seed = lambda: dict(generator=torch.Generator(device="cuda").manual_seed(3))
+    kwargs = dict(stop_strings=("o",), temperature=1.0)
+    first = generate(model, proc, prompts, 4, 24, decode="graph", engine=engine, **kwargs, **seed())
+    captured = engine.step.num_captures
+    assert captured == len(engine.step.graphs) >= 2 and engine.stats["compactions"] >= 1
+    second = generate(model, proc, prompts, 4, 24, decode="graph", engine=engine, **kwargs, **seed())
+    assert engine.step.num_captures == captured and engine.stats["captures"] == 0
+    static = generate(model, proc, prompts, 4, 24, decode="static", **kwargs, **seed())
+    assert [r.input_ids.tolist() for r in first] == [r.input_ids.tolist() for r in second]
+    same = sum(a.input_ids.tolist() == b.input_ids.tolist() for a, b in zip(first, static))
+    assert same >= 6  # bf16: graph and no-graph numerics may differ in the last bit and flip a sampled token

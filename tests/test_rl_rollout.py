@@ -100,3 +100,71 @@ def test_crop_hook_fires_when_a_bpe_token_runs_past_the_area_tag(tmp_path: Path,
     assert batch.num_views == 2 and all(  # prompt RGB + depth, then the box's RGB + depth crops
         r.image_grid_thw.shape[0] == 2 + 2 for r in batch.rollouts
     )
+
+
+AREA2 = '<area>[{"bbox_2d":[0.5,0.1,0.9,0.5],"depth":0.75}]</area>'
+SCRIPTS = [
+    SCRIPT,
+    SCRIPT.replace("<text>the cube</text>", f"<text>the cube</text>{AREA2}<text>the ball</text>"),
+    "<think><text>no box at all here</text></think><answer>B</answer>",
+    SCRIPT.replace("<think>", "<think><text>first a longer look around</text>"),
+]
+
+
+class PerRowScript:
+    """sample_tokens stand-in: live sample i (in generate's order) writes SCRIPTS[i % 4] token by token."""
+
+    def __init__(self, scripts):
+        self.scripts, self.live, self.pos = scripts, list(range(len(scripts))), [0] * len(scripts)
+
+    def __call__(self, logits, temperature, top_p, generator, banned=()):
+        assert logits.shape[0] == len(self.live)
+        tokens = torch.tensor([self.scripts[i][self.pos[i]] for i in self.live])
+        for i in self.live:
+            self.pos[i] += 1
+        self.live = [i for i in self.live if self.pos[i] < len(self.scripts[i])]
+        return tokens, torch.log_softmax(logits.float(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def test_crop_mode_static_splices_equal_the_module_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Crop mode through generate_rollouts, rows splicing views at different steps (one row twice, one never) and
+    finishing at different steps: the static path (splices by StaticDecodeStep.extend, finished rows compacted
+    away) gives the module path's sequences, views and log-probs; the KV cache, sized with the view budget, is
+    allocated once and never grows."""
+    from engine.models.decoder import KVCache
+    from engine.models.generate import DecodeEngine
+
+    tok = Tokenizer(build_byte_tokenizer())
+    cfg = micro_config(tok)
+    model = VLModel(cfg)
+    init_weights(model, seed=0)
+    processor = Processor(tok, ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56))
+    scripts = [tok.encode(s) for s in SCRIPTS]
+    grown, ensure = [], KVCache.ensure
+
+    def spy(self, needed):
+        if needed > self.capacity:
+            grown.append(needed)
+        return ensure(self, needed)
+
+    monkeypatch.setattr(KVCache, "ensure", spy)
+    prompts = [build_prompt(_record(tmp_path, i), processor, with_depth=True) for i in range(2)]
+    out = {}
+    for decode in ("eager", "static"):
+        monkeypatch.setattr(gen_module, "sample_tokens", PerRowScript(scripts))
+        rl = RLConfig(num_generations=2, max_completion_length=200, focus_mode="crop", crop_size=56, max_views=2,
+                      beta=0.0, decode=decode)  # fmt: skip
+        engine = DecodeEngine()
+        out[decode] = (generate_rollouts(model, processor, prompts, rl, engine=engine), engine)
+    eager, static = out["eager"][0], out["static"][0]
+    assert static.texts == SCRIPTS and eager.texts == SCRIPTS
+    assert [r.num_focus_steps for r in static.rollouts] == [1, 2, 0, 1]
+    assert static.num_views == eager.num_views == 4  # boxes (each an RGB and a depth view)
+    for a, b in zip(eager.rollouts, static.rollouts):
+        assert a.input_ids.tolist() == b.input_ids.tolist()
+        torch.testing.assert_close(a.image_grid_thw, b.image_grid_thw)
+        torch.testing.assert_close(a.pixel_values, b.pixel_values)
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+    stats = out["static"][1].stats
+    assert stats["splice_steps"] >= 2 and stats["compactions"] >= 1 and not grown
+    assert static.metrics()["rollout/decode_rows"] < 4

@@ -9,18 +9,40 @@ the vision features, the chunk's M-RoPE ids continue the sample's own position c
 sample's cache row. The result is exactly the sequence a full forward over the spliced tokens would see (the
 tests prove it logit for logit).
 
-Steps where every row appends one token run as a :class:`StaticDecodeStep` (``decode="graph"``, the default: a
-CUDA graph on CUDA, the same static step eagerly on the CPU; ``"static"``: never a graph); steps that splice
-images in, and every step with ``decode="eager"``, go through the model's modules.
+The model samples in eval mode (no dropout, LoRA's included) whatever mode it was in; its modules' modes are
+restored afterwards.
+
+The loop, one iteration per token (each part its own function, so that the loop can be reorganised):
+``sample_tokens`` (sampling) → ``_Rules.observe`` (stop detection and focus triggers) → ``_run_focus_hook`` (the
+hook and one vision-tower batch for all triggering samples) → a decoder's ``__call__`` (step dispatch), which
+returns the next logits of the live samples in sample order.
+
+Decoders (``decode``):
+
+- ``"graph"`` (default) and ``"static"``: :class:`~engine.models.static_decode.StaticDecodeStep`, a CUDA graph on
+  CUDA with ``"graph"``, the same static step eagerly otherwise. Finished samples leave the decode batch: the live
+  rows are kept in the smallest *bucket* of cache rows ``0 .. b-1`` that holds them, b one of the powers of two
+  below the batch and the batch itself (:func:`bucket_sizes`); when enough rows have finished, the live ones are
+  moved down (their cache rows copied, order kept) and the step runs on the smaller bucket, whose graph is
+  captured once. A step that splices views feeds the splicing rows' chunks in one batched
+  :meth:`~engine.models.static_decode.StaticDecodeStep.extend` call (no module hooks) and the other live rows
+  through the bucket's static step, so no step takes the module path.
+- ``"eager"``: every step through the model's modules on the live rows (for debugging and as the reference).
+
+A :class:`DecodeEngine` carries the static step (built once, re-bound to the current weights on every call) and the
+KV cache (allocated once to the capacity the call needs: prompt + ``max_new_tokens`` + ``splice_capacity``) from
+one call to the next; without one, each call builds its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .decoder import KVCache
 from .model import VLModel
@@ -64,6 +86,7 @@ class Rollout:
 
 
 FocusHook = Callable[[list[FocusRequest]], Sequence[Sequence[torch.Tensor] | None]]
+Spliced = dict[int, tuple[list[int], torch.Tensor, torch.Tensor]]  # sample → (vision ids, grids [k, 3], features)
 
 
 @dataclass
@@ -134,6 +157,125 @@ class _TextStream:
         return piece
 
 
+@dataclass
+class _Rules:
+    """Stop detection and focus triggers: what a sampled token does to its sample."""
+
+    stream: _TextStream
+    eos: set[int]
+    stop_strings: Sequence[str]
+    max_new_tokens: int
+    focus: bool
+    focus_trigger: str
+    max_focus_steps: int
+
+    def observe(self, s: _Sample, token: int, logp: float) -> FocusRequest | None:
+        """Append ``token`` to ``s``; mark it done (eos, stop string, length); a request if it completed the
+        trigger."""
+        s.ids.append(token)
+        s.mask.append(True)
+        s.logprobs.append(logp)
+        s.new_tokens += 1
+        piece = "" if token in self.eos else self.stream.push(s, token)
+        if token in self.eos or any(stop in s.text[-(len(stop) + len(piece)) :] for stop in self.stop_strings if piece):
+            s.finished = s.done = True
+        elif s.new_tokens >= self.max_new_tokens:
+            s.done = True
+        elif (
+            self.focus
+            and s.focus_steps < self.max_focus_steps
+            and piece
+            and self.focus_trigger in s.text[-(len(self.focus_trigger) + len(piece) - 1) :]  # a token may run past it
+        ):
+            upto = s.text.rindex(self.focus_trigger) + len(self.focus_trigger)  # the hook reads up to the trigger
+            return FocusRequest(s.prompt_index, s.sample_index, s.text[:upto])
+        return None
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` for the duration (no dropout: the sampling policy is the policy), then every module's own
+    ``training`` flag back as it was."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def bucket_sizes(n: int) -> list[int]:
+    """The decode batch sizes for ``n`` rows: the powers of two below n, then n (ascending)."""
+    sizes, b = [], 1
+    while b < n:
+        sizes.append(b)
+        b *= 2
+    return sizes + [n]
+
+
+class DecodeEngine:
+    """What a run keeps from one ``generate`` call to the next (pass the same engine to every call).
+
+    - the :class:`StaticDecodeStep`, built on the first call and re-bound to the model's current parameters on
+      every later one (``num_builds`` counts constructions): its fused q/k/v buffers are refilled in place and each
+      bucket's CUDA graph is replayed again as long as nothing it read moved;
+    - the KV cache, allocated on the first call to the rows and capacity it needs and reused while later calls
+      fit (a bigger call reallocates once, to the larger of both). ``keep_cache=False`` frees it at the end of
+      every call, for the memory of whatever runs in between (the policy update); graphs then replay again only
+      if the new cache lands at the same addresses.
+
+    ``stats``: figures of the last call — ``steps`` (decode iterations), ``row_steps`` (cache rows the static step
+    computed, summed over steps; eager: live rows), ``live_row_steps`` (live rows, summed), ``compactions``,
+    ``splice_steps``, ``captures`` (CUDA graphs captured).
+    """
+
+    def __init__(self, keep_cache: bool = True) -> None:
+        self.keep_cache = keep_cache
+        self.step: StaticDecodeStep | None = None
+        self.cache: KVCache | None = None
+        self.num_builds = 0
+        self.stats: dict[str, int] = {}
+
+    def static_step(self, model: nn.Module, cuda_graph: bool) -> StaticDecodeStep:
+        if self.step is None or self.step.model is not model:
+            self.step = StaticDecodeStep(model, cuda_graph=cuda_graph)
+            self.num_builds += 1
+        else:
+            self.step.cuda_graph = cuda_graph
+            self.step.bind(model)
+        return self.step
+
+    def kv_cache(self, model: nn.Module, rows: int, capacity: int) -> KVCache:
+        """An empty cache of at least ``rows`` rows and ``capacity`` slots (this engine's, if it fits)."""
+        t = model.config.text
+        weight = model.lm_head_weight
+        c = self.cache
+        fits = (
+            c is not None
+            and len(c.k) == t.num_hidden_layers
+            and c.k[0].shape[0] >= rows
+            and c.capacity >= capacity
+            and (c.k[0].dtype, c.k[0].device) == (weight.dtype, weight.device)
+        )
+        if not fits:
+            if c is not None and (c.k[0].dtype, c.k[0].device) == (weight.dtype, weight.device):
+                rows, capacity = max(rows, c.k[0].shape[0]), max(capacity, c.capacity)
+            self.cache = c = None  # free the old one first
+            c = KVCache(
+                t.num_hidden_layers, rows, t.num_key_value_heads, t.head_dim, capacity, weight.dtype, weight.device
+            )
+        c.lengths.zero_()
+        self.cache = c
+        return c
+
+    def release(self) -> None:
+        """Free the KV cache (the static step and its buffers stay)."""
+        self.cache = None
+        if self.step is not None:
+            self.step.cache = None
+
+
 @torch.no_grad()
 def generate(
     model: VLModel,
@@ -149,12 +291,16 @@ def generate(
     max_focus_steps: int = 0,
     generator: torch.Generator | None = None,
     decode: str = "graph",
+    engine: DecodeEngine | None = None,
+    splice_capacity: int = 0,
 ) -> list[Rollout]:
     """Sample ``num_samples`` completions per prompt (dicts from ``Processor.apply_chat_template``).
 
     Rollouts come back prompt-major: prompt 0's samples 0..G-1, then prompt 1's, ... See the module docstring for
     the focus hook; it is called once per step with all triggering samples and must return, per request, a list
     of images (uint8 [H,W,3] or float [3,H,W] in [0,1]) or None. ``decode``: see the module docstring.
+    ``engine``: the :class:`DecodeEngine` that keeps the static step and the KV cache between calls (None: a fresh
+    one). ``splice_capacity``: cache slots per row reserved for spliced view tokens (more makes the cache grow).
     """
     if num_samples < 1 or max_new_tokens < 1:
         raise ValueError("generate: num_samples and max_new_tokens must be >= 1")
@@ -165,70 +311,81 @@ def generate(
     tok = processor.tokenizer
     if (tok.image_pad_id, tok.vision_start_id) != (cfg.image_token_id, cfg.vision_start_token_id):
         raise ValueError("generate: the tokenizer's image/vision-start ids differ from the model config's")
-    eos = set(tok.eos_token_ids)
     banned = torch.tensor(
         [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id], device=device
     )
-    stream = _TextStream(processor)
-    cache, logits, samples = _prefill(model, prompts, num_samples, max_new_tokens)
-    static_step = None if decode == "eager" else StaticDecodeStep(model, cache, cuda_graph=decode == "graph")
-    rows = torch.arange(len(samples))
-    while True:
-        tokens, logps = sample_tokens(logits, temperature, top_p, generator, banned)
-        requests: list[tuple[int, FocusRequest]] = []
-        for r, t, lp in zip(rows.tolist(), tokens.tolist(), logps.tolist()):
-            s = samples[r]
-            s.ids.append(t)
-            s.mask.append(True)
-            s.logprobs.append(lp)
-            s.new_tokens += 1
-            piece = "" if t in eos else stream.push(s, t)
-            if t in eos or any(stop in s.text[-(len(stop) + len(piece)) :] for stop in stop_strings if piece):
-                s.finished = s.done = True
-            elif s.new_tokens >= max_new_tokens:
-                s.done = True
-            elif (
-                focus_hook is not None
-                and s.focus_steps < max_focus_steps
-                and piece
-                and focus_trigger in s.text[-(len(focus_trigger) + len(piece) - 1) :]  # a BPE token may run past it
-            ):
-                upto = s.text.rindex(focus_trigger) + len(focus_trigger)  # the hook reads the text up to the trigger
-                requests.append((r, FocusRequest(s.prompt_index, s.sample_index, s.text[:upto])))
-        spliced = _run_focus_hook(model, processor, focus_hook, requests, samples, device) if requests else {}
-        rows = torch.tensor([r for r in rows.tolist() if not samples[r].done])
-        if len(rows) == 0:
-            break
-        if static_step is not None and not spliced:
-            logits = _static_step(static_step, samples, rows)
-        else:
-            logits = _append_step(model, cache, samples, rows, spliced)
+    rules = _Rules(
+        _TextStream(processor),
+        set(tok.eos_token_ids),
+        stop_strings,
+        max_new_tokens,
+        focus_hook is not None,
+        focus_trigger,
+        max_focus_steps,
+    )
+    engine = engine if engine is not None else DecodeEngine(keep_cache=False)
+    stats = engine.stats = dict.fromkeys(
+        ("steps", "row_steps", "live_row_steps", "compactions", "splice_steps", "captures"), 0
+    )
+    try:
+        with eval_mode(model):
+            cache, logits, samples = _prefill(model, prompts, num_samples, max_new_tokens + splice_capacity, engine)
+            if decode == "eager":
+                decoder: Callable[[list[int], Spliced], torch.Tensor] = _EagerDecoder(model, cache, samples, stats)
+            else:
+                decoder = _StaticDecoder(model, engine, cache, samples, decode == "graph", stats)
+            live = list(range(len(samples)))  # sample indices, ascending; ``logits`` has one row per live sample
+            while True:
+                tokens, logps = sample_tokens(logits, temperature, top_p, generator, banned)
+                requests: list[tuple[int, FocusRequest]] = []
+                for i, t, lp in zip(live, tokens.tolist(), logps.tolist()):
+                    request = rules.observe(samples[i], t, lp)
+                    if request is not None:
+                        requests.append((i, request))
+                spliced = _run_focus_hook(model, processor, focus_hook, requests, samples, device) if requests else {}
+                live = [i for i in live if not samples[i].done]
+                if not live:
+                    break
+                stats["steps"] += 1
+                stats["live_row_steps"] += len(live)
+                logits = decoder(live, spliced)
+    finally:
+        if not engine.keep_cache:
+            engine.release()
+    return [_to_rollout(s, tok) for s in samples]
 
-    out = []
-    for s in samples:
-        out.append(
-            Rollout(
-                prompt_index=s.prompt_index,
-                sample_index=s.sample_index,
-                input_ids=torch.tensor(s.ids, dtype=torch.long),
-                completion_mask=torch.tensor(s.mask, dtype=torch.bool),
-                logprobs=torch.tensor(s.logprobs, dtype=torch.float32),
-                pixel_values=torch.cat(s.pixel_values) if s.pixel_values else None,
-                image_grid_thw=torch.cat(s.grids) if s.grids else None,
-                text=s.text + (tok.decode(s.pending, skip_special_tokens=True) if s.pending else ""),
-                finished=s.finished,
-                num_focus_steps=s.focus_steps,
-            )
-        )
-    return out
+
+def _to_rollout(s: _Sample, tok) -> Rollout:
+    return Rollout(
+        prompt_index=s.prompt_index,
+        sample_index=s.sample_index,
+        input_ids=torch.tensor(s.ids, dtype=torch.long),
+        completion_mask=torch.tensor(s.mask, dtype=torch.bool),
+        logprobs=torch.tensor(s.logprobs, dtype=torch.float32),
+        pixel_values=torch.cat(s.pixel_values) if s.pixel_values else None,
+        image_grid_thw=torch.cat(s.grids) if s.grids else None,
+        text=s.text + (tok.decode(s.pending, skip_special_tokens=True) if s.pending else ""),
+        finished=s.finished,
+        num_focus_steps=s.focus_steps,
+    )
+
+
+def _copy_rows(cache: KVCache, src: torch.Tensor, dst: torch.Tensor, span: int) -> None:
+    """Cache rows ``src`` → ``dst`` (slots ``[0, span)`` of every layer, and the lengths); src and dst may overlap."""
+    dev_src, dev_dst = src.to(cache.k[0].device), dst.to(cache.k[0].device)
+    for t in cache.k + cache.v:
+        t[dev_dst, :, :span] = t[dev_src, :, :span]
+    cache.lengths[dst] = cache.lengths[src]
 
 
 def _prefill(
-    model: VLModel, prompts: list[dict], g: int, max_new_tokens: int
+    model: VLModel, prompts: list[dict], g: int, extra: int, engine: DecodeEngine
 ) -> tuple[KVCache, torch.Tensor, list[_Sample]]:
-    """Run every prompt once (packed), copy its cache row to its g sample rows; logits [P*g, V] of the next token."""
+    """Run every prompt once (packed), copy its cache row to its g sample rows; logits [P*g, V] of the next token.
+
+    The cache holds the longest prompt + ``extra`` + 1 slots per row (``extra``: new tokens and spliced views)."""
     cfg = model.config
-    device, dtype = model.lm_head_weight.device, model.lm_head_weight.dtype
+    device = model.lm_head_weight.device
     ids_list, pos_list, pv_list, grid_list = [], [], [], []
     for i, p in enumerate(prompts):
         ids = p["input_ids"].to("cpu", torch.long)
@@ -242,9 +399,7 @@ def _prefill(
             pv_list.append(p["pixel_values"])
             grid_list.append(grid)
     lens = torch.tensor([len(x) for x in ids_list])
-    t = cfg.text
-    capacity = int(lens.max()) + max_new_tokens + 1  # grows when images are spliced in
-    cache = KVCache(t.num_hidden_layers, len(prompts) * g, t.num_key_value_heads, t.head_dim, capacity, dtype, device)
+    cache = engine.kv_cache(model, len(prompts) * g, int(lens.max()) + extra + 1)
     first_rows = torch.arange(len(prompts)) * g
     pv = torch.cat(pv_list).to(device) if pv_list else None
     x = model.embed(torch.cat(ids_list).to(device), pv, torch.cat(grid_list) if grid_list else None)
@@ -252,8 +407,9 @@ def _prefill(
     hidden = model.run_layers(x, torch.cat(pos_list, dim=1), None, cache, view)
     last = (torch.cumsum(lens, 0) - 1).to(device)
     logits = F.linear(hidden[last], model.lm_head_weight).repeat_interleave(g, dim=0)
-    for k in range(1, g):
-        cache.copy_rows(first_rows, first_rows + k)
+    if g > 1:
+        dst = (first_rows.unsqueeze(1) + torch.arange(1, g)).flatten()
+        _copy_rows(cache, first_rows.repeat_interleave(g - 1), dst, int(lens.max()))
     samples = []
     for i, p in enumerate(prompts):
         has_images = p.get("pixel_values") is not None
@@ -274,20 +430,17 @@ def _prefill(
     return cache, logits, samples
 
 
-def _append_step(
-    model: VLModel,
-    cache: KVCache,
-    samples: list[_Sample],
-    rows: torch.Tensor,
-    spliced: dict[int, tuple[list[int], torch.Tensor, torch.Tensor]],
-) -> torch.Tensor:
-    """Feed each live row its last sampled token (plus spliced vision tokens) → next-token logits [n, V]."""
-    cfg = model.config
-    device = model.lm_head_weight.device
+def _chunks(
+    cfg, samples: list[_Sample], sample_ids: Sequence[int], spliced: Spliced
+) -> tuple[list[int], torch.Tensor, list[int], list[torch.Tensor]]:
+    """What each of ``sample_ids`` appends this step: its last sampled token, plus its spliced vision tokens.
+
+    Returns (packed ids, M-RoPE positions [3, T], tokens per sample, vision features of the spliced pads in
+    order); advances each sample's position counter and records the spliced tokens in the sample."""
     chunk_ids, chunk_pos, counts, feats = [], [], [], []
-    for r in rows.tolist():
-        s = samples[r]
-        images = spliced.get(r)
+    for i in sample_ids:
+        s = samples[i]
+        images = spliced.get(i)
         if images is None:  # the common case: one token at the sample's next position
             chunk_ids.append(s.ids[-1])
             chunk_pos.append(torch.full((3, 1), s.next_pos))
@@ -304,25 +457,133 @@ def _append_step(
         chunk_pos.append(pos)
         counts.append(len(ids))
         feats.append(images[2])
-    ids_t = torch.tensor(chunk_ids, device=device)
-    x = model.model.embed_tokens(ids_t)
+    return chunk_ids, torch.cat(chunk_pos, dim=1), counts, feats
+
+
+def _embed_chunks(cfg, embed_weight: torch.Tensor, ids: list[int], feats: list[torch.Tensor]) -> torch.Tensor:
+    ids_t = torch.tensor(ids, device=embed_weight.device)
+    x = F.embedding(ids_t, embed_weight)
     if feats:
         x = x.masked_scatter((ids_t == cfg.image_token_id).unsqueeze(-1), torch.cat(feats).to(x.dtype))
+    return x
+
+
+def _append_step(
+    model: VLModel,
+    cache: KVCache,
+    samples: list[_Sample],
+    rows: torch.Tensor,
+    spliced: Spliced,
+) -> torch.Tensor:
+    """The module path: feed each live row its last sampled token (plus spliced vision tokens) → next-token
+    logits [n, V]. Cache row r holds sample r."""
+    cfg = model.config
+    device = model.lm_head_weight.device
+    ids, pos, counts, feats = _chunks(cfg, samples, rows.tolist(), spliced)
+    x = _embed_chunks(cfg, model.model.embed_tokens.weight, ids, feats)
     counts_t = torch.tensor(counts)
     view = cache.plan(rows, counts_t)
-    hidden = model.run_layers(x, torch.cat(chunk_pos, dim=1), None, cache, view)
+    hidden = model.run_layers(x, pos, None, cache, view)
     return F.linear(hidden[(torch.cumsum(counts_t, 0) - 1).to(device)], model.lm_head_weight)
 
 
-def _static_step(step: StaticDecodeStep, samples: list[_Sample], rows: torch.Tensor) -> torch.Tensor:
-    """Every cache row appends its last token (a finished row's output is dropped and its cache does not grow)
-    → logits [n, V] of the live ``rows``."""
-    tokens = torch.tensor([s.ids[-1] for s in samples])
-    positions = torch.tensor([s.next_pos for s in samples])
-    for r in rows.tolist():
-        samples[r].next_pos += 1
-    logits = step.step(tokens, positions, rows)
-    return logits if len(rows) == len(samples) else logits[rows.to(logits.device)]
+class _EagerDecoder:
+    """``decode="eager"``: every step through the modules, on the live rows only (cache row = sample)."""
+
+    def __init__(self, model: VLModel, cache: KVCache, samples: list[_Sample], stats: dict[str, int]) -> None:
+        self.model, self.cache, self.samples, self.stats = model, cache, samples, stats
+
+    def __call__(self, live: list[int], spliced: Spliced) -> torch.Tensor:
+        self.stats["row_steps"] += len(live)
+        self.stats["splice_steps"] += bool(spliced)
+        return _append_step(self.model, self.cache, self.samples, torch.tensor(live), spliced)
+
+
+class _StaticDecoder:
+    """``decode="graph"/"static"``: the bucketed static step, splices through ``StaticDecodeStep.extend``.
+
+    Invariant: live samples sit in cache rows ``0 .. bucket-1`` in ascending sample order (``row_of``)."""
+
+    def __init__(
+        self,
+        model: VLModel,
+        engine: DecodeEngine,
+        cache: KVCache,
+        samples: list[_Sample],
+        cuda_graph: bool,
+        stats: dict[str, int],
+    ) -> None:
+        self.cfg = model.config
+        self.step = engine.static_step(model, cuda_graph)
+        self.step.attach(cache)
+        self.captures_before = self.step.num_captures
+        self.cache, self.samples, self.stats = cache, samples, stats
+        self.buckets = bucket_sizes(len(samples))
+        self.bucket = len(samples)
+        self.row_of = list(range(len(samples)))
+
+    def __call__(self, live: list[int], spliced: Spliced) -> torch.Tensor:
+        self._compact(live)
+        splicing = [i for i in live if i in spliced]
+        plain = [i for i in live if i not in spliced]
+        parts = []
+        if splicing:
+            parts.append((splicing, self._extend(splicing, spliced)))
+        if plain:
+            parts.append((plain, self._decode(plain)))
+        self.stats["captures"] = self.step.num_captures - self.captures_before
+        if len(parts) == 1:
+            return parts[0][1]
+        where = {i: k for k, i in enumerate(live)}
+        out = parts[0][1].new_empty(len(live), parts[0][1].shape[1])
+        for ids, logits in parts:
+            out[torch.tensor([where[i] for i in ids], device=out.device)] = logits
+        return out
+
+    def _compact(self, live: list[int]) -> None:
+        """Move the live rows down into the smallest bucket that holds them, if that is smaller than the current."""
+        target = next(b for b in self.buckets if b >= len(live))
+        if target >= self.bucket:
+            return
+        src = torch.tensor([self.row_of[i] for i in live])
+        dst = torch.arange(len(live))
+        moved = src != dst
+        if bool(moved.any()):
+            span = int(self.cache.lengths[src[moved]].max())
+            _copy_rows(self.cache, src[moved], dst[moved], span)
+        for row, i in enumerate(live):
+            self.row_of[i] = row
+        self.bucket = target
+        self.stats["compactions"] += 1
+
+    def _extend(self, splicing: list[int], spliced: Spliced) -> torch.Tensor:
+        """The splicing rows' chunks in one batched multi-token step → their next-token logits."""
+        ids, pos, counts, feats = _chunks(self.cfg, self.samples, splicing, spliced)
+        x = _embed_chunks(self.cfg, self.step.embed_weight, ids, feats)
+        counts_t = torch.tensor(counts)
+        view = self.cache.plan(torch.tensor([self.row_of[i] for i in splicing]), counts_t)
+        hidden = self.step.extend(x, pos, view)
+        self.stats["splice_steps"] += 1
+        last = (torch.cumsum(counts_t, 0) - 1).to(hidden.device)
+        return F.linear(hidden[last], self.step.lm_head_weight)
+
+    def _decode(self, plain: list[int]) -> torch.Tensor:
+        """One token for every row of the bucket; the ``plain`` rows advance → their logits, in order."""
+        b = self.bucket
+        at_row: list[_Sample | None] = [None] * b
+        for i, row in enumerate(self.row_of):
+            if row < b and not self.samples[i].done:
+                at_row[row] = self.samples[i]
+        tokens = torch.tensor([s.ids[-1] if s is not None else 0 for s in at_row])
+        positions = torch.tensor([s.next_pos if s is not None else 0 for s in at_row])
+        rows = torch.tensor([self.row_of[i] for i in plain])
+        for i in plain:
+            self.samples[i].next_pos += 1
+        logits = self.step.step(tokens, positions, rows)
+        self.stats["row_steps"] += b
+        if len(plain) == b:  # rows 0 .. b-1 in order
+            return logits
+        return logits[rows.to(logits.device)]
 
 
 def _run_focus_hook(
@@ -332,10 +593,10 @@ def _run_focus_hook(
     requests: list[tuple[int, FocusRequest]],
     samples: list[_Sample],
     device: torch.device,
-) -> dict[int, tuple[list[int], torch.Tensor, torch.Tensor]]:
+) -> Spliced:
     """Call the hook once for all requests; encode every returned image in one vision batch.
 
-    Returns row → (vision token ids to splice, image_grid_thw [k, 3], vision features [n_pads, H]).
+    Returns sample → (vision token ids to splice, image_grid_thw [k, 3], vision features [n_pads, H]).
     """
     results = hook([req for _, req in requests])
     if len(results) != len(requests):

@@ -48,6 +48,10 @@ class RLConfig:
     judge_answer_types: answer types scored by the judge hook instead of the rules (needs a judge callable or
     judge_url). decode: how rollouts run their one-token steps (``engine.models.generate``): ``graph`` (a captured
     CUDA graph on GPU, the static step on CPU), ``static``, or ``eager`` (the model's modules, for debugging).
+    rollout_prompts_per_rank: prompts per rank generated in one rollout (0: one optimiser step's,
+    ``train.micro_batch_size × train.grad_accum_steps``); a multiple of that, so that one rollout feeds several
+    optimiser steps (``engine.rl.source``). keep_kv_cache: keep the rollout's KV cache (and with it its CUDA graphs)
+    allocated from one rollout to the next; False frees it after each rollout, for memory during the update.
     """
 
     num_generations: int = 8
@@ -72,6 +76,8 @@ class RLConfig:
     judge_answer_types: tuple[str, ...] = ()
     judge_url: str = ""
     decode: Literal["graph", "static", "eager"] = "graph"
+    rollout_prompts_per_rank: int = 0
+    keep_kv_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:
@@ -80,6 +86,8 @@ class RLConfig:
             raise ValueError(f"rl.num_iterations must be >= 1, got {self.num_iterations}")
         if self.max_completion_length < 1:
             raise ValueError(f"rl.max_completion_length must be >= 1, got {self.max_completion_length}")
+        if self.rollout_prompts_per_rank < 0:
+            raise ValueError(f"rl.rollout_prompts_per_rank must be >= 0, got {self.rollout_prompts_per_rank}")
         if self.focus_mode == "crop" and (self.max_views < 1 or self.crop_size < 1):
             raise ValueError(f"rl: crop mode needs max_views >= 1 and crop_size >= 1, got {self}")
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from engine.models import Processor
-from engine.models.generate import Rollout, generate
+from engine.models.generate import DecodeEngine, Rollout, generate
 from engine.rl.focus import CropFocusHook
 from engine.rl.grpo import RLConfig
 from engine.rl.prompts import SIFPrompt
@@ -37,6 +37,7 @@ class RolloutBatch:
     seconds: float
     focus_seconds: float = 0.0
     num_views: int = 0
+    decode_stats: dict[str, int] = field(default_factory=dict)
 
     @property
     def texts(self) -> list[str]:
@@ -57,6 +58,10 @@ class RolloutBatch:
             "rollout/finished": sum(r.finished for r in self.rollouts) / n,
             "rollout/tokens_per_s": self.completion_tokens / max(self.seconds, 1e-9),
         }
+        steps = self.decode_stats.get("steps", 0)
+        if steps:  # rows the decode step computed vs rows still live, per step (finished rows leave the batch)
+            out["rollout/decode_rows"] = self.decode_stats["row_steps"] / steps
+            out["rollout/live_rows"] = self.decode_stats["live_row_steps"] / steps
         if self.num_views or self.focus_seconds:
             out["rollout/views_per_sample"] = self.num_views / n
             out["rollout/focus_seconds"] = self.focus_seconds
@@ -71,10 +76,16 @@ def generate_rollouts(
     *,
     generator: torch.Generator | None = None,
     num_samples: int | None = None,
+    engine: DecodeEngine | None = None,
 ) -> RolloutBatch:
-    """Sample ``num_samples`` (default ``cfg.num_generations``) completions per prompt in one ``generate`` call."""
+    """Sample ``num_samples`` (default ``cfg.num_generations``) completions per prompt in one ``generate`` call.
+
+    ``engine``: the run's ``DecodeEngine`` (static step, CUDA graphs and KV cache kept between rollouts; None:
+    built for this call). In crop mode each row's cache reserves room for its whole view budget."""
     num_samples = num_samples or cfg.num_generations
+    engine = engine if engine is not None else DecodeEngine(keep_cache=False)
     hook = None
+    splice_capacity = 0
     if cfg.focus_mode == "crop":
         hook = CropFocusHook(
             [p.rgb for p in prompts],
@@ -83,6 +94,7 @@ def generate_rollouts(
             max_views=cfg.max_views,
             depth_views=cfg.depth_views,
         )
+        splice_capacity = view_budget_tokens(processor, cfg, depth=hook.with_depth)
     start = time.perf_counter()
     rollouts = generate(
         model,
@@ -97,6 +109,8 @@ def generate_rollouts(
         max_focus_steps=cfg.max_views if hook is not None else 0,
         generator=generator,
         decode=cfg.decode,
+        engine=engine,
+        splice_capacity=splice_capacity,
     )
     seconds = time.perf_counter() - start
     rollouts = sorted(rollouts, key=lambda r: (r.prompt_index, r.sample_index))
@@ -107,4 +121,14 @@ def generate_rollouts(
         seconds=seconds,
         focus_seconds=hook.seconds if hook is not None else 0.0,
         num_views=hook.num_views if hook is not None else 0,
+        decode_stats=dict(engine.stats),
     )
+
+
+def view_budget_tokens(processor: Processor, cfg: RLConfig, depth: bool) -> int:
+    """Tokens one sample's spliced views can take at most: ``max_views`` boxes, each an RGB view (and a depth
+    view), each ``<|vision_start|>``, its image pads at the processor's size for a ``crop_size`` crop, and
+    ``<|vision_end|>``."""
+    h, w = processor.target_size(cfg.crop_size, cfg.crop_size)
+    pads = (h // processor.factor) * (w // processor.factor)
+    return cfg.max_views * (2 if depth else 1) * (pads + 2)

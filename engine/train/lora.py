@@ -97,7 +97,9 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> list[str]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         gen = None if module.weight.is_meta else lora_generator(seed, name, module.weight.device)
-        setattr(parent, child, LoRALinear(module, cfg.rank, cfg.alpha, cfg.dropout, generator=gen))
+        adapted = LoRALinear(module, cfg.rank, cfg.alpha, cfg.dropout, generator=gen)
+        adapted.train(module.training)  # a new module starts in training mode: take the model's (eval → no dropout)
+        setattr(parent, child, adapted)
     return [name for name, _ in targets]
 
 
