@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU pass, for a session that is lent a GPU: build the CUDA extension, run the gpu-marked tests and the
+# The GPU pass on a CUDA machine: build the CUDA extension, run the gpu-marked tests and the
 # benchmarks, and write the JSON + one report.md into DEST (default benchmarks/results/<date>-<gpu>-<commit>/).
 #
 #   bash benchmarks/run_gpu.sh [DEST] [STEP...]    STEP: build tests kernels sweep grpo crop crop-v2 e2e model
@@ -16,7 +16,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || exit 1
-# The commit measured: pass SIF_COMMIT where the tree's .git may be stale (the device tool's copy had a stale one).
+# The commit measured: pass SIF_COMMIT where the tree's .git may be missing or stale (a copied work tree).
 export SIF_COMMIT=${SIF_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 dest=${1:-benchmarks/results/$(date -u +%Y-%m-%d)-${gpu}-${SIF_COMMIT}}
 shift || true
@@ -24,7 +24,7 @@ steps=${*:-build tests kernels sweep grpo crop crop-v2 e2e model train compile p
 decode=${SIF_DECODE:-graph}
 mkdir -p "$dest"
 export PYTHONUNBUFFERED=1
-report="$dest/report.md"  # every table and the test summary in one file (the device tool returns at most 8)
+report="$dest/report.md"  # every table and the test summary in one file
 { echo "# $gpu, $(date -u +%F), commit $SIF_COMMIT, steps: $steps, decode: $decode"; nvidia-smi -L; } >> "$report"
 
 step() {  # step NAME SECONDS CMD...: run CMD under a time limit, output into the report, say how it ended
