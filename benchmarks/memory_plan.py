@@ -14,9 +14,9 @@ overrides (``--rl.max_completion_length 1024``, ``--train.dp_replicate 2``) are 
 Phases, as the engine runs them (``--gpus`` per node, ``--nodes``; HSDP with ``train.dp_replicate``):
 
 * load: the shards being filled (trainable fp32, frozen in bf16 on GPU) + one slice read from the files;
-* rollout: all parameters gathered in bf16 (``unsharded``) + the static decode step's copies (fused q/k/v, and
-  merged LoRA weights) + the KV cache of every rollout row (prompt + views + completion, bf16) + prefill
-  temporaries; the KV cache's doubling growth when views are spliced in (crop mode) is its largest temporary;
+* rollout: all parameters gathered in bf16 (``unsharded``) + the static decode step's buffers (fused q/k/v and
+  their adapters' fused factors, ``fused_qkv_bytes``) + the KV cache of every rollout row (prompt + views +
+  completion, bf16, allocated once at that capacity) + prefill temporaries;
 * reference: β > 0 log-probs under no_grad (the full-fine-tuning reference is its own bf16 shards);
 * update: + fp32 gradient shards + AdamW moments (2 x fp32) + the root and two blocks gathered + saved activations
   of one micro-batch (block inputs with activation checkpointing) + one block's recomputed activations + one unit's
@@ -133,6 +133,22 @@ def model_params(config, lora_cfg) -> list[Param]:
     return params
 
 
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def fused_qkv_bytes(params: list[Param]) -> int:
+    """What the static decode step allocates besides the cache: per decoder layer one bf16 q/k/v projection
+    [(Hq + 2 Hkv)·D, H] with its bias and, for adapted q/k/v, their factors side by side (A [Σr, H]) and
+    block-diagonal (s·B [(Hq + 2 Hkv)·D, Σr]). Every other weight, LoRA included, is read where it lives."""
+    qkv = [p for p in params if p.name.startswith("model.layers.") and p.name.split(".")[-2] in QKV]
+    dense = sum(p.numel for p in qkv if p.name.endswith((".weight", ".bias")))
+    a_rows = [p for p in qkv if p.name.endswith(".lora_A")]
+    rank_per_layer = sum(p.shape[0] for p in a_rows) // max(1, len({p.unit for p in a_rows}))
+    out_rows = sum(p.shape[0] for p in qkv if p.name.endswith(".weight")) // max(1, len({p.unit for p in qkv}))
+    factors = sum(p.numel for p in a_rows) + len({p.unit for p in a_rows}) * out_rows * rank_per_layer
+    return (dense + factors) * 2
+
+
 def plan(kind: str, cfg, config, gpus: int, nodes: int, gpu_bytes: float = 80 * GB) -> dict:
     """The per-rank, per-phase bytes (see the module docstring) and host RAM per node."""
     world = gpus * nodes
@@ -193,10 +209,7 @@ def plan(kind: str, cfg, config, gpus: int, nodes: int, gpu_bytes: float = 80 * 
 
     if grpo:
         roll = Phase("rollout", {"weights": weights, "reference": reference, "gathered": full_bf16})
-        qkv = sum(p.numel for p in params if p.unit.startswith("model.layers.") and "_proj." in p.name and
-                  any(k in p.name for k in ("q_proj", "k_proj", "v_proj"))) * 2  # fmt: skip
-        merged = sum(p.numel for p in params if p.lora_adapted and not any(k in p.name for k in ("q_", "k_", "v_")))
-        roll.gpu["static step copies"] = qkv + merged * 2
+        roll.gpu["static step copies"] = fused_qkv_bytes(params)
         roll.gpu["KV cache"] = rows * (prompt + views + completion + 1) * kv_per_token
         prefill_tokens = per_rank_prompts * prompt
         roll.temporaries += [
@@ -205,8 +218,6 @@ def plan(kind: str, cfg, config, gpus: int, nodes: int, gpu_bytes: float = 80 * 
              * 2),
             ("next-token logits", rows * t.vocab_size * 4 * 2),
         ]  # fmt: skip
-        if views:
-            roll.temporaries.append(("KV cache growth (doubling copy)", 2 * roll.gpu["KV cache"]))
         phases.append(roll)
 
     act_tokens = mb_tokens

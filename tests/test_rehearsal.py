@@ -39,6 +39,7 @@ def _argv(ckpt: Path, out: Path, steps: int, resume: bool = False) -> list[str]:
     return [
         "--config", str(TOML), "--model.path", str(ckpt), "--train.output_dir", str(out),
         "--rl.focus_mode", "crop", "--rl.num_generations", "2", "--rl.max_completion_length", "96",
+        "--rl.rollout_prompts_per_rank", "2",  # the TOML's 8 would cost 4x the rollout here; 2 keeps P > S
         "--lora.dropout", "0",  # dropout masks come from per-rank streams; the 1-process replay could not match them
         "--data.limit", "16", "--train.grad_accum_steps", "1", "--train.max_steps", str(steps),
         "--train.checkpoint_every", "1",
