@@ -6,7 +6,9 @@ boxes with integer corners and side lengths uniform in [32, 1024] (fixed seed), 
 scaled to [0, 1] and normalised with the CLIP mean/std, depth resampled the same way, plus per-box depth
 statistics (median, mean, min). Every method produces the same outputs:
 
-- ``native``: ``engine.ops.crop_boxes`` (one call for all boxes).
+- ``native``: ``engine.ops.crop_boxes`` (one call for all boxes), with the default CUDA kernels (v1).
+- ``native-v2`` (CUDA, only with ``--methods ... native-v2``): the same op with ``SIF_CROP_BOXES_KERNEL=v2``, the
+  kernels rewritten for HBM bandwidth (csrc/cuda/crop_boxes_cuda.cu; opt-in until a GPU pass validates them).
 - ``loop``: per box, slice the region, ``float() / 255``, ``F.interpolate(bilinear, align_corners=False)``,
   normalise, the same for depth, ``median/mean/min`` of the depth region, written into preallocated outputs.
 - ``roi_align``: ``torchvision.ops.roi_align(aligned=True, sampling_ratio=2)`` on the float image and on depth
@@ -14,7 +16,9 @@ statistics (median, mean, min). Every method produces the same outputs:
 
 Timing: the fastest of ``--iters`` calls after one warm-up (on the CPU the loop is timed by its one call, which
 also gives the outputs the others are compared with). GB/s counts the bytes of crops, depth crops and stats
-written plus the source pixels read (each box's region of RGB uint8 and depth float32, once). On the CPU,
+written plus the source pixels read (each box's region of RGB uint8 and depth float32, once). On CUDA the table
+also gives GB/s as a share of the HBM peak (datasheet, by device name, or ``--hbm-peak-gbs``) and of a measured
+device-to-device copy (1 GiB, read + write): issue 17's target is >= 50 % of the HBM peak. On the CPU,
 faulting in fresh output pages (~0.8 GB at K=256) costs as much as the crops themselves with 4 KiB pages: the
 native op advises huge pages for its outputs; the loop's preallocated outputs get them only under torch's
 ``THP_MEM_ALLOC_ENABLE=1`` (stamped in the JSON). Prints a markdown table and writes JSON.
@@ -116,6 +120,39 @@ def run_roi_align(p: dict, out: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     return crops, depth_crops, stats
 
 
+# Datasheet HBM bandwidth in GB/s by device-name substring (first match wins).
+HBM_PEAK_GBS = {"H200": 4800.0, "H100 NVL": 3900.0, "H100": 3350.0, "A100-SXM4-80GB": 2039.0, "A100": 1555.0}
+
+
+def hbm_peak_gbs(override: float | None) -> float | None:
+    """HBM peak GB/s to compare with: ``override`` if given, else this device's datasheet value (None: unknown)."""
+    if override:
+        return override
+    name = torch.cuda.get_device_name()
+    return next((gbs for key, gbs in HBM_PEAK_GBS.items() if key in name), None)
+
+
+def copy_gbs() -> float:
+    """Measured device copy bandwidth (bytes read + written per second, GB/s) of a 1 GiB tensor."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = best_ms(lambda: dst.copy_(src), "cuda", warmup=3, iters=20)
+    return 2 * (1 << 30) / ms / 1e6
+
+
+def run_native_v2(p: dict, out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """run_native with the v2 CUDA kernels (the op reads SIF_CROP_BOXES_KERNEL at each call)."""
+    previous = os.environ.get("SIF_CROP_BOXES_KERNEL")
+    os.environ["SIF_CROP_BOXES_KERNEL"] = "v2"
+    try:
+        return run_native(p, out)
+    finally:
+        if previous is None:
+            del os.environ["SIF_CROP_BOXES_KERNEL"]
+        else:
+            os.environ["SIF_CROP_BOXES_KERNEL"] = previous
+
+
 def traffic_bytes(p: dict, out: int) -> int:
     k = len(p["box_list"])
     written = k * (3 + 1) * out * out * 4 + k * 3 * 4
@@ -135,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out-size", type=int, default=448)
     parser.add_argument("--iters", type=int, default=None, help="timed calls per method (default: cpu 5, cuda 20)")
     parser.add_argument("--out", default="benchmarks/out/crop_boxes.json", help="JSON output path")
+    parser.add_argument("--methods", nargs="+", help="only these methods (the loop always runs: it is the reference)")
+    parser.add_argument("--hbm-peak-gbs", type=float, help="HBM peak GB/s (default: datasheet value by device name)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -146,6 +185,15 @@ def main(argv: list[str] | None = None) -> dict:
         methods = {"native": run_native, "loop": run_loop, "roi_align": run_roi_align}
     except ImportError:
         methods = {"native": run_native, "loop": run_loop}
+    if args.methods:  # native-v2 runs only when asked for: a fault in it must not cost the v1 numbers
+        if args.device == "cuda":
+            methods = {"native": run_native, "native-v2": run_native_v2, **methods}
+        unknown = set(args.methods) - set(methods)
+        if unknown:
+            parser.error(f"--methods: unknown {sorted(unknown)}; choose from {sorted(methods)}")
+        methods = {name: fn for name, fn in methods.items() if name in args.methods or name == "loop"}
+    peak = hbm_peak_gbs(args.hbm_peak_gbs) if args.device == "cuda" else None
+    copy = copy_gbs() if args.device == "cuda" else None
 
     rows = []
     for k in args.boxes:
@@ -174,6 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "max_abs_diff_vs_loop": diff,
                     "bytes": nbytes,
                     "speedup_vs_loop": times["loop"] / times[name],
+                    "pct_hbm_peak": 100 * nbytes / times[name] / 1e6 / peak if peak else None,
+                    "pct_copy": 100 * nbytes / times[name] / 1e6 / copy if copy else None,
                 }
             )
 
@@ -183,6 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
         ("ms", "ms"),
         ("speedup_vs_loop", "speedup vs loop"),
         ("GB/s", "GB/s"),
+        ("pct_hbm_peak", "% of HBM peak"),
+        ("pct_copy", "% of copy"),
         ("diff", "max abs diff vs loop"),
     ]
     shown = [{**row, "diff": f"{row['max_abs_diff_vs_loop']:.1e}"} for row in rows]
@@ -193,7 +245,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(markdown_table(shown, columns))
     env = {**environment(args.device), "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "")}
-    payload = {"env": env, "args": vars(args), "rows": rows}
+    if args.device == "cuda":
+        print(f"HBM peak {peak} GB/s (datasheet), measured copy {copy:.0f} GB/s")
+    payload = {"env": env, "args": vars(args), "hbm_peak_gbs": peak, "copy_gbs": copy, "rows": rows}
     write_json(args.out, payload)
     return payload
 

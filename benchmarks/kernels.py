@@ -53,7 +53,7 @@ from benchmarks.common import (
 from kernels import GRPOLossConfig, grpo_loss, grpo_loss_from_logits, linear_token_logprobs, token_logprobs
 from kernels._dispatch import interpreter_enabled
 from kernels.grpo_logits import BWD_LAUNCH, FUSED_LAUNCH, FWD_LAUNCH, LogitsLaunch, grpo_from_logits_triton
-from kernels.grpo_loss import _aggregation_scale
+from kernels.grpo_loss import aggregation_scale
 from kernels.logprob import logprob_bwd_triton, logprob_fwd_triton, token_logprobs_reference
 
 CFG = GRPOLossConfig(beta=0.04, eps_low=0.2, eps_high=0.28, loss_type="grpo")
@@ -496,7 +496,7 @@ def sweep_grpo_launch(device: str, smoke: bool, iters: int, limits: dict) -> lis
     ids = torch.randint(0, v, (b, length), device=device)
     old, ref, adv, mask = _grpo_inputs(b, length, device)
     mask_f = mask.float().contiguous()
-    scale = _aggregation_scale(mask_f, CFG, None)
+    scale = aggregation_scale(mask_f, CFG, None)
     one_pass_ms = b * length * v * full.element_size() / limits["copy_bytes_per_s"] * 1e3 if limits else None
     defaults = {"fused": FUSED_LAUNCH, "fwd": FWD_LAUNCH, "bwd": BWD_LAUNCH}
     rows = []

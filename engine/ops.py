@@ -35,6 +35,10 @@ its statistics read pixels 0 and 1. Callers holding normalised boxes should pass
 ``box_pixel_bounds`` (computed in float64), as the depth reward does, so that the float32 ``floor``/``ceil`` here
 never decides a pixel for them. The median is the lower median (``torch.median``'s convention, rank
 ``(n - 1) // 2``). Depth must be finite (non-finite values give unspecified statistics).
+
+CUDA kernels: the environment variable ``SIF_CROP_BOXES_KERNEL``, read at each call, selects ``v1`` (default, the
+measured one) or ``v2`` (tiled crops with the depth statistics fused in, same outputs; opt-in until a GPU run of
+``tests/test_crop_boxes_cuda_v2.py`` validates it).
 """
 
 from __future__ import annotations

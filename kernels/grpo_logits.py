@@ -38,8 +38,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .grpo_loss import GRPOLossConfig, _clipped_surrogate, _grpo_fwd_triton, _metrics_from_sums
-from .logprob import _rows_view, mark_overwritten
+from .grpo_loss import GRPOLossConfig, grpo_fwd_triton, metrics_from_sums
+from .grpo_terms import add_k3_kl, clipped_surrogate
+from .logprob import mark_overwritten, rows_view
+from .online_softmax import online_softmax_row, softmax_row_grad, zero_row
 
 IMPLS = ("two_pass", "one_pass", "fused")
 
@@ -75,49 +77,6 @@ FWD_LAUNCH = LogitsLaunch(block_v=2048, num_warps=1, num_stages=2)
 BWD_LAUNCH = LogitsLaunch(block_v=8192, num_warps=4)
 FUSED_LAUNCH = LogitsLaunch(block_v=16384, num_warps=16, programs_per_sm=1)
 SCALE_LAUNCH = LogitsLaunch(block_v=4096, num_warps=8, programs_per_sm=4)
-
-
-@triton.jit
-def _row_lse(x_row, V, temperature, BLOCK_V: tl.constexpr, KEEP_IN_L2: tl.constexpr):
-    """Log-sum-exp of one row of V logits / temperature (fp32 online reduction, one read of the row)."""
-    m = float("-inf")
-    s = 0.0
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        if KEEP_IN_L2:
-            x = tl.load(x_row + cols, mask=cols < V, other=float("-inf"), eviction_policy="evict_last")
-        else:
-            x = tl.load(x_row + cols, mask=cols < V, other=float("-inf"))
-        x = x.to(tl.float32) / temperature
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-        m = m_new
-    return m + tl.log(s)
-
-
-@triton.jit
-def _write_row_grad(x_row, d_row, tgt, lse, coef, V, temperature, BLOCK_V: tl.constexpr, REVERSE: tl.constexpr):
-    """d_row[j] = (1[j == tgt] − softmax(x_row / T)[j]) · coef; d_row may alias x_row (each block is read before
-    it is overwritten). REVERSE walks the blocks from the end of the row (the ones read last are re-read first)."""
-    n_blocks = tl.cdiv(V, BLOCK_V)
-    for i in range(0, n_blocks):
-        if REVERSE:
-            start = (n_blocks - 1 - i) * BLOCK_V
-        else:
-            start = i * BLOCK_V
-        cols = start + tl.arange(0, BLOCK_V)
-        valid = cols < V
-        x = tl.load(x_row + cols, mask=valid, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        p = tl.exp(x / temperature - lse)
-        d = tl.where(cols == tgt, coef, 0.0) - p * coef
-        tl.store(d_row + cols, d.to(d_row.dtype.element_ty), mask=valid, eviction_policy="evict_first")
-
-
-@triton.jit
-def _zero_row(d_row, V, BLOCK_V: tl.constexpr):
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        tl.store(d_row + cols, tl.zeros([BLOCK_V], dtype=d_row.dtype.element_ty), mask=cols < V)
 
 
 @triton.jit
@@ -195,7 +154,10 @@ def _grpo_logits_fwd_kernel(
                         old = tl.load(OLD + row)
                     if HAS_REF:
                         ref = tl.load(REF + row)
-                lse = _row_lse(x_row, V, temperature, BLOCK_V, WRITE_GRAD)
+                m_row, s_row, _ = online_softmax_row(
+                    x_row, V, temperature, float("-inf"), 0.0, 0.0, False, BLOCK_V, WRITE_GRAD
+                )
+                lse = m_row + tl.log(s_row)
                 lp = x_t / temperature - lse
                 tl.store(LSE + row, lse)
                 if TOKEN_LOSS:
@@ -203,22 +165,21 @@ def _grpo_logits_fwd_kernel(
                         lw = lp - old
                     else:
                         lw = lp * 0.0  # on-policy: ratio exp(lp − lp.detach()) = 1, gradient 1
-                    tok_loss, dloss_dlw, c1 = _clipped_surrogate(lw, adv, lo, hi, delta, clamp)
+                    tok_loss, dloss_dlw, c1 = clipped_surrogate(lw, adv, lo, hi, delta, clamp)
                     dlp = w * dloss_dlw
                     kl = 0.0
                     if HAS_REF:
-                        diff = ref - lp
-                        e = tl.exp(diff)
-                        kl = e - diff - 1.0
-                        tok_loss += beta * kl
-                        dlp += w * beta * (1.0 - e)
+                        tok_loss, dlp, kl = add_k3_kl(tok_loss, dlp, ref, lp, w, beta)
                     tl.store(DLP + row, dlp)
                     tl.store(TOK + row, tok_loss * w)
                     tl.store(TOK + N + row, kl * m)
                     tl.store(TOK + 2 * N + row, tl.where((c1 < lo) & (adv < 0), m, 0.0))
                     tl.store(TOK + 3 * N + row, tl.where((c1 > hi) & (adv > 0), m, 0.0))
                     if WRITE_GRAD:
-                        _write_row_grad(x_row, d_row, tgt, lse, dlp / temperature, V, temperature, BLOCK_V, True)
+                        coef = dlp / temperature
+                        softmax_row_grad(
+                            x_row, d_row, V, tgt, lse, coef, 0.0, 0.0, temperature, False, BLOCK_V, True, True
+                        )
                 else:
                     tl.store(LOGP + row, lp)
             else:
@@ -228,7 +189,7 @@ def _grpo_logits_fwd_kernel(
                     for k in range(0, 4):
                         tl.store(TOK + k * N + row, 0.0)
                     if WRITE_GRAD:
-                        _zero_row(d_row, V, BLOCK_V)
+                        zero_row(d_row, V, BLOCK_V)
                 else:
                     tl.store(LOGP + row, 0.0)
 
@@ -272,9 +233,10 @@ def _grpo_logits_bwd_kernel(
             if tl.load(MASK + row) != 0.0:
                 coef = tl.load(DLP + row) * g / temperature
                 tgt = tl.load(TARGET + row).to(tl.int64)
-                _write_row_grad(x_row, d_row, tgt, tl.load(LSE + row), coef, V, temperature, BLOCK_V, False)
+                lse = tl.load(LSE + row)
+                softmax_row_grad(x_row, d_row, V, tgt, lse, coef, 0.0, 0.0, temperature, False, BLOCK_V, False, True)
             else:
-                _zero_row(d_row, V, BLOCK_V)
+                zero_row(d_row, V, BLOCK_V)
 
 
 @triton.jit
@@ -334,8 +296,8 @@ def _row_fwd(logits, ids, old, ref, adv, mask_f, scale, cfg, out, launch):
     tok = torch.empty(4, bsz, length, **f32) if token else None
     if n == 0:
         return lse, logp, dlp, tok
-    rows_l, sb, sl = _rows_view(logits, ids)
-    _, db, dl = _rows_view(out, ids) if out is not None else (0, 0, 0)
+    rows_l, sb, sl = rows_view(logits, ids)
+    _, db, dl = rows_view(out, ids) if out is not None else (0, 0, 0)
     programs, iters = _grid(n, launch, logits.device)
     has_ref = cfg.beta != 0.0
     _grpo_logits_fwd_kernel[(programs,)](
@@ -381,7 +343,7 @@ def _loss_terms(logits, ids, old, ref, adv, mask_f, scale, cfg, out, launch):
         sums = tok.sum(-1)  # [4, B]: one reduction for the loss and the three metric sums
         return sums[0].sum(), sums[1], sums[2], sums[3], lse, dlp
     ref = ref if cfg.beta != 0.0 else None
-    loss, dlp2, kl_b, low_b, high_b = _grpo_fwd_triton(logp.view(ids.shape), old, ref, adv, mask_f, scale, cfg)
+    loss, dlp2, kl_b, low_b, high_b = grpo_fwd_triton(logp.view(ids.shape), old, ref, adv, mask_f, scale, cfg)
     return loss, kl_b, low_b, high_b, lse, dlp2.view(-1)
 
 
@@ -396,8 +358,8 @@ def _bwd(logits, ids, mask_f, lse, dlp, g, temperature, out, launch) -> None:
     _zero_tail(out, ids.shape[1])
     if n == 0:
         return
-    rows_l, sb, sl = _rows_view(logits, ids)
-    _, db, dl = _rows_view(out, ids)
+    rows_l, sb, sl = rows_view(logits, ids)
+    _, db, dl = rows_view(out, ids)
     programs, iters = _grid(n, launch, logits.device)
     _grpo_logits_bwd_kernel[(programs,)](
         logits,
@@ -424,7 +386,7 @@ def _scale(out, ids, mask_f, g, launch) -> None:
     n, v = ids.numel(), out.shape[-1]
     if n == 0:
         return
-    rows_l, db, dl = _rows_view(out, ids)
+    rows_l, db, dl = rows_view(out, ids)
     programs, iters = _grid(n, launch, out.device)
     _scale_grad_kernel[(programs,)](out, db, dl, rows_l, n, v, iters, mask_f, g, **_launch_kwargs(launch, v))
 
@@ -520,4 +482,4 @@ def grpo_from_logits_triton(
     else:
         inputs = (logits, ids, old_logp, ref, advantages, mask_f, scale, cfg, inplace_backward)
         loss, kl_b, low_b, high_b = OnePassFunction.apply(*inputs, launch["fwd"], launch["bwd"])
-    return loss, _metrics_from_sums(kl_b, low_b, high_b, mask_f, cfg)
+    return loss, metrics_from_sums(kl_b, low_b, high_b, mask_f, cfg)

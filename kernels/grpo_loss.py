@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from ._dispatch import check_float, resolve_backend
-from .logprob import TokenLogprobsFunction, _check_inputs, token_logprobs_reference
+from .grpo_terms import add_k3_kl, clipped_surrogate
+from .logprob import TokenLogprobsFunction, check_logits_inputs, token_logprobs_reference
 
 IMPORTANCE_LEVELS = ("token", "sequence")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -76,7 +77,7 @@ class GRPOLossConfig:
             raise ValueError(f"GRPOLossConfig.log_ratio_clamp must be > 0 or None, got {self.log_ratio_clamp}")
 
 
-def _aggregation_scale(
+def aggregation_scale(
     mask: torch.Tensor, cfg: GRPOLossConfig, num_items_in_batch: torch.Tensor | float | None
 ) -> torch.Tensor:
     """fp32 [B] factor s_b such that the loss is sum_{b,t} mask[b,t]·s_b·loss[b,t] (no host sync)."""
@@ -91,26 +92,6 @@ def _aggregation_scale(
         return (1.0 / mask.sum().clamp(min=1.0)).expand(b)
     items = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=mask.device)
     return (1.0 / items).expand(b)
-
-
-@triton.jit
-def _clipped_surrogate(lw, adv, lo, hi, delta, clamp):
-    """TRL's clipped surrogate of one importance log-weight ``lw`` (scalar or block).
-
-    Returns (loss, dloss_dlw, c1): loss = −min(c1·A, c2·A) with c = exp(clamp(lw)), c1 = min(c, delta),
-    c2 = clip(c, lo, hi); its derivative w.r.t. lw (torch.min splits the gradient evenly on ties, zero outside the
-    clamp); and c1, from which the clip-fraction flags are read.
-    """
-    c = tl.exp(tl.minimum(tl.maximum(lw, -clamp), clamp))
-    c1 = tl.minimum(c, delta)
-    c2 = tl.minimum(tl.maximum(c, lo), hi)
-    l1 = c1 * adv
-    l2 = c2 * adv
-    d1 = tl.where(c <= delta, 1.0, 0.0)
-    d2 = tl.where((c >= lo) & (c <= hi), 1.0, 0.0)
-    dmin = tl.where(l1 < l2, d1, tl.where(l1 > l2, d2, 0.5 * (d1 + d2)))
-    inside = tl.where((lw >= -clamp) & (lw <= clamp), 1.0, 0.0)
-    return -tl.minimum(l1, l2), -adv * dmin * c * inside, c1
 
 
 @triton.jit
@@ -137,7 +118,12 @@ def _grpo_seq_kernel(
     SEQUENCE: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    """Sequence ``pid``: its weighted loss, masked KL / clip-flag sums and d(loss)/d(lp) for all its tokens."""
+    """Sequence ``pid``: its weighted loss, masked KL / clip-flag sums and d(loss)/d(lp) for all its tokens.
+
+    Grid (B,), one program per sequence. Reads L fp32 values of each of lp, mask and, when present, old and ref
+    (the sequence level reads mask, lp and old a second time), plus 8 bytes (advantage, scale); writes L fp32
+    values of d(loss)/d(lp) and 16 bytes (loss, kl and clip-flag sums).
+    """
     # hyper-parameters stay fp32 even if a caller hands over fp64 scalars
     beta = tl.cast(beta, tl.float32)
     eps_low = tl.cast(eps_low, tl.float32)
@@ -172,7 +158,7 @@ def _grpo_seq_kernel(
         n_b = tl.sum(cnt, axis=0)
         len_b = tl.maximum(n_b, 1.0)
         lw = tl.sum(acc, axis=0) / len_b
-        seq_loss, dloss_dlw, c1 = _clipped_surrogate(lw, adv, lo, hi, delta, clamp)
+        seq_loss, dloss_dlw, c1 = clipped_surrogate(lw, adv, lo, hi, delta, clamp)
         # d/d lp[b,t] of s_b·n_b·seq_loss, through lw = sum_t (lp − old)·m / len_b
         seq_grad = s_b * n_b * dloss_dlw / len_b
         tl.store(LOW_B + b, tl.where((c1 < lo) & (adv < 0), 1.0, 0.0))
@@ -196,16 +182,13 @@ def _grpo_seq_kernel(
                 lw = lp - tl.load(OLD + row + cols, mask=valid, other=0.0)
             else:
                 lw = tl.zeros([BLOCK_L], dtype=tl.float32)
-            tok_loss, dloss_dlw, c1 = _clipped_surrogate(lw, adv, lo, hi, delta, clamp)
+            tok_loss, dloss_dlw, c1 = clipped_surrogate(lw, adv, lo, hi, delta, clamp)
             dlp = w * dloss_dlw
             low_acc += tl.where(c1 < lo, m * is_neg, 0.0)
             high_acc += tl.where(c1 > hi, m * is_pos, 0.0)
         if HAS_REF:
-            diff = tl.load(REF + row + cols, mask=valid, other=0.0) - lp
-            e = tl.exp(diff)
-            kl = e - diff - 1.0
-            tok_loss += beta * kl
-            dlp += w * beta * (1.0 - e)
+            ref = tl.load(REF + row + cols, mask=valid, other=0.0)
+            tok_loss, dlp, kl = add_k3_kl(tok_loss, dlp, ref, lp, w, beta)
             kl_acc += tl.where(on, kl * m, 0.0)
         loss_acc += tl.where(on, tok_loss * w, 0.0)
         tl.store(DLP + row + cols, tl.where(on, dlp, 0.0), mask=valid)
@@ -216,8 +199,17 @@ def _grpo_seq_kernel(
         tl.store(HIGH_B + b, tl.sum(high_acc, axis=0))
 
 
-def _grpo_fwd_triton(logp, old_logp, ref_logp, advantages, mask_f, scale, cfg):
-    """Launch the per-sequence kernel; returns (loss, dlp, kl_b, low_b, high_b), fp32."""
+def grpo_fwd_triton(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask_f: torch.Tensor,
+    scale: torch.Tensor,
+    cfg: GRPOLossConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the per-sequence kernel on [B, L] log-probs (mask_f: fp32 contiguous mask, scale: [B] aggregation
+    factors); returns (loss, dlp [B, L], kl_b, low_b, high_b [B]), fp32."""
     bsz, length = logp.shape
     f32 = dict(dtype=torch.float32, device=logp.device)
     dlp = torch.empty(bsz, length, **f32)
@@ -257,7 +249,7 @@ class GRPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logp, old_logp, ref_logp, advantages, mask_f, scale, cfg):
-        loss, dlp, kl_b, low_b, high_b = _grpo_fwd_triton(logp, old_logp, ref_logp, advantages, mask_f, scale, cfg)
+        loss, dlp, kl_b, low_b, high_b = grpo_fwd_triton(logp, old_logp, ref_logp, advantages, mask_f, scale, cfg)
         ctx.save_for_backward(dlp)
         ctx.logp_dtype = logp.dtype
         ctx.mark_non_differentiable(kl_b, low_b, high_b)
@@ -269,7 +261,10 @@ class GRPOLossFunction(torch.autograd.Function):
         return (dlp * g_loss).to(ctx.logp_dtype), None, None, None, None, None, None
 
 
-def _metrics_from_sums(kl_b, low_b, high_b, mask_f, cfg) -> dict[str, torch.Tensor]:
+def metrics_from_sums(
+    kl_b: torch.Tensor, low_b: torch.Tensor, high_b: torch.Tensor, mask_f: torch.Tensor, cfg: GRPOLossConfig
+) -> dict[str, torch.Tensor]:
+    """TRL's metrics from per-sequence sums ([B]: masked KL, low / high clip flags) and the fp32 mask [B, L]."""
     tokens = mask_f.sum().clamp(min=1.0)
     if cfg.importance_level == "sequence":
         low, high = low_b.mean(), high_b.mean()
@@ -308,7 +303,7 @@ def grpo_loss_reference(
         diff = ref_logp.float() - lp
         kl = torch.exp(diff) - diff - 1
         per_token = per_token + cfg.beta * kl
-    scale = _aggregation_scale(m, cfg, num_items_in_batch)
+    scale = aggregation_scale(m, cfg, num_items_in_batch)
     loss = (per_token * m * scale.unsqueeze(1)).sum()
     with torch.no_grad():
         low = ((coef_1 < 1 - cfg.eps_low) & (adv < 0)).float()
@@ -318,7 +313,7 @@ def grpo_loss_reference(
         else:
             low_b, high_b = (low * m).sum(-1), (high * m).sum(-1)
         kl_b = (kl * m).sum(-1) if kl is not None else torch.zeros_like(low_b)
-        metrics = _metrics_from_sums(kl_b, low_b, high_b, m, cfg)
+        metrics = metrics_from_sums(kl_b, low_b, high_b, m, cfg)
     return loss, metrics
 
 
@@ -365,10 +360,10 @@ def grpo_loss(
     if resolve_backend(backend, logp, op) == "torch":
         return grpo_loss_reference(logp, old_logp, ref_logp, advantages, mask, cfg, num_items_in_batch)
     mask_f = mask.float().contiguous()
-    scale = _aggregation_scale(mask_f, cfg, num_items_in_batch)
+    scale = aggregation_scale(mask_f, cfg, num_items_in_batch)
     ref = ref_logp if cfg.beta != 0.0 else None
     loss, kl_b, low_b, high_b = GRPOLossFunction.apply(logp, old_logp, ref, advantages, mask_f, scale, cfg)
-    return loss, _metrics_from_sums(kl_b, low_b, high_b, mask_f, cfg)
+    return loss, metrics_from_sums(kl_b, low_b, high_b, mask_f, cfg)
 
 
 def grpo_loss_from_logits(
@@ -417,7 +412,7 @@ def grpo_loss_from_logits(
     if logits.shape[1] not in (length, length + 1):
         raise ValueError(f"{op}: logits.shape[1] = {logits.shape[1]} must be L or L + 1 with L = {length}")
     scored = logits[:, :length]
-    _check_inputs(scored, completion_ids, cfg.temperature, op)
+    check_logits_inputs(scored, completion_ids, cfg.temperature, op)
     _check_grpo_inputs(scored.new_empty(scored.shape[:2]), old_logp, ref_logp, advantages, mask, cfg, op)
     if resolve_backend(backend, logits, op) == "torch":
         logp = token_logprobs_reference(scored, completion_ids, cfg.temperature)
@@ -426,7 +421,7 @@ def grpo_loss_from_logits(
         from .grpo_logits import grpo_from_logits_triton
 
         mask_f = mask.float().contiguous()
-        scale = _aggregation_scale(mask_f, cfg, num_items_in_batch)
+        scale = aggregation_scale(mask_f, cfg, num_items_in_batch)
         return grpo_from_logits_triton(
             logits, completion_ids, old_logp, ref_logp, advantages, mask_f, scale, cfg, impl, inplace_backward
         )

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import check_float, check_targets, check_temperature, resolve_backend
+from .online_softmax import online_softmax_row, softmax_row_grad
 
 _BLOCK_V = 2048
 # Tile budgets in fp32 elements: 64 Mi (256 MiB) on CUDA, 8 Mi (32 MiB) for the CPU reference.
@@ -42,23 +43,18 @@ def _tile_fwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     """Fold row ``pid`` of an fp32 logits tile (vocab columns [v0, v0 + vc)) into the running fp32 state:
-    max M, sum S of exp(x − M), sum T_ACC of exp(x − M)·x, and the target's scaled logit X_T if in the tile."""
+    max M, sum S of exp(x − M), sum T_ACC of exp(x − M)·x, and the target's scaled logit X_T if in the tile.
+
+    Grid (n,), one program per tile row. Reads the row's vc fp32 logits, its target, the target's logit and
+    16 bytes of state; writes 12 bytes of state (16 with the entropy).
+    """
     temperature = tl.cast(temperature, tl.float32)  # stay fp32 even if a caller hands over an fp64 scalar
     row = tl.program_id(0).to(tl.int64)
     t_row = TILE + row * stride_t
     m = tl.load(M + row)
     s = tl.load(S + row)
     t = tl.load(T_ACC + row)
-    for start in range(0, vc, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(t_row + cols, mask=cols < vc, other=float("-inf")) / temperature
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(x - m_new)
-        s = s * alpha + tl.sum(e, axis=0)
-        if WITH_ENTROPY:
-            t = t * alpha + tl.sum(e * tl.where(e > 0.0, x, 0.0), axis=0)
-        m = m_new
+    m, s, t = online_softmax_row(t_row, vc, temperature, m, s, t, WITH_ENTROPY, BLOCK_V, False)
     tl.store(M + row, m)
     tl.store(S + row, s)
     if WITH_ENTROPY:
@@ -86,7 +82,11 @@ def _tile_bwd_kernel(
     HAS_G_ENT: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """Row ``pid`` of d(loss)/d(logits) for an fp32 logits tile, written to OUT in OUT's dtype (may alias TILE)."""
+    """Row ``pid`` of d(loss)/d(logits) for an fp32 logits tile, written to OUT in OUT's dtype (may alias TILE).
+
+    Grid (n,), one program per tile row. Reads the row's vc fp32 logits and up to 5 scalars (target, lse, g and
+    the entropy terms); writes vc gradient values in OUT's dtype.
+    """
     temperature = tl.cast(temperature, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     t_row = TILE + row * stride_t
@@ -94,18 +94,12 @@ def _tile_bwd_kernel(
     lse = tl.load(LSE + row)
     g = tl.load(G_LOGP + row) / temperature
     local = tl.load(TARGET + row).to(tl.int64) - v0
+    g_ent = 0.0
+    ent = 0.0
     if HAS_G_ENT:
         g_ent = tl.load(G_ENT + row) / temperature
         ent = tl.load(ENT + row)
-    for start in range(0, vc, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        valid = cols < vc
-        logp = tl.load(t_row + cols, mask=valid, other=0.0) / temperature - lse
-        p = tl.exp(logp)
-        d = tl.where(cols == local, g, 0.0) - p * g
-        if HAS_G_ENT:
-            d -= g_ent * p * tl.where(p > 0.0, logp + ent, 0.0)
-        tl.store(o_row + cols, d.to(OUT.dtype.element_ty), mask=valid)
+    softmax_row_grad(t_row, o_row, vc, local, lse, g, g_ent, ent, temperature, HAS_G_ENT, BLOCK_V, False, False)
 
 
 class _TritonTiles:

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import check_float, check_targets, check_temperature, resolve_backend
+from .online_softmax import online_softmax_row, softmax_row_grad, zero_row
 
 # Launch defaults from `python -m benchmarks.kernels --device cuda --sweep` on an H200 (bf16, N=8192, V=151936;
 # benchmarks/results/2026-11-26b-NVIDIA_H200/kernels_sweep.json): 8192 columns × 4 warps gave the best forward and
@@ -38,7 +39,11 @@ def _logprob_fwd_kernel(
     WITH_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """Row ``pid`` of the [B*L, V] logits: logp of the target, lse and (optionally) entropy, all fp32."""
+    """Row ``pid`` of the [B*L, V] logits: logp of the target, lse and (optionally) entropy, all fp32.
+
+    Grid (N,), one program per row. Reads the row's V logits, its target and row-mask byte; writes 8 bytes
+    (logp, lse; 12 with the entropy). A masked row reads its mask byte and writes zeros.
+    """
     temperature = tl.cast(temperature, tl.float32)  # stay fp32 even if a caller hands over an fp64 scalar
     row = tl.program_id(0).to(tl.int64)
     if HAS_ROW_MASK:
@@ -49,19 +54,7 @@ def _logprob_fwd_kernel(
                 tl.store(ENT + row, 0.0)
             return
     x_row = X + (row // L) * stride_xb + (row % L) * stride_xl
-    m = float("-inf")
-    s = 0.0
-    t = 0.0
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) / temperature
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(x - m_new)
-        s = s * alpha + tl.sum(e, axis=0)
-        if WITH_ENTROPY:
-            t = t * alpha + tl.sum(e * tl.where(e > 0.0, x, 0.0), axis=0)
-        m = m_new
+    m, s, t = online_softmax_row(x_row, V, temperature, float("-inf"), 0.0, 0.0, WITH_ENTROPY, BLOCK_V, False)
     lse = m + tl.log(s)
     tgt = tl.load(TARGET + row).to(tl.int64)
     x_t = tl.load(x_row + tgt).to(tl.float32) / temperature
@@ -92,7 +85,11 @@ def _logprob_bwd_kernel(
     HAS_G_ENT: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """d(loss)/d(logits) of row ``pid``; DX may alias X (each block is read before it is overwritten)."""
+    """d(loss)/d(logits) of row ``pid``; DX may alias X (each block is read before it is overwritten).
+
+    Grid (N,), one program per row. Reads the row's V logits and up to 5 scalars (target, mask byte, lse, g, and
+    entropy terms); writes V gradient values. A masked row reads its mask byte and writes V zeros.
+    """
     temperature = tl.cast(temperature, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     b = row // L
@@ -101,28 +98,20 @@ def _logprob_bwd_kernel(
     d_row = DX + b * stride_db + r * stride_dl
     if HAS_ROW_MASK:
         if tl.load(ROW_MASK + row) == 0:
-            for start in range(0, V, BLOCK_V):
-                cols = start + tl.arange(0, BLOCK_V)
-                tl.store(d_row + cols, tl.zeros([BLOCK_V], dtype=DX.dtype.element_ty), mask=cols < V)
+            zero_row(d_row, V, BLOCK_V)
             return
     lse = tl.load(LSE + row)
     g = tl.load(G_LOGP + row) / temperature
     tgt = tl.load(TARGET + row).to(tl.int64)
+    g_ent = 0.0
+    ent = 0.0
     if HAS_G_ENT:
         g_ent = tl.load(G_ENT + row) / temperature
         ent = tl.load(ENT + row)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        valid = cols < V
-        logp = tl.load(x_row + cols, mask=valid, other=0.0).to(tl.float32) / temperature - lse
-        p = tl.exp(logp)
-        d = tl.where(cols == tgt, g, 0.0) - p * g
-        if HAS_G_ENT:
-            d -= g_ent * p * tl.where(p > 0.0, logp + ent, 0.0)
-        tl.store(d_row + cols, d.to(DX.dtype.element_ty), mask=valid)
+    softmax_row_grad(x_row, d_row, V, tgt, lse, g, g_ent, ent, temperature, HAS_G_ENT, BLOCK_V, False, False)
 
 
-def _rows_view(x: torch.Tensor, target: torch.Tensor) -> tuple[int, int, int]:
+def rows_view(x: torch.Tensor, target: torch.Tensor) -> tuple[int, int, int]:
     """(L, stride_b, stride_l) addressing the rows of x ([N, V] or [B, >= L, V]) as b*L + l, L = target.shape[1]."""
     if x.dim() == 2:
         return 1, x.stride(0), 0
@@ -161,7 +150,7 @@ def logprob_fwd_triton(
     ent = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
     if n == 0:
         return logp, lse, ent
-    rows_l, sb, sl = _rows_view(logits, target)
+    rows_l, sb, sl = rows_view(logits, target)
     block_v, num_warps = _launch(v, block_v, num_warps)
     _logprob_fwd_kernel[(n,)](
         logits,
@@ -205,8 +194,8 @@ def logprob_bwd_triton(
         out[:, target.shape[1] :].zero_()
     if n == 0:
         return out
-    rows_l, sb, sl = _rows_view(logits, target)
-    _, db, dl = _rows_view(out, target)
+    rows_l, sb, sl = rows_view(logits, target)
+    _, db, dl = rows_view(out, target)
     block_v, num_warps = _launch(v, block_v, num_warps)
     g_logp = g_logp.float().contiguous()
     _logprob_bwd_kernel[(n,)](
@@ -284,7 +273,8 @@ def token_logprobs_reference(
     return logp, -(logp_all.exp() * logp_all).sum(-1)
 
 
-def _check_inputs(logits: torch.Tensor, target: torch.Tensor, temperature: float, op: str) -> None:
+def check_logits_inputs(logits: torch.Tensor, target: torch.Tensor, temperature: float, op: str) -> None:
+    """Raise unless logits ([N, V] or [B, L, V], float) and target (logits.shape[:-1], in [0, V)) fit ``op``."""
     check_float(logits, "logits", op)
     check_temperature(temperature, op)
     if logits.dim() not in (2, 3):
@@ -316,7 +306,7 @@ def token_logprobs(
     backend: "triton", "torch" (reference) or None (Triton for CUDA tensors, reference otherwise).
     """
     op = "token_logprobs"
-    _check_inputs(logits, target, temperature, op)
+    check_logits_inputs(logits, target, temperature, op)
     if resolve_backend(backend, logits, op) == "torch":
         return token_logprobs_reference(logits, target, temperature, return_entropy)
     logp, ent = TokenLogprobsFunction.apply(logits, target, float(temperature), return_entropy, inplace_backward, None)

@@ -14,7 +14,7 @@ from test_kernels_grpo import LOSS_TYPES, VARIANTS, cfg_for, trl_compute_loss
 
 from kernels import GRPOLossConfig, grpo_loss_from_logits
 from kernels.grpo_logits import IMPLS, LogitsLaunch, grpo_from_logits_triton
-from kernels.grpo_loss import _aggregation_scale
+from kernels.grpo_loss import aggregation_scale
 
 HAS_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
@@ -61,7 +61,7 @@ def _run(impl, full, ids, old, ref, adv, mask, cfg, layout="full", g=1.0, launch
         )
     else:
         mask_f = mask.float().contiguous()
-        scale = _aggregation_scale(mask_f, cfg, kw.get("num_items_in_batch"))
+        scale = aggregation_scale(mask_f, cfg, kw.get("num_items_in_batch"))
         loss, metrics = grpo_from_logits_triton(
             logits, ids, old, ref, adv, mask_f, scale, cfg, impl, inplace, launch=launch
         )
