@@ -82,14 +82,14 @@ class Phase:
 
 
 def model_config(which: str):
-    from engine.models import load_config, tiny_config
+    from engine.models import load_model_config, tiny_config
     from engine.models.config import qwen2_5_vl_7b_config
 
     if which == "7b":
         return qwen2_5_vl_7b_config()
     if which == "tiny":
         return tiny_config()
-    return load_config(which)
+    return load_model_config(which)
 
 
 def recipe_config(config_file: str, overrides: list[str]):

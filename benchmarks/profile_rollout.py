@@ -29,8 +29,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import random_checkpoint
-from engine.config import DataConfig, LoRAConfig
-from engine.config import ModelConfig as ModelSection
+from engine.config import DataConfig, LoRAConfig, ModelSection
 from engine.distributed import init_distributed, parallelize, unsharded
 from engine.rl.grpo import RLConfig
 from engine.rl.prompts import build_prompt

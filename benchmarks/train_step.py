@@ -24,8 +24,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import environment, markdown_table, random_checkpoint, write_json
-from engine.config import DataConfig, LoRAConfig, TrainConfig
-from engine.config import ModelConfig as ModelSection
+from engine.config import DataConfig, LoRAConfig, ModelSection, TrainConfig
 from engine.distributed import init_distributed
 from engine.rl.grpo import GRPOObjective, RLConfig
 from engine.rl.source import GRPOBatchSource

@@ -121,8 +121,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     import dataclasses
 
     import engine.rl.rollout as rollout_module
-    from engine.config import DataConfig, LoRAConfig, TrainConfig
-    from engine.config import ModelConfig as ModelSection
+    from engine.config import DataConfig, LoRAConfig, ModelSection, TrainConfig
     from engine.distributed import init_distributed
     from engine.models.tokenizer import Tokenizer
     from engine.rl.grpo import GRPOObjective, RLConfig

@@ -4,7 +4,7 @@ A recipe composes its config from section dataclasses, one field per section::
 
     @dataclass
     class GRPOConfig:
-        model: ModelConfig = field(default_factory=ModelConfig)
+        model: ModelSection = field(default_factory=ModelSection)
         data: DataConfig = field(default_factory=DataConfig)
         train: TrainConfig = field(default_factory=TrainConfig)
         lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -64,7 +64,7 @@ def exit_on_config_error(main: Callable[..., T]) -> Callable[..., T]:
 
 
 @dataclass
-class ModelConfig:
+class ModelSection:
     """Which checkpoint to load. ``path`` empty: the tiny embedded default (created on first use).
 
     ``dtype``: storage of the loaded weights. Trainable parameters are always fp32 masters (FSDP2 computes in bf16
@@ -406,7 +406,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "LoRAConfig",
-    "ModelConfig",
+    "ModelSection",
     "TrainConfig",
     "apply_mapping",
     "coerce",

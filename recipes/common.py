@@ -13,8 +13,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from engine.config import ConfigError, DataConfig, LoRAConfig, TrainConfig
-from engine.config import ModelConfig as ModelSection
+from engine.config import ConfigError, DataConfig, LoRAConfig, ModelSection, TrainConfig
 from engine.data import bundled_dataset_dir
 from engine.data.schema import RecordList, load_records
 from engine.data.synth import SynthSplit, ensure_split

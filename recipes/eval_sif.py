@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from common import load_split, resolve_checkpoint
 
-from engine.config import DataConfig, ModelConfig, exit_on_config_error, load_config
+from engine.config import DataConfig, ModelSection, exit_on_config_error, load_config
 from engine.distributed import DistEnv, init_distributed
 from engine.models import from_pretrained, processor_from_pretrained
 from engine.rl.evaluation import EvalConfig, evaluate, format_summary, plot_eval, summarise, write_eval
@@ -33,7 +33,7 @@ class EvalSection(EvalConfig):
 
 @dataclass
 class EvalRecipeConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=lambda: DataConfig(max_pixels=224 * 224))
     eval: EvalSection = field(default_factory=EvalSection)
     output_dir: str = "runs"

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 import sft_sif
 from common import frozen_copy, generated_split, hf_exporter, load_policy, load_split, resolve_checkpoint, window_means
 
-from engine.config import DataConfig, LoRAConfig, ModelConfig, TrainConfig, exit_on_config_error, load_config, to_dict
+from engine.config import DataConfig, LoRAConfig, ModelSection, TrainConfig, exit_on_config_error, load_config, to_dict
 from engine.data.schema import Record
 from engine.data.synth import SynthSplit
 from engine.distributed import DistEnv, init_distributed
@@ -60,7 +60,7 @@ class GRPORecipeConfig:
     section's decoding, in the run's focusing mode) and print them side by side with the baselines.
     """
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=lambda: DataConfig(max_seq_len=4096, max_pixels=224 * 224))
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(freeze_vision=False))
     rl: RLConfig = field(default_factory=_tiny_rl)

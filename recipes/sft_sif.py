@@ -21,7 +21,7 @@ from pathlib import Path
 
 from common import generated_split, hf_exporter, load_policy, load_split, resolve_checkpoint, window_means
 
-from engine.config import DataConfig, LoRAConfig, ModelConfig, TrainConfig, exit_on_config_error, load_config, to_dict
+from engine.config import DataConfig, LoRAConfig, ModelSection, TrainConfig, exit_on_config_error, load_config, to_dict
 from engine.data.synth import SynthSplit
 from engine.distributed import DistEnv, init_distributed
 from engine.rl.evaluation import EvalConfig, evaluate, report
@@ -43,7 +43,7 @@ class SFTRecipeConfig:
     evaluate: end with the held-out evaluation (``engine.rl.evaluation``: ``data.eval_path``, else the bundled
     ``heldout``, its first ``eval_limit`` records, 0 all), in the views' focusing mode."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=lambda: DataConfig(max_seq_len=2048, max_pixels=224 * 224))
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(freeze_vision=False))
     views: SFTViews = field(default_factory=SFTViews)

@@ -82,14 +82,14 @@ def _instrument(env, ckpt: Path, out: Path) -> None:
     import common
 
     import engine.train.checkpoint as ckpt_module
-    from engine.models import Tokenizer, VLModel, load_config
+    from engine.models import Tokenizer, VLModel, load_model_config
     from engine.rl.source import GRPOBatchSource
     from engine.train.lora import lora_scalings, merge_lora_state_dict
 
     gen_module = importlib.import_module("engine.models.generate")  # the package re-exports a function of that name
     gen_module.sample_tokens = _scripted_sampler(Tokenizer.from_file(ckpt))
     with torch.device("meta"):  # one-off imports the first meta-device build triggers (~100 MB), outside the window
-        VLModel(load_config(ckpt))
+        VLModel(load_model_config(ckpt))
 
     real_build = common.build_sharded_model
 

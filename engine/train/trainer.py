@@ -2,7 +2,7 @@
 
 The loop knows nothing about the task. An *objective* turns a micro-batch into a summed loss::
 
-    objective(model, micro_batch) -> ObjectiveOutput(loss_sum, num_loss_tokens, metrics)
+    objective(model, micro_batch) -> ObjectiveOutput(loss_sum, num_loss_units, metrics)
 
 and a *batch source* (engine.train.batch_source) yields each step's micro-batches (for GRPO it also runs the
 rollouts and rewards, timing them as phases). Per optimiser step the Trainer:
@@ -10,7 +10,7 @@ rollouts and rewards, timing them as phases). Per optimiser step the Trainer:
 1. asks the batch source for this rank's micro-batches (phase ``data`` plus whatever phases the source opens);
 2. runs forward + backward of ``loss_sum`` (unnormalised) for each micro-batch; FSDP2 reduce-scatters each
    block's gradient as its backward finishes, averaging over ranks;
-3. all-reduces (loss_sum, num_loss_tokens, num_tokens) over ranks and micro-batches and multiplies the
+3. all-reduces (loss_sum, num_loss_units, num_tokens) over ranks and micro-batches and multiplies the
    gradients by ``world_size / N`` with N the **global** number of loss units, so the update is the gradient of
    ``(sum of every token's loss on every rank) / N``;
 4. clips by the global gradient norm, steps AdamW and the LR schedule, logs one JSONL line, checkpoints.
@@ -23,7 +23,7 @@ the summed count makes it exactly the gradient of the whole batch's token mean, 
 accumulation k·n and n processes with accumulation k (tested). The count is only known after the objective has
 run, so the division is applied to the gradients once after the last backward (it is folded into the clipping
 multiply — one pass over the gradient shards). Objectives that average per sequence (GRPO's default) return the
-sum of per-sequence means as ``loss_sum`` and the number of sequences as ``num_loss_tokens``.
+sum of per-sequence means as ``loss_sum`` and the number of sequences as ``num_loss_units``.
 
 A step whose global loss or gradient norm is NaN/inf is skipped (no optimiser update, gradients dropped), warned
 about and counted; ``max_consecutive_nonfinite`` skips in a row stop the run with NonFiniteError. All ranks take
@@ -61,14 +61,14 @@ class ObjectiveOutput:
     """One micro-batch's contribution.
 
     loss_sum: scalar tensor (graph attached), the *sum* of the loss over this micro-batch's loss units.
-    num_loss_tokens: the number of loss units summed (tokens, or sequences for per-sequence means); int or
+    num_loss_units: the number of loss units summed (tokens, or sequences for per-sequence means); int or
         integer tensor.
     metrics: figures to log (averaged over micro-batches, then over ranks).
-    num_tokens: tokens processed by the forward, for tokens/s (default: num_loss_tokens).
+    num_tokens: tokens processed by the forward, for tokens/s (default: num_loss_units).
     """
 
     loss_sum: torch.Tensor
-    num_loss_tokens: int | torch.Tensor
+    num_loss_units: int | torch.Tensor
     metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
     num_tokens: int | torch.Tensor | None = None
 
@@ -93,9 +93,9 @@ def seed_all(seed: int) -> None:
 class GradStats:
     """Global figures of one step's gradient computation (identical on every rank)."""
 
-    loss: float  # sum of loss over all ranks and micro-batches / num_loss_tokens
+    loss: float  # sum of loss over all ranks and micro-batches / num_loss_units
     grad_norm: float  # global L2 norm of the normalised gradient, before clipping
-    num_loss_tokens: float
+    num_loss_units: float
     num_tokens: float
     metrics: dict[str, float]  # this rank's objective metrics, averaged over its micro-batches
 
@@ -222,7 +222,7 @@ class Trainer:
             "loss": stats.loss,
             "grad_norm": stats.grad_norm,
             "lr": lr,
-            "num_loss_tokens": stats.num_loss_tokens,
+            "num_loss_tokens": stats.num_loss_units,
             "tokens_per_s": stats.num_tokens / step_time,
             "skipped": not stats.finite,
         }
@@ -249,8 +249,8 @@ class Trainer:
             out = self.objective(self.model, micro_batch)
             out.loss_sum.backward()
             totals[0] += out.loss_sum.detach().double()
-            totals[1] += _on_device(out.num_loss_tokens, totals)
-            totals[2] += _on_device(out.num_tokens if out.num_tokens is not None else out.num_loss_tokens, totals)
+            totals[1] += _on_device(out.num_loss_units, totals)
+            totals[2] += _on_device(out.num_tokens if out.num_tokens is not None else out.num_loss_units, totals)
             for key, value in out.metrics.items():
                 value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
                 metric_sums[key] = metric_sums.get(key, 0.0) + value
@@ -295,7 +295,7 @@ class Trainer:
         self.consecutive_nonfinite += 1
         why = (
             "no loss tokens in the global batch"
-            if stats.num_loss_tokens <= 0
+            if stats.num_loss_units <= 0
             else f"loss={stats.loss} grad_norm={stats.grad_norm}"
         )
         if self.env.is_main:
