@@ -233,7 +233,7 @@ def hf_processor(checkpoint: Path):
 
 def _trl_prompt(record, rgb):
     """The SIF prompt as TRL's conversational format (image placeholder filled by TRL from the ``image`` column)."""
-    from engine.rl.prompts import sif_messages
+    from engine.data.messages import sif_messages
 
     messages, _ = sif_messages(record, False, rgb, None)
     return messages
@@ -273,8 +273,9 @@ def run_trl(args: argparse.Namespace) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from engine.data.images import load_image
+    from engine.data.messages import record_depth
     from engine.models import processor_from_pretrained
-    from engine.rl.prompts import record_depth, reward_target
+    from engine.rl.prompts import reward_target
     from engine.rl.rewards import AnswerProgress, RewardWeights, score_completions
 
     checkpoint = Path(args.checkpoint)

@@ -20,8 +20,8 @@ from engine.models import (
     processor_from_pretrained,
     tiny_config,
 )
+from engine.models.packing import pack_rollouts, target_logprobs
 from engine.models.tiny import init_weights
-from engine.rl.packing import pack_rollouts, target_logprobs
 from engine.train import IndexedBatchSource, ObjectiveOutput, Trainer, export_hf, mean_across_ranks
 from engine.train.lora import apply_lora
 

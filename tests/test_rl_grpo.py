@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from engine.models import ImageConfig, Processor, Tokenizer, VLModel, tiny_config
+from engine.models.packing import pack_sequences
 from engine.models.tiny import init_weights
 from engine.models.tokenizer import build_byte_tokenizer
 from engine.rl.grpo import GRPOMicroBatch, GRPOObjective, RLConfig
-from engine.rl.packing import pack_sequences
 
 
 def micro_config(tok: Tokenizer):

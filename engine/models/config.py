@@ -181,9 +181,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> ModelC
     """Build a ModelConfig from a parsed config.json (flat or nested layout)."""
     model_type = raw.get("model_type")
     if model_type not in _SUPPORTED_MODEL_TYPES:
-        raise ModelConfigError(
-            f"{source}: model_type {model_type!r} is not supported (supported: {_SUPPORTED_MODEL_TYPES})"
-        )
+        supported = _SUPPORTED_MODEL_TYPES
+        raise ModelConfigError(f"{source}: model_type {model_type!r} is not supported (supported: {supported})")
     text_raw = dict(raw)
     text_raw.update(raw.get("text_config") or {})
     if text_raw.get("use_sliding_window"):

@@ -37,10 +37,10 @@ from engine.data.schema import DecodedRecords, Record
 from engine.distributed import unsharded
 from engine.models import ModelConfig, Processor
 from engine.models.generate import DecodeEngine, eval_mode
+from engine.models.packing import pack_rollouts
 from engine.rl.advantages import group_advantages
 from engine.rl.collapse import AnswerWatch, group_signals
 from engine.rl.grpo import GRPOMicroBatch, RLConfig, reference_logprobs, rollout_logprobs
-from engine.rl.packing import pack_rollouts
 from engine.rl.prompts import SIFPrompt, build_prompt
 from engine.rl.rewards import AnswerProgress, Judge, RewardBatch, prefetch_judge, score_completions
 from engine.rl.rollout import RolloutBatch, generate_rollouts
