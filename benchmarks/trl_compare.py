@@ -99,8 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _records(n: int):
-    sys.path.insert(0, str(ROOT / "recipes"))
-    from common import load_split  # the recipes' plumbing
+    from engine.recipes.splits import load_split
 
     return load_split("", "train")[:n]
 
@@ -124,13 +123,12 @@ def run_ours(args: argparse.Namespace) -> dict:
     from engine.config import DataConfig, LoRAConfig, ModelSection, TrainConfig
     from engine.distributed import init_distributed
     from engine.models.tokenizer import Tokenizer
+    from engine.recipes.policy import frozen_copy, load_policy
     from engine.rl.grpo import GRPOObjective, RLConfig
     from engine.rl.source import GRPOBatchSource
+    from engine.rl.step import grpo_step
     from engine.train.metrics import read_metrics
     from engine.train.trainer import Trainer
-
-    sys.path.insert(0, str(ROOT / "recipes"))
-    from common import frozen_copy, load_policy
 
     class NoStopTokenizer(Tokenizer):
         """Benchmark only: no end-of-turn token ends a sample, so every completion is max_completion tokens."""
@@ -176,7 +174,7 @@ def run_ours(args: argparse.Namespace) -> dict:
                 finally:
                     cpu_steps.append(time.process_time() - start)
 
-        trainer = CPUTimedTrainer(model, GRPOObjective(rl), source, train, env=env, phase="grpo")
+        trainer = CPUTimedTrainer(model, GRPOObjective(rl), source, train, env=env, phase="grpo", step_fn=grpo_step)
         trainer.fit()
         rows = read_metrics(trainer.metrics_log.path)
     steps = []

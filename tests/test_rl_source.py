@@ -7,7 +7,7 @@ import torch
 from test_rl_grpo import micro_config
 from test_sft import _record
 
-import engine.rl.source as source_module
+import engine.rl.step as source_module
 from engine.config import LoRAConfig, TrainConfig
 from engine.distributed import init_distributed
 from engine.models import ImageConfig, Processor, Tokenizer, VLModel

@@ -51,11 +51,7 @@ def _load_worker(env, path, out):
         (out / "reads.json").write_text(json.dumps(reads))
 
     # Full fine-tuning and its reference: own shards, bf16, nothing shared, unaffected by the policy's updates.
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-    from common import frozen_copy
+    from engine.recipes.policy import frozen_copy
 
     policy, _ = build_sharded_model(path, env.mesh, env.device, freeze_vision=True)
     reference = frozen_copy(policy, env, ModelSection(dtype="bfloat16"))

@@ -4,16 +4,18 @@ The loop knows nothing about the task. An *objective* turns a micro-batch into a
 
     objective(model, micro_batch) -> ObjectiveOutput(loss_sum, num_loss_units, metrics)
 
-and a *batch source* (engine.train.batch_source) yields each step's micro-batches (for GRPO it also runs the
-rollouts and rewards, timing them as phases). Per optimiser step the Trainer:
+a *batch source* (engine.train.batch_source) yields each step's micro-batches, and a *step function*
+``step_fn(trainer, ctx) -> GradStats`` runs one optimiser step (default :func:`supervised_step`; GRPO's,
+``engine.rl.step.grpo_step``, also runs the rollouts and rewards, timing them as phases). A step:
 
-1. asks the batch source for this rank's micro-batches (phase ``data`` plus whatever phases the source opens);
+1. takes this rank's micro-batches from the batch source (phase ``data`` plus whatever phases the step opens);
 2. runs forward + backward of ``loss_sum`` (unnormalised) for each micro-batch; FSDP2 reduce-scatters each
    block's gradient as its backward finishes, averaging over ranks;
 3. all-reduces (loss_sum, num_loss_units, num_tokens) over ranks and micro-batches and multiplies the
    gradients by ``world_size / N`` with N the **global** number of loss units, so the update is the gradient of
    ``(sum of every token's loss on every rank) / N``;
-4. clips by the global gradient norm, steps AdamW and the LR schedule, logs one JSONL line, checkpoints.
+4. clips by the global gradient norm, steps AdamW and the LR schedule (:meth:`Trainer.optimizer_step`); the
+   loop then logs one JSONL line and checkpoints.
 
 Why normalise by the global count rather than averaging per micro-batch: with packed sequences micro-batches and
 ranks hold different numbers of loss tokens. A mean of per-micro-batch means weights a token in a short
@@ -23,7 +25,8 @@ the summed count makes it exactly the gradient of the whole batch's token mean, 
 accumulation k·n and n processes with accumulation k (tested). The count is only known after the objective has
 run, so the division is applied to the gradients once after the last backward (it is folded into the clipping
 multiply — one pass over the gradient shards). Objectives that average per sequence (GRPO's default) return the
-sum of per-sequence means as ``loss_sum`` and the number of sequences as ``num_loss_units``.
+sum of per-sequence means as ``loss_sum`` and the number of sequences as ``num_loss_units`` (the metrics line
+logs the global count as ``num_loss_tokens``).
 
 A step whose global loss or gradient norm is NaN/inf is skipped (no optimiser update, gradients dropped), warned
 about and counted; ``max_consecutive_nonfinite`` skips in a row stop the run with NonFiniteError. All ranks take
@@ -74,6 +77,7 @@ class ObjectiveOutput:
 
 
 Objective = Callable[[nn.Module, Any], ObjectiveOutput]
+StepFn = Callable[["Trainer", StepContext], "GradStats"]
 
 
 class NonFiniteError(RuntimeError):
@@ -127,6 +131,7 @@ class Trainer:
     run_config: the full run config as a dict, saved as ``<run dir>/config.json`` when ``fit`` starts (after a
         resume was accepted) and in every checkpoint.
     total_steps: overrides ``cfg.max_steps`` / epochs x ``batch_source.steps_per_epoch``.
+    step_fn: ``(trainer, ctx) -> GradStats``, one optimiser step (default :func:`supervised_step`).
     export_fn: ``(out_dir) -> None`` on rank 0 after the final HF export has streamed the LoRA-merged weights
         (sharded safetensors + index, in ``cfg.export_dtype``; config.json for a VLModel; see
         engine.train.checkpoint.export_hf): the files beside them, e.g. tokenizer and preprocessor.
@@ -146,6 +151,7 @@ class Trainer:
         phase: str = "sft",
         run_config: dict[str, Any] | None = None,
         total_steps: int | None = None,
+        step_fn: StepFn | None = None,
         export_fn: Callable[[Path], None] | None = None,
     ) -> None:
         from engine.train.checkpoint import Checkpointer
@@ -155,6 +161,7 @@ class Trainer:
         self.phase = phase
         self.objective = objective
         self.batch_source = batch_source
+        self.step_fn = step_fn or supervised_step
         self.export_fn = export_fn
         if not isinstance(model, FSDPModule):
             model = parallelize(
@@ -201,15 +208,8 @@ class Trainer:
         ctx = StepContext(
             self.model, self.step, self.env.rank, self.env.world_size, self.env.device, self.timer, metrics={}
         )
-        with self.timer("data"):
-            micro_batches = self.batch_source.next_step(ctx)
-        with self.timer("update"):
-            stats = self.compute_gradients(micro_batches)
-            if stats.finite:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            lr = self.scheduler.get_last_lr()[0]
-            self.scheduler.step()
+        lr = self.scheduler.get_last_lr()[0]
+        stats = self.step_fn(self, ctx)
         self.step += 1
         step_time = time.perf_counter() - start
         local = dict(stats.metrics)
@@ -260,6 +260,14 @@ class Trainer:
         grad_norm = self._normalise_and_clip(self.env.world_size / count if count > 0 else float("nan"))
         metrics = {k: float(v) / len(micro_batches) for k, v in metric_sums.items()}
         return GradStats(loss, grad_norm, count, tokens, metrics)
+
+    def optimizer_step(self, stats: GradStats) -> None:
+        """Step AdamW on the gradients ``compute_gradients`` left (unless the step is non-finite), drop them, and
+        advance the LR schedule."""
+        if stats.finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
 
     def _check_same_count(self, n: int) -> None:
         """Every rank must run the same number of backward passes (FSDP collectives pair up across ranks)."""
@@ -514,6 +522,16 @@ class Trainer:
 
             plot_curves(self.metrics_log.path, self.run_dir / "curves.png", title=f"{self.cfg.run_name} ({self.phase})")
         return TrainResult(self.step, record, self.num_skipped, last_ckpt, export_dir)
+
+
+def supervised_step(trainer: Trainer, ctx: StepContext) -> GradStats:
+    """The default step: the batch source's micro-batches, their gradients, the optimiser step."""
+    with ctx.timer("data"):
+        micro_batches = trainer.batch_source.next_step(ctx)
+    with ctx.timer("update"):
+        stats = trainer.compute_gradients(micro_batches)
+        trainer.optimizer_step(stats)
+    return stats
 
 
 EXPORT_MARKER = "export.json"
