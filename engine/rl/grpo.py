@@ -50,7 +50,7 @@ class RLConfig:
     CUDA graph on GPU, the static step on CPU), ``static``, or ``eager`` (the model's modules, for debugging).
     rollout_prompts_per_rank: prompts per rank generated in one rollout (0: one optimiser step's,
     ``train.micro_batch_size × train.grad_accum_steps``); a multiple of that, so that one rollout feeds several
-    optimiser steps (``engine.rl.source``). keep_kv_cache: keep the rollout's KV cache (and with it its CUDA graphs)
+    optimiser steps (``engine.rl.step``). keep_kv_cache: keep the rollout's KV cache (and with it its CUDA graphs)
     allocated from one rollout to the next; False frees it after each rollout, for memory during the update.
     """
 

@@ -98,7 +98,7 @@ def collect_rollout(source: GRPOBatchSource, ctx: StepContext) -> list[RolloutSt
             judge_types=cfg.judge_answer_types,
         )
         _share_progress(source, [p.record.id for p in prompts])
-        # 3. advantages: group-relative, per prompt
+        # 3. advantages: (R - mean) / (std + 1e-4) over each prompt's G samples (Dr.GRPO: R - mean)
         advantages = group_advantages(rewards.total, group, scale_by_std=cfg.advantages_scaled)
 
     # 4. reference and old log-probs, per micro-batch, before any update
