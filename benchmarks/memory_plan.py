@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,26 +81,25 @@ class Phase:
 
 
 def model_config(which: str):
-    from engine.models import load_config, tiny_config
+    from engine.models import load_model_config, tiny_config
     from engine.models.config import qwen2_5_vl_7b_config
 
     if which == "7b":
         return qwen2_5_vl_7b_config()
     if which == "tiny":
         return tiny_config()
-    return load_config(which)
+    return load_model_config(which)
 
 
 def recipe_config(config_file: str, overrides: list[str]):
     """The recipe's full config (GRPO when the file has an ``[rl]`` table, else SFT) with the file and overrides."""
-    sys.path.insert(0, str(ROOT / "recipes"))
     from engine.config import load_config, read_config_file
 
     if "rl" in read_config_file(config_file):
-        from grpo_sif import GRPORecipeConfig
+        from engine.recipes.grpo_sif import GRPORecipeConfig
 
         return "grpo", load_config(GRPORecipeConfig(), ["--config", config_file, *overrides])
-    from sft_sif import SFTRecipeConfig
+    from engine.recipes.sft_sif import SFTRecipeConfig
 
     return "sft", load_config(SFTRecipeConfig(), ["--config", config_file, *overrides])
 
@@ -158,7 +156,7 @@ def plan(kind: str, cfg, config, gpus: int, nodes: int, gpu_bytes: float = 80 * 
     shard = world // replicate
     params = model_params(config, cfg.lora)
     t, v = config.text, config.vision
-    frozen_bytes = 2  # bf16 on GPU (recipes/common.storage_dtype)
+    frozen_bytes = 2  # bf16 on GPU (engine.recipes.policy.storage_dtype)
     trainable = [p for p in params if p.trainable]
     frozen = [p for p in params if not p.trainable]
     w_train = sum(p.shard_numel(shard) for p in trainable) * 4

@@ -21,23 +21,19 @@ from __future__ import annotations
 import argparse
 import importlib
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import random_checkpoint
-from engine.config import DataConfig, LoRAConfig
-from engine.config import ModelConfig as ModelSection
+from engine.config import DataConfig, LoRAConfig, ModelSection
 from engine.distributed import init_distributed, parallelize, unsharded
+from engine.recipes.policy import load_policy
+from engine.recipes.splits import load_split
 from engine.rl.grpo import RLConfig
 from engine.rl.prompts import build_prompt
 from engine.rl.rollout import generate_rollouts
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-from common import load_policy, load_split  # noqa: E402  (the recipes' plumbing)
 
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 COPY_EVENTS = ("cudaMemcpyAsync", "cudaMemcpy")

@@ -20,20 +20,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
 from benchmarks.common import environment, markdown_table, random_checkpoint, write_json
-from engine.config import DataConfig, LoRAConfig, TrainConfig
-from engine.config import ModelConfig as ModelSection
+from engine.config import DataConfig, LoRAConfig, ModelSection, TrainConfig
 from engine.distributed import init_distributed
+from engine.recipes.policy import frozen_copy, load_policy
+from engine.recipes.splits import load_split
 from engine.rl.grpo import GRPOObjective, RLConfig
 from engine.rl.source import GRPOBatchSource
+from engine.rl.step import grpo_step
 from engine.train.metrics import read_metrics
 from engine.train.trainer import Trainer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-from common import frozen_copy, load_policy, load_split  # noqa: E402  (the recipes' plumbing)
 
 PHASES = ("rollout", "reward", "reference", "update")
 
@@ -83,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
             load_split("", "train"), processor, model.config, rl, micro_batch_size=args.prompts,
             grad_accum_steps=1, rank=env.rank, world_size=env.world_size, reference=reference,
         )  # fmt: skip
-        trainer = Trainer(model, GRPOObjective(rl), source, train, env=env, phase="grpo")
+        trainer = Trainer(model, GRPOObjective(rl), source, train, env=env, phase="grpo", step_fn=grpo_step)
         trainer.fit()
         rows = read_metrics(trainer.metrics_log.path)[args.warmup :] if env.is_main else []
     if not env.is_main:

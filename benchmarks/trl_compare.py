@@ -99,8 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _records(n: int):
-    sys.path.insert(0, str(ROOT / "recipes"))
-    from common import load_split  # the recipes' plumbing
+    from engine.recipes.splits import load_split
 
     return load_split("", "train")[:n]
 
@@ -121,17 +120,15 @@ def run_ours(args: argparse.Namespace) -> dict:
     import dataclasses
 
     import engine.rl.rollout as rollout_module
-    from engine.config import DataConfig, LoRAConfig, TrainConfig
-    from engine.config import ModelConfig as ModelSection
+    from engine.config import DataConfig, LoRAConfig, ModelSection, TrainConfig
     from engine.distributed import init_distributed
     from engine.models.tokenizer import Tokenizer
+    from engine.recipes.policy import frozen_copy, load_policy
     from engine.rl.grpo import GRPOObjective, RLConfig
     from engine.rl.source import GRPOBatchSource
+    from engine.rl.step import grpo_step
     from engine.train.metrics import read_metrics
     from engine.train.trainer import Trainer
-
-    sys.path.insert(0, str(ROOT / "recipes"))
-    from common import frozen_copy, load_policy
 
     class NoStopTokenizer(Tokenizer):
         """Benchmark only: no end-of-turn token ends a sample, so every completion is max_completion tokens."""
@@ -177,7 +174,7 @@ def run_ours(args: argparse.Namespace) -> dict:
                 finally:
                     cpu_steps.append(time.process_time() - start)
 
-        trainer = CPUTimedTrainer(model, GRPOObjective(rl), source, train, env=env, phase="grpo")
+        trainer = CPUTimedTrainer(model, GRPOObjective(rl), source, train, env=env, phase="grpo", step_fn=grpo_step)
         trainer.fit()
         rows = read_metrics(trainer.metrics_log.path)
     steps = []
@@ -234,7 +231,7 @@ def hf_processor(checkpoint: Path):
 
 def _trl_prompt(record, rgb):
     """The SIF prompt as TRL's conversational format (image placeholder filled by TRL from the ``image`` column)."""
-    from engine.rl.prompts import sif_messages
+    from engine.data.messages import sif_messages
 
     messages, _ = sif_messages(record, False, rgb, None)
     return messages
@@ -265,38 +262,64 @@ def _check_same_inputs(processor, record, rgb, pil, checkpoint: Path) -> None:
 
 
 def run_trl(args: argparse.Namespace) -> dict:
+    """TRL's GRPOTrainer on the same checkpoint, records, rewards and hyper-parameters, timed per phase."""
     import datasets
     import torch
     import transformers
     import trl
     from PIL import Image
-    from transformers import Qwen2_5_VLForConditionalGeneration, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
 
     from engine.data.images import load_image
-    from engine.models import processor_from_pretrained
-    from engine.rl.prompts import record_depth, reward_target
-    from engine.rl.rewards import AnswerProgress, RewardWeights, score_completions
 
     checkpoint = Path(args.checkpoint)
-    G, L = args.num_generations, args.max_completion
     records = _records(args.steps)
-    by_id = {r.id: r for r in records}
     processor, how = hf_processor(checkpoint)
     rgb0 = load_image(records[0].image)
     _check_same_inputs(processor, records[0], rgb0, Image.fromarray(rgb0.numpy()), checkpoint)
+
+    dataset, config = _trl_dataset(records), _trl_config(args)
+    clock = _PhaseClock()
+    trainer = _timed_trainer_class(clock)(
+        model=_trl_model(checkpoint, args.train_vision, torch.float32),
+        reward_funcs=[_sif_reward(records)],
+        args=config,
+        train_dataset=dataset,
+        processing_class=processor,
+        callbacks=[_step_timer(clock)],
+    )
+    trainer.train()
+    rewards = [h.get("reward") for h in trainer.state.log_history if "reward" in h]
+    for s, r in zip(clock.steps, rewards):
+        s["reward_mean"] = float(r)
+    versions = {"trl": trl.__version__, "transformers": transformers.__version__, "datasets": datasets.__version__}
+    return {"side": "trl", "steps": clock.steps, "processor": how, "versions": versions}
+
+
+def _trl_dataset(records):
+    """One row per record: TRL's conversational prompt, the PIL image and the record id (for the reward)."""
+    import datasets
+    from PIL import Image
+
+    from engine.data.images import load_image
 
     rows = []
     for r in records:
         rgb = load_image(r.image)
         rows.append({"prompt": _trl_prompt(r, rgb), "image": Image.fromarray(rgb.numpy()), "record_id": r.id})
-    dataset = datasets.Dataset.from_list(rows)
+    return datasets.Dataset.from_list(rows)
 
+
+def _sif_reward(records):
+    """A TRL reward function: engine.rl.rewards.score_completions' total, as our batch source computes it (targets
+    built here, as ours builds them per step while preparing the prompt)."""
+    from engine.data.messages import record_depth
+    from engine.rl.prompts import reward_target
+    from engine.rl.rewards import AnswerProgress, RewardWeights, score_completions
+
+    by_id = {r.id: r for r in records}
     progress, weights = AnswerProgress(), RewardWeights()
 
     def sif_reward(prompts, completions, record_id, **kwargs):
-        """engine.rl.rewards.score_completions' total, as our batch source computes it (targets built here, as
-        ours builds them per step while preparing the prompt)."""
         texts = []
         for c in completions:
             content = c[-1]["content"] if isinstance(c, list) else c
@@ -308,39 +331,78 @@ def run_trl(args: argparse.Namespace) -> dict:
         out = score_completions(texts, [ids.index(i) for i in record_id], targets, weights=weights, progress=progress)
         return out.total.tolist()
 
-    phase: dict[str, float] = defaultdict(float)
-    steps: list[dict] = []
+    return sif_reward
 
-    def timed(name, fn, *a, **k):
+
+class _PhaseClock:
+    """Wall and CPU seconds per TRL phase within the current step, and the finished steps' rows."""
+
+    def __init__(self) -> None:
+        self.phase: dict[str, float] = defaultdict(float)
+        self.steps: list[dict] = []
+
+    def timed(self, name, fn, *a, **k):
         start, cpu = time.perf_counter(), time.process_time()
         try:
             return fn(*a, **k)
         finally:
-            phase[name] += time.perf_counter() - start
-            phase[f"{name}_cpu"] += time.process_time() - cpu
+            self.phase[name] += time.perf_counter() - start
+            self.phase[f"{name}_cpu"] += time.process_time() - cpu
+
+    def close_step(self, inner: float, inner_cpu: float) -> None:
+        """Record one step (``inner``: the Trainer's step without the batch fetch) in our phase names."""
+        phase = self.phase
+        inside = phase["tokenize"] + phase["rollout"] + phase["reward"] + phase["reference"]
+        self.steps.append(
+            {
+                "data": phase["fetch"] + phase["tokenize"],
+                "rollout": phase["rollout"],
+                "reward": phase["reward"],
+                "reference": phase["reference"],
+                "other": phase["prepare"] - inside,
+                "update": inner - phase["prepare"],
+                "step": inner + phase["fetch"],
+                "cpu": inner_cpu + phase["fetch_cpu"],
+                "completion_tokens": phase["completion_tokens"],
+            }
+        )
+        phase.clear()
+
+
+def _timed_trainer_class(clock: _PhaseClock):
+    """GRPOTrainer with its phases (fetch, tokenize, rollout, reward, reference, prepare) timed into ``clock``."""
+    import torch
+    from trl import GRPOTrainer
 
     class TimedGRPOTrainer(GRPOTrainer):
         def get_batch_samples(self, *a, **k):
-            return timed("fetch", super().get_batch_samples, *a, **k)
+            return clock.timed("fetch", super().get_batch_samples, *a, **k)
 
         def _tokenize_prompts(self, *a, **k):
-            return timed("tokenize", super()._tokenize_prompts, *a, **k)
+            return clock.timed("tokenize", super()._tokenize_prompts, *a, **k)
 
         def _generate_single_turn(self, *a, **k):
-            completion_ids, logprobs = timed("rollout", super()._generate_single_turn, *a, **k)
-            phase["completion_tokens"] += sum(len(c) for c in completion_ids)
+            completion_ids, logprobs = clock.timed("rollout", super()._generate_single_turn, *a, **k)
+            clock.phase["completion_tokens"] += sum(len(c) for c in completion_ids)
             return completion_ids, logprobs
 
         def _calculate_rewards(self, *a, **k):
-            return timed("reward", super()._calculate_rewards, *a, **k)
+            return clock.timed("reward", super()._calculate_rewards, *a, **k)
 
         def _get_per_token_logps_and_entropies(self, *a, **k):
             if torch.is_grad_enabled():
                 return super()._get_per_token_logps_and_entropies(*a, **k)
-            return timed("reference", super()._get_per_token_logps_and_entropies, *a, **k)
+            return clock.timed("reference", super()._get_per_token_logps_and_entropies, *a, **k)
 
         def _prepare_inputs(self, *a, **k):
-            return timed("prepare", super()._prepare_inputs, *a, **k)
+            return clock.timed("prepare", super()._prepare_inputs, *a, **k)
+
+    return TimedGRPOTrainer
+
+
+def _step_timer(clock: _PhaseClock):
+    """A TrainerCallback closing each step in ``clock``."""
+    from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         start = cpu = 0.0
@@ -349,33 +411,25 @@ def run_trl(args: argparse.Namespace) -> dict:
             self.start, self.cpu = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args_, state, control, **kwargs):
-            inner = time.perf_counter() - self.start
-            inner_cpu = time.process_time() - self.cpu
-            inside = phase["tokenize"] + phase["rollout"] + phase["reward"] + phase["reference"]
-            steps.append(
-                {
-                    "data": phase["fetch"] + phase["tokenize"],
-                    "rollout": phase["rollout"],
-                    "reward": phase["reward"],
-                    "reference": phase["reference"],
-                    "other": phase["prepare"] - inside,
-                    "update": inner - phase["prepare"],
-                    "step": inner + phase["fetch"],
-                    "cpu": inner_cpu + phase["fetch_cpu"],
-                    "completion_tokens": phase["completion_tokens"],
-                }
-            )
-            phase.clear()
+            clock.close_step(time.perf_counter() - self.start, time.process_time() - self.cpu)
 
-    config = GRPOConfig(
+    return StepTimer()
+
+
+def _trl_config(args: argparse.Namespace):
+    """TRL's GRPOConfig with our run's hyper-parameters (CPU, fp32, one update per batch, constant LR)."""
+    from trl import GRPOConfig
+
+    L = args.max_completion
+    return GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl_compare_trl_"),
         use_cpu=True,
         bf16=False,
         fp16=False,
         gradient_checkpointing=False,
-        per_device_train_batch_size=G,
+        per_device_train_batch_size=args.num_generations,
         gradient_accumulation_steps=1,
-        num_generations=G,
+        num_generations=args.num_generations,
         max_completion_length=L,
         temperature=args.temperature,
         top_p=1.0,
@@ -400,25 +454,20 @@ def run_trl(args: argparse.Namespace) -> dict:
         dataloader_num_workers=0,
         generation_kwargs=None if args.natural_length else {"min_new_tokens": L},
     )
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+
+
+def _trl_model(checkpoint: Path, train_vision: bool, dtype):
+    """The HF model of ``checkpoint``, with our sampler's stop tokens and our vision-tower freezing."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from engine.models import processor_from_pretrained
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype)
     # Qwen2.5-VL-Instruct's generation_config: both <|im_end|> and <|endoftext|> end a sample, as in our sampler.
     model.generation_config.eos_token_id = list(processor_from_pretrained(checkpoint).tokenizer.eos_token_ids)
     for p in model.model.visual.parameters():  # as ours: the vision tower frozen unless --train-vision
-        p.requires_grad_(args.train_vision)
-    trainer = TimedGRPOTrainer(
-        model=model,
-        reward_funcs=[sif_reward],
-        args=config,
-        train_dataset=dataset,
-        processing_class=processor,
-        callbacks=[StepTimer()],
-    )
-    trainer.train()
-    rewards = [h.get("reward") for h in trainer.state.log_history if "reward" in h]
-    for s, r in zip(steps, rewards):
-        s["reward_mean"] = float(r)
-    versions = {"trl": trl.__version__, "transformers": transformers.__version__, "datasets": datasets.__version__}
-    return {"side": "trl", "steps": steps, "processor": how, "versions": versions}
+        p.requires_grad_(train_vision)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ from engine.models import (
     processor_from_pretrained,
     tiny_config,
 )
+from engine.models.packing import pack_rollouts, target_logprobs
 from engine.models.tiny import init_weights
-from engine.rl.packing import pack_rollouts, target_logprobs
 from engine.train import IndexedBatchSource, ObjectiveOutput, Trainer, export_hf, mean_across_ranks
 from engine.train.lora import apply_lora
 
@@ -31,7 +31,7 @@ def _reference_grads(model, items, micro_batch_size):
     loss_sum, count = 0.0, 0
     for i in range(0, len(items), micro_batch_size):
         out = token_ce_objective(model, collate(items[i : i + micro_batch_size]))
-        loss_sum, count = loss_sum + out.loss_sum, count + int(out.num_loss_tokens)
+        loss_sum, count = loss_sum + out.loss_sum, count + int(out.num_loss_units)
     (loss_sum / count).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])).item()
@@ -63,7 +63,7 @@ def _sharded_grads_worker(env, out_dir):
         )
         trainer = Trainer(model, token_ce_objective, source, cfg, env=env)
         stats = trainer.compute_gradients(source.next_step())
-        assert stats.num_loss_tokens == sum(int(it["mask"].sum()) for it in items)
+        assert stats.num_loss_units == sum(int(it["mask"].sum()) for it in items)
         assert stats.loss == pytest.approx(ref_loss, rel=1e-6), (variant, stats, ref_loss)
         assert stats.grad_norm == pytest.approx(ref_norm, rel=1e-5)
         factor = min(1.0, variant["clip"] / ref_norm) if variant["clip"] > 0 else 1.0

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import struct
-import sys
 import threading
 import time
 import zlib
@@ -42,8 +41,6 @@ from engine.train.optim import WarmupDecay
 from engine.train.sft import SFTDataset
 
 # The names this issue adds are imported inside the tests, so that on the old code each test fails on its own.
-
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 @pytest.fixture
@@ -338,11 +335,9 @@ def test_7_resume_without_any_checkpoint_keeps_the_old_metrics(tmp_path, env):
 
 @pytest.fixture(scope="module")
 def grpo_recipe():
-    sys.path.insert(0, str(RECIPES))
-    import grpo_sif
+    from engine.recipes import grpo_sif
 
-    yield grpo_sif
-    sys.path.remove(str(RECIPES))
+    return grpo_sif
 
 
 def test_5_resume_reuses_a_finished_warm_up_and_resumes_an_unfinished_one(grpo_recipe, tmp_path, capsys):

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine.models import CheckpointError, ConfigError, create_tiny_checkpoint, from_pretrained, save_pretrained
+from engine.models import CheckpointError, ModelConfigError, create_tiny_checkpoint, from_pretrained, save_pretrained
 from engine.models.loading import engine_name
 
 
@@ -117,6 +117,6 @@ def test_missing_shard_and_missing_weights(tmp_path, tiny):
 def test_unsupported_config(tmp_path, tiny, change, match):
     cfg = json.loads((tiny / "config.json").read_text())
     cfg.update(change)
-    with pytest.raises(ConfigError, match=match) as err:
+    with pytest.raises(ModelConfigError, match=match) as err:
         from_pretrained(write_variant(tiny, tmp_path / "cfg", tensors(tiny), cfg))
     assert "config.json" in str(err.value)

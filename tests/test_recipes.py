@@ -1,24 +1,18 @@
 """End-to-end smoke run of the recipes at toy sizes: SFT warm-up -> GRPO-SIF -> eval, in one process."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch.distributed.fsdp import FSDPModule
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-
 
 @pytest.fixture(scope="module")
 def recipes():
-    sys.path.insert(0, str(RECIPES))
-    import eval_sif
-    import grpo_sif
+    from engine.recipes import eval_sif, grpo_sif
 
-    yield grpo_sif, eval_sif
-    sys.path.remove(str(RECIPES))
+    return grpo_sif, eval_sif
 
 
 def test_grpo_recipe_runs_sft_then_grpo_and_logs_rewards(recipes, tmp_path: Path, capsys, monkeypatch) -> None:

@@ -19,7 +19,6 @@ About 3 minutes on 2 cores.
 import dataclasses
 import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -79,18 +78,16 @@ def _status() -> dict[str, float]:
 def _instrument(env, ckpt: Path, out: Path) -> None:
     """In a rank: scripted sampling, the load measured on its own, every step's micro-batches recorded, and the
     export's reference (the gathered, merged, bf16 state) written by rank 0."""
-    sys.path.insert(0, str(ROOT / "recipes"))
-    import common
-
+    import engine.recipes.policy as common
     import engine.train.checkpoint as ckpt_module
-    from engine.models import Tokenizer, VLModel, load_config
+    from engine.models import Tokenizer, VLModel, load_model_config
     from engine.rl.source import GRPOBatchSource
     from engine.train.lora import lora_scalings, merge_lora_state_dict
 
     gen_module = importlib.import_module("engine.models.generate")  # the package re-exports a function of that name
     gen_module.sample_tokens = _scripted_sampler(Tokenizer.from_file(ckpt))
     with torch.device("meta"):  # one-off imports the first meta-device build triggers (~100 MB), outside the window
-        VLModel(load_config(ckpt))
+        VLModel(load_model_config(ckpt))
 
     real_build = common.build_sharded_model
 
@@ -130,7 +127,7 @@ def _instrument(env, ckpt: Path, out: Path) -> None:
 
 def _worker(env, ckpt: Path, out: Path) -> None:
     _instrument(env, ckpt, out)
-    import grpo_sif
+    from engine.recipes import grpo_sif
 
     cfg = grpo_sif.load_config(grpo_sif.GRPORecipeConfig(), _argv(ckpt, out / "runs", 2))
     grpo_sif.run(cfg, env)
@@ -183,7 +180,6 @@ class _Replay:
 
 @pytest.mark.slow
 def test_7b_recipe_rehearsal_on_8_ranks(tmp_path: Path) -> None:
-    sys.path.insert(0, str(ROOT / "recipes"))
     ckpt = _scaled_checkpoint(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
@@ -211,10 +207,9 @@ def test_7b_recipe_rehearsal_on_8_ranks(tmp_path: Path) -> None:
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
     assert json.loads((run_dir / "probe.json").read_text())["prompts"] == 8
 
-    import common
-    import grpo_sif
-
+    import engine.recipes.policy as common
     from engine.distributed import init_distributed
+    from engine.recipes import grpo_sif
     from engine.rl.grpo import GRPOObjective
     from engine.train.trainer import Trainer
 

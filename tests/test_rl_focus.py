@@ -5,9 +5,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import engine.rl.focus as focus
+import engine.data.focus as focus
 from engine.data.depth_colormap import spectral_r_palette
-from engine.rl.focus import CropFocusHook
+from engine.data.focus import CropFocusHook
 
 AREA_TOP_RIGHT = '<think><area>[{"bbox_2d":[0.5,0.0,1.0,0.5],"depth":0.2}]</area>'
 

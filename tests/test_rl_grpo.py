@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from engine.models import ImageConfig, Processor, Tokenizer, VLModel, tiny_config
+from engine.models.packing import pack_sequences
 from engine.models.tiny import init_weights
 from engine.models.tokenizer import build_byte_tokenizer
 from engine.rl.grpo import GRPOMicroBatch, GRPOObjective, RLConfig
-from engine.rl.packing import pack_sequences
 
 
 def micro_config(tok: Tokenizer):
@@ -115,9 +115,9 @@ def test_packed_objective_gradient_matches_naive(tiny, loss_type: str) -> None:
 
     model.zero_grad()
     out = GRPOObjective(rl)(model, GRPOMicroBatch(packed, adv, old, ref))
-    (out.loss_sum / out.num_loss_tokens).backward()
+    (out.loss_sum / out.num_loss_units).backward()
     expected_units = 3 if loss_type == "grpo" else 22
-    assert float(out.num_loss_tokens) == expected_units
+    assert float(out.num_loss_units) == expected_units
     assert out.metrics["clip_fraction"] > 0
     for name, p in model.named_parameters():
         torch.testing.assert_close(

@@ -10,11 +10,11 @@ from test_rl_grpo import micro_config
 from test_sft import _record
 
 from engine.models import ImageConfig, Processor, Tokenizer, VLModel
+from engine.models.packing import pack_rollouts
 from engine.models.tiny import init_weights
 from engine.models.tokenizer import build_bpe_tokenizer, build_byte_tokenizer
 from engine.rl.advantages import group_advantages
 from engine.rl.grpo import GRPOMicroBatch, GRPOObjective, RLConfig
-from engine.rl.packing import pack_rollouts
 from engine.rl.prompts import build_prompt
 from engine.rl.rewards import score_completions
 from engine.rl.rollout import generate_rollouts

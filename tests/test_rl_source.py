@@ -7,7 +7,7 @@ import torch
 from test_rl_grpo import micro_config
 from test_sft import _record
 
-import engine.rl.source as source_module
+import engine.rl.step as source_module
 from engine.config import LoRAConfig, TrainConfig
 from engine.distributed import init_distributed
 from engine.models import ImageConfig, Processor, Tokenizer, VLModel
@@ -161,3 +161,28 @@ def test_the_source_keeps_one_decode_engine(tiny):
     released.next_step(_ctx(model, 0))
     assert released.engine.cache is None and released.engine.step is not None
     assert rollout_logprobs  # imported for the old-log-prob check above
+
+
+def test_grpo_step_is_the_default_loop_step(tiny, fixed_advantages, tmp_path):
+    """``engine.rl.step.grpo_step`` (the recipe's step function) runs the same optimiser steps as the Trainer's
+    generic step over the same batch source: the same losses, gradient norms, reward figures and metrics keys, over
+    a rollout that feeds two steps (the second with old log-probs) and the next rollout."""
+    from engine.rl.step import grpo_step
+
+    rl = _rl(rollout_prompts_per_rank=2)
+    records = {}
+    with init_distributed("cpu") as env:
+        for name, step_fn in (("generic", None), ("grpo_step", grpo_step)):
+            train = TrainConfig(
+                output_dir=str(tmp_path), run_name=name, lr=1e-2, progress_bar=False, export_hf=False, max_steps=3,
+            )  # fmt: skip
+            source = _source(tiny, rl, 1, 1)
+            trainer = Trainer(copy.deepcopy(tiny[0]), GRPOObjective(rl), source, train, env=env, phase="grpo",
+                              step_fn=step_fn)  # fmt: skip
+            records[name] = [trainer.train_step() for _ in range(3)]
+    for generic, ours in zip(records["generic"], records["grpo_step"]):
+        assert set(generic) == set(ours)
+        for key in ("loss", "grad_norm", "lr", "num_loss_tokens", "reward/total", "reward/format", "kl"):
+            assert ours[key] == pytest.approx(generic[key], rel=1e-5, abs=1e-7), key
+    assert [("time/rollout" in r) for r in records["grpo_step"]] == [True, False, True]
+    assert len({r["loss"] for r in records["grpo_step"]}) > 1

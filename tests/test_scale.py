@@ -11,7 +11,7 @@ from _toys import ToyVLM, collate, make_dataset, run_distributed, token_ce_objec
 from safetensors import safe_open
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from engine.config import LoRAConfig, ModelConfig, TrainConfig
+from engine.config import LoRAConfig, ModelSection, TrainConfig
 from engine.models import create_tiny_checkpoint, from_pretrained, save_pretrained
 from engine.models.loading import engine_name
 from engine.train import IndexedBatchSource, Trainer, export_hf
@@ -51,14 +51,10 @@ def _load_worker(env, path, out):
         (out / "reads.json").write_text(json.dumps(reads))
 
     # Full fine-tuning and its reference: own shards, bf16, nothing shared, unaffected by the policy's updates.
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-    from common import frozen_copy
+    from engine.recipes.policy import frozen_copy
 
     policy, _ = build_sharded_model(path, env.mesh, env.device, freeze_vision=True)
-    reference = frozen_copy(policy, env, ModelConfig(dtype="bfloat16"))
+    reference = frozen_copy(policy, env, ModelSection(dtype="bfloat16"))
     policy_storage = {p.to_local().untyped_storage().data_ptr() for p in policy.parameters()}
     ref_bytes = 0
     for (name, p), (_, r) in zip(policy.named_parameters(), reference.named_parameters()):

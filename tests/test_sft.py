@@ -73,7 +73,7 @@ def test_sft_loss_is_ce_over_assistant_tokens(tmp_path: Path) -> None:
             pos = e.assistant_mask.nonzero().squeeze(1)
             expected += F.cross_entropy(logits[pos - 1].float(), e.input_ids[pos], reduction="sum")
             count += len(pos)
-    assert out.num_loss_tokens == count
+    assert out.num_loss_units == count
     torch.testing.assert_close(out.loss_sum.detach(), torch.as_tensor(expected), rtol=1e-5, atol=1e-4)
 
 
@@ -109,7 +109,7 @@ def test_crop_mode_traces_carry_views_that_are_never_scored(tmp_path: Path) -> N
     model = VLModel(cfg)
     init_weights(model, seed=0, std=0.1)
     out = SFTObjective()(model, collate_sft([crop], cfg))
-    assert torch.isfinite(out.loss_sum) and out.num_loss_tokens == int(crop.assistant_mask.sum())
+    assert torch.isfinite(out.loss_sum) and out.num_loss_units == int(crop.assistant_mask.sum())
 
 
 def test_collate_puts_every_tensor_of_the_batch_on_the_training_device(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Qwen2.5-VL-compatible vision-language model: config, loading, forward, tokenizer/processor, generation."""
 
-from .config import ConfigError, ModelConfig, TextConfig, VisionConfig, load_config
+from .config import ModelConfig, ModelConfigError, TextConfig, VisionConfig, load_model_config
 from .generate import FocusRequest, Rollout, generate
 from .loading import CheckpointError, from_pretrained, save_pretrained
 from .model import VLModel
@@ -11,10 +11,10 @@ from .tokenizer import Tokenizer
 
 __all__ = [
     "CheckpointError",
-    "ConfigError",
     "FocusRequest",
     "ImageConfig",
     "ModelConfig",
+    "ModelConfigError",
     "Processor",
     "Rollout",
     "TextConfig",
@@ -24,7 +24,7 @@ __all__ = [
     "create_tiny_checkpoint",
     "from_pretrained",
     "generate",
-    "load_config",
+    "load_model_config",
     "mrope_position_ids",
     "processor_from_pretrained",
     "save_pretrained",

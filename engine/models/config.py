@@ -3,7 +3,7 @@
 Both layouts HF has written are accepted: the flat hub layout (text fields at the top level, ``rope_scaling``)
 and the nested transformers-5 layout (``text_config``, ``rope_parameters``). Anything this engine does not
 implement (sliding-window attention, non-M-RoPE scaling, other activations, other model types) is refused with
-a :class:`ConfigError` naming the file and the field, never silently ignored.
+a :class:`ModelConfigError` naming the file and the field, never silently ignored.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 
-class ConfigError(ValueError):
+class ModelConfigError(ValueError):
     """A config.json this engine cannot run faithfully."""
 
 
@@ -85,7 +85,7 @@ class ModelConfig:
     torch_dtype: str | None = None
 
     def validate(self, source: str = "config") -> None:
-        """Check invariants the model code relies on; raise ConfigError naming the field."""
+        """Check invariants the model code relies on; raise ModelConfigError naming the field."""
         t, v = self.text, self.vision
         checks = [
             (t.num_attention_heads % t.num_key_value_heads == 0, "num_attention_heads % num_key_value_heads"),
@@ -105,7 +105,7 @@ class ModelConfig:
         ]
         for ok, what in checks:
             if not ok:
-                raise ConfigError(f"{source}: unsupported or inconsistent config: {what}")
+                raise ModelConfigError(f"{source}: unsupported or inconsistent config: {what}")
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The flat hub layout that both transformers 4.x and 5.x read."""
@@ -181,17 +181,18 @@ def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> ModelC
     """Build a ModelConfig from a parsed config.json (flat or nested layout)."""
     model_type = raw.get("model_type")
     if model_type not in _SUPPORTED_MODEL_TYPES:
-        raise ConfigError(f"{source}: model_type {model_type!r} is not supported (supported: {_SUPPORTED_MODEL_TYPES})")
+        supported = _SUPPORTED_MODEL_TYPES
+        raise ModelConfigError(f"{source}: model_type {model_type!r} is not supported (supported: {supported})")
     text_raw = dict(raw)
     text_raw.update(raw.get("text_config") or {})
     if text_raw.get("use_sliding_window"):
-        raise ConfigError(f"{source}: use_sliding_window=true is not supported")
+        raise ModelConfigError(f"{source}: use_sliding_window=true is not supported")
     rope = dict(text_raw.get("rope_parameters") or text_raw.get("rope_scaling") or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "mrope"):
-        raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (only M-RoPE without scaling)")
+        raise ModelConfigError(f"{source}: rope type {rope_type!r} is not supported (only M-RoPE without scaling)")
     if "mrope_section" not in rope:
-        raise ConfigError(f"{source}: rope_scaling/rope_parameters lacks mrope_section")
+        raise ModelConfigError(f"{source}: rope_scaling/rope_parameters lacks mrope_section")
     text_kwargs = _pick(text_raw, TextConfig, source)
     text_kwargs["mrope_section"] = list(rope["mrope_section"])
     theta = rope.get("rope_theta", text_raw.get("rope_theta"))
@@ -207,7 +208,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> ModelC
         vision_raw["rope_theta"] = vrope["rope_theta"]
     for key in ("patch_size", "temporal_patch_size"):
         if isinstance(vision_raw.get(key), (list, tuple)):
-            raise ConfigError(f"{source}: vision_config.{key} as a list is not supported")
+            raise ModelConfigError(f"{source}: vision_config.{key} as a list is not supported")
     vision = VisionConfig(**_pick(vision_raw, VisionConfig, source))
     vision.fullatt_block_indexes = list(vision.fullatt_block_indexes)
 
@@ -223,7 +224,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> ModelC
     return cfg
 
 
-def load_config(path: str | Path) -> ModelConfig:
+def load_model_config(path: str | Path) -> ModelConfig:
     """Read ``config.json`` from a checkpoint folder (or the file itself)."""
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
@@ -232,5 +233,5 @@ def load_config(path: str | Path) -> ModelConfig:
     try:
         raw = json.loads(file.read_text())
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{file}: invalid JSON ({e})") from e
+        raise ModelConfigError(f"{file}: invalid JSON ({e})") from e
     return config_from_dict(raw, str(file))

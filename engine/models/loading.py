@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import ModelConfig, load_config
+from .config import ModelConfig, load_model_config
 from .model import VLModel
 
 
@@ -276,7 +276,7 @@ def from_pretrained(
     """Load a Qwen2.5-VL checkpoint folder. dtype None → the config's ``torch_dtype`` (float32 if absent);
     device None → CPU. Returns the model in eval mode."""
     path = Path(path)
-    config = load_config(path)
+    config = load_model_config(path)
     torch_dtype = _resolve_dtype(dtype, config)
     device = torch.device(device or "cpu")
     with torch.device("meta"):

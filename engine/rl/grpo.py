@@ -2,7 +2,7 @@
 
 Per micro-batch of B rollouts (G per prompt) with advantages ``A_b``:
 
-1. one packed forward of the policy (``engine.rl.packing``: no padding, M-RoPE positions per sequence);
+1. one packed forward of the policy (``engine.models.packing``: no padding, M-RoPE positions per sequence);
 2. hidden states at the rows predicting sampled completion tokens only (spliced crop views and the prompt are
    never scored) -> ``kernels.linear_token_logprobs`` against the LM head at the sampling temperature (the [N, V]
    logits are never materialised) -> scattered to [B, L];
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from engine.rl.packing import PackedBatch, target_logprobs
+from engine.models.packing import PackedBatch, target_logprobs
 from engine.rl.rewards import RewardWeights
 from engine.train.lora import lora_disabled, lora_modules
 from engine.train.trainer import ObjectiveOutput
@@ -50,7 +50,7 @@ class RLConfig:
     CUDA graph on GPU, the static step on CPU), ``static``, or ``eager`` (the model's modules, for debugging).
     rollout_prompts_per_rank: prompts per rank generated in one rollout (0: one optimiser step's,
     ``train.micro_batch_size × train.grad_accum_steps``); a multiple of that, so that one rollout feeds several
-    optimiser steps (``engine.rl.source``). keep_kv_cache: keep the rollout's KV cache (and with it its CUDA graphs)
+    optimiser steps (``engine.rl.step``). keep_kv_cache: keep the rollout's KV cache (and with it its CUDA graphs)
     allocated from one rollout to the next; False frees it after each rollout, for memory during the update.
     """
 

@@ -1,10 +1,9 @@
-"""SIF prompts from records: the chat messages, the images the model sees and the ground truth for the rewards.
+"""SIF prompts from records: the tokenised chat turn, the images the model sees and the ground truth for the rewards.
 
-The user turn is ``sif_user_content(question, with_depth)``: the RGB image, optionally the colour-mapped depth
-image (the record's ``depth_image`` PNG, else the scalar depth coloured with Spectral_r), then the question and
-the fixed SIF instruction. The scalar depth used by the depth reward and the crop views is the record's ``depth``
-file, else the depth read back from ``depth_image`` (nearest palette entry). Images are decoded at full
-resolution; the processor resizes them to its pixel budget, the crop hook crops the originals.
+The messages and the scalar depth come from ``engine.data.messages`` (the same turn SFT trains on). The scalar
+depth used by the depth reward and the crop views is the record's ``depth`` file, else the depth read back from
+``depth_image`` (nearest palette entry). Images are decoded at full resolution; the processor resizes them to its
+pixel budget, the crop hook crops the originals.
 """
 
 from __future__ import annotations
@@ -13,10 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.data.depth_colormap import depth_to_spectral_r, spectral_r_to_depth
-from engine.data.images import MediaError, load_depth, load_image
+from engine.data.images import MediaError, load_image
+from engine.data.messages import record_depth, sif_messages
 from engine.data.schema import Record
-from engine.data.sif_format import sif_user_content
 from engine.models import Processor
 from engine.rl.rewards import RewardTarget
 
@@ -34,33 +32,6 @@ class SIFPrompt:
     rgb: torch.Tensor
     depth: torch.Tensor | None
     target: RewardTarget
-
-
-def record_depth(record: Record) -> torch.Tensor | None:
-    """Scalar depth float32 [H, W] in [0, 1] of a record, or None when it has neither depth file."""
-    if record.depth is not None:
-        return load_depth(record.depth)
-    if record.depth_image is not None:
-        return spectral_r_to_depth(load_image(record.depth_image)).to(torch.float32)
-    return None
-
-
-def sif_messages(
-    record: Record, with_depth: bool, rgb: torch.Tensor, depth: torch.Tensor | None, response: str | None = None
-) -> tuple[list[dict], list[torch.Tensor]]:
-    """Chat messages (plus the assistant ``response`` when given) and their images in order."""
-    images = [rgb]
-    if with_depth:
-        if record.depth_image is not None:
-            images.append(load_image(record.depth_image))
-        elif depth is not None:
-            images.append(depth_to_spectral_r(depth))
-        else:
-            raise MediaError(f"record {record.id}: the prompt shows a depth image but the record has no depth file")
-    messages: list[dict] = [{"role": "user", "content": sif_user_content(record.question, with_depth=with_depth)}]
-    if response is not None:
-        messages.append({"role": "assistant", "content": response})
-    return messages, images
 
 
 def reward_target(record: Record, depth: torch.Tensor | None) -> RewardTarget:

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from engine.data.focus import CropFocusHook
 from engine.models import Processor
 from engine.models.generate import DecodeEngine, Rollout, generate
-from engine.rl.focus import CropFocusHook
 from engine.rl.grpo import RLConfig
 from engine.rl.prompts import SIFPrompt
 

@@ -1,49 +1,31 @@
-"""The GRPO batch source: each rollout's prompts -> rollouts -> rewards -> advantages -> packed micro-batches.
+"""The GRPO batch source: the prompt stream, the reward state and the current rollout's optimiser steps.
 
-The rollout batch and the update batch are decoupled (as verl's train batch and PPO mini-batch): one optimiser
-step consumes ``S = micro_batch_size × grad_accum_steps`` prompts per rank in ``grad_accum_steps`` micro-batches,
-while one rollout generates ``P = rl.rollout_prompts_per_rank`` prompts per rank at once (a multiple of S; 0
-means S, one rollout per step), so that decoding runs at P × G rows. Per rollout and rank (phases timed into the
-metrics line of the step that runs it):
-
-* ``data``: the next P records of this rank (P / S steps of the deterministic, resumable order of
-  ``IndexedBatchSource``), decoded and tokenised as SIF prompts;
-* ``rollout``: G samples per prompt from the current policy, parameters gathered once for the whole generation;
-* ``reward``: the four reward terms, the answer-progress state (shared across ranks every rollout, so ``s_prev``
-  is the last visit on *any* rank) and group-relative advantages;
-* ``reference``: per micro-batch, reference log-probs (β > 0) and, for every step that runs after the policy
-  has moved (all but the first when P > S or ``num_iterations`` > 1), the rollout policy's log-probs (the
-  ``old`` policy of the clipped ratio), both under ``no_grad``, in eval mode (no dropout: the log-probs of the
-  policies that sampled, not of a dropout draw) and before any update.
-
-The rollout then feeds ``num_iterations`` passes over its P / S slices, one optimiser step each; each step logs
-its own slice's reward means. The loss normalisation is the Trainer's, per optimiser step, unchanged. A resume
-from a checkpoint taken mid-rollout regenerates that rollout (same prompts, the current policy) and runs the
-steps that had not run, rather than replaying a cache.
+``next_step`` hands out one optimiser step's micro-batches; when the last rollout's steps are used up it runs
+``engine.rl.step.collect_rollout`` (rollout, rewards, advantages, reference and old log-probs; the algorithm is
+read there) on the next ``rl.rollout_prompts_per_rank`` prompts of this rank. What a checkpoint needs lives here:
+the position in the deterministic, resumable order of ``IndexedBatchSource``, the answer-progress state, the
+collapse watch. A resume from a checkpoint taken mid-rollout regenerates that rollout (same prompts, the current
+policy) and runs the steps that had not run, rather than replaying a cache.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from engine.data.schema import DecodedRecords, Record
-from engine.distributed import unsharded
 from engine.models import ModelConfig, Processor
-from engine.models.generate import DecodeEngine, eval_mode
-from engine.rl.advantages import group_advantages
-from engine.rl.collapse import AnswerWatch, group_signals
-from engine.rl.grpo import GRPOMicroBatch, RLConfig, reference_logprobs, rollout_logprobs
-from engine.rl.packing import pack_rollouts
+from engine.models.generate import DecodeEngine
+from engine.rl.collapse import AnswerWatch
+from engine.rl.grpo import GRPOMicroBatch, RLConfig
 from engine.rl.prompts import SIFPrompt, build_prompt
-from engine.rl.rewards import AnswerProgress, Judge, RewardBatch, prefetch_judge, score_completions
-from engine.rl.rollout import RolloutBatch, generate_rollouts
+from engine.rl.rewards import AnswerProgress, Judge
+from engine.rl.rollout import RolloutBatch
+from engine.rl.step import RolloutStep, collect_rollout
 from engine.train.batch_source import IndexedBatchSource, StepContext
 
 
@@ -112,7 +94,7 @@ class GRPOBatchSource:
         self.progress = AnswerProgress()
         self.answer_watch = AnswerWatch(verbose=rank == 0)
         self.last_batch: RolloutBatch | None = None
-        self._steps: list[tuple[list[GRPOMicroBatch], dict[str, float]]] = []  # the rollout's steps, in order
+        self._steps: list[RolloutStep] = []  # the rollout's steps, in order
         self._next = 0  # index into _steps of the next step
         self._skip = 0  # steps of the first rollout after a resume that ran before the checkpoint
         self._prompts_state: dict[str, Any] | None = None  # the prompt stream's position before this rollout
@@ -126,91 +108,31 @@ class GRPOBatchSource:
     def steps_per_epoch(self) -> int:
         return self.prompts.steps_per_epoch * self.cfg.num_iterations
 
+    @property
+    def rollout_used_up(self) -> bool:
+        """Whether every optimiser step of the current rollout has been handed out (or none was generated)."""
+        return self._next >= len(self._steps)
+
+    def start_rollout(self, steps: list[RolloutStep]) -> None:
+        """Hold a new rollout's optimiser steps; after a resume mid-rollout, skip those that had already run."""
+        self._steps = steps
+        self._next, self._skip = min(self._skip, len(steps) - 1), 0
+
     def next_step(self, ctx: StepContext) -> list[GRPOMicroBatch]:
-        if self._next >= len(self._steps):
-            self._rollout(ctx)
-            self._next, self._skip = self._skip, 0
-        self._next = min(self._next, len(self._steps) - 1)
-        micro_batches, metrics = self._steps[self._next]
+        """This rank's micro-batches of the next optimiser step, with its slice's reward figures in
+        ``ctx.metrics``; generates a rollout first when the last one's steps are used up."""
+        if self.rollout_used_up:
+            self.start_rollout(collect_rollout(self, ctx))
+        step = self._steps[self._next]
         self._next += 1
-        ctx.metrics.update(metrics)
-        return micro_batches
+        ctx.metrics.update(step.metrics)
+        return step.micro_batches
 
-    def _rollout(self, ctx: StepContext) -> None:
-        """Generate ``steps_per_rollout`` optimiser steps' prompts in one call; score, pack and precompute.
-
-        The steps come out as ``num_iterations`` passes over the rollout's slices (one slice = one optimiser step's
-        prompts, split into ``grad_accum_steps`` micro-batches). Every slice but the first of the first pass is
-        used after the policy has been updated, so it carries the rollout policy's log-probs (``old_logp``) for
-        the clipped ratio, computed here before any update."""
-        cfg = self.cfg
+    def next_prompts(self, ctx: StepContext) -> list[SIFPrompt]:
+        """This rank's prompts of the next rollout (``steps_per_rollout`` optimiser steps' worth), in order."""
         self._prompts_state = self.prompts.state_dict()
         groups = [g for _ in range(self.steps_per_rollout) for g in self.prompts.next_step(ctx)]
-        prompts = [p for g in groups for p in g]
-        generator = torch.Generator(device=ctx.device).manual_seed(
-            (self.seed * 1_000_003 + ctx.step) * 65_537 + ctx.rank
-        )
-        with ctx.timer("rollout"), torch.no_grad(), unsharded(ctx.model):
-            batch = generate_rollouts(ctx.model, self.processor, prompts, cfg, generator=generator, engine=self.engine)
-        self.last_batch = batch
-        with ctx.timer("reward"):
-            targets = [p.target for p in prompts]
-            prefetch_judge(self.judge, batch.texts, batch.prompt_index, targets, cfg.judge_answer_types)
-            rewards = score_completions(
-                batch.texts,
-                batch.prompt_index,
-                [p.target for p in prompts],
-                weights=cfg.rewards,
-                progress=self.progress,
-                judge=self.judge,
-                judge_types=cfg.judge_answer_types,
-            )
-            self._share_progress([p.record.id for p in prompts])
-            advantages = group_advantages(rewards.total, cfg.num_generations, scale_by_std=cfg.advantages_scaled)
-        per = len(groups[0]) * cfg.num_generations  # rows per micro-batch
-        accum = self.grad_accum_steps
-        slices = []
-        reference_mode = eval_mode(self.reference) if self.reference is not None else contextlib.nullcontext()
-        with ctx.timer("reference"), eval_mode(ctx.model), reference_mode:  # no dropout: the policies themselves
-            for j in range(self.steps_per_rollout):
-                micro_batches = []
-                for k in range(j * accum, (j + 1) * accum):
-                    rows = slice(k * per, (k + 1) * per)
-                    packed = pack_rollouts(batch.rollouts[rows], self.model_config).to(ctx.device)
-                    mb = GRPOMicroBatch(packed, advantages[rows].to(ctx.device))
-                    if cfg.beta != 0.0:
-                        mb.ref_logp = reference_logprobs(ctx.model, packed, cfg.temperature, self.reference)
-                    if cfg.num_iterations > 1 or j > 0:
-                        mb.old_logp = rollout_logprobs(ctx.model, packed, cfg.temperature)
-                    micro_batches.append(mb)
-                slices.append(micro_batches)
-        per_sample = rewards.per_sample()
-        shared = batch.metrics()
-        shared.update(self._collapse_signals(batch, rewards))
-        rows_per_step = per * accum
-        metrics = []
-        for j in range(self.steps_per_rollout):
-            part = slice(j * rows_per_step, (j + 1) * rows_per_step)
-            m = {k: float(v[part].float().mean()) for k, v in per_sample.items()}
-            m["reward/group_std"] = float(rewards.total[part].view(-1, cfg.num_generations).std(dim=1).mean())
-            m.update(shared)
-            metrics.append(m)
-        self._steps = [(slices[j], metrics[j]) for _ in range(cfg.num_iterations) for j in range(len(slices))]
-
-    def _collapse_signals(self, batch: RolloutBatch, rewards: RewardBatch) -> dict[str, float]:
-        """``engine.rl.collapse`` signals of this rollout; the answer window sees every rank's samples."""
-        records = [batch.prompts[r.prompt_index].record for r in batch.rollouts]
-        answers = [parsed.answer for parsed in rewards.parsed]
-        types = [r.answer_type for r in records]
-        signals = group_signals(rewards.total, answers, types, self.cfg.num_generations)
-        samples = [(r.qtype or r.answer_type, a, r.answer, r.answer_type) for r, a in zip(records, answers)]
-        if self.world_size > 1 and dist.is_initialized():
-            gathered: list[Any] = [None] * self.world_size
-            dist.all_gather_object(gathered, samples)
-            samples = [s for part in gathered for s in part]
-        if samples:
-            signals.update(self.answer_watch.update(*(list(column) for column in zip(*samples))))
-        return signals
+        return [p for g in groups for p in g]
 
     def first_prompts(self, n: int, device: torch.device | None = None) -> list[SIFPrompt]:
         """The first ``n`` decodable prompts in record order (e.g. a probe); bad records are skipped and counted.
@@ -224,16 +146,6 @@ class GRPOBatchSource:
                 out.append(prompt)
         self.decoded.sync_skips(device)
         return out
-
-    def _share_progress(self, record_ids: list[str]) -> None:
-        """Make this step's answer-progress updates of every rank known to all ranks."""
-        if self.world_size == 1 or not dist.is_initialized():
-            return
-        mine = {rid: self.progress.get(rid) for rid in record_ids}
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, mine)
-        for update in gathered:
-            self.progress.merge({k: v for k, v in update.items() if v is not None})
 
     def state_dict(self) -> dict[str, Any]:
         """The data position; mid-rollout, the position before the rollout and how many of its steps ran."""

@@ -5,7 +5,7 @@ and the assistant turn ``record.response()`` (the canonical trace written by ``s
 ``Processor.apply_chat_template`` marks the assistant tokens (the response and its ``<|im_end|>``); only those
 are scored. With ``SFTViews(focus_mode="crop")`` the crop views of each area (exactly what the rollout focus hook
 returns) follow its ``</area>`` inside the assistant turn; their tokens are inputs, never targets. Micro-batches
-are packed (``engine.rl.packing``) and the loss is the *summed* token cross-entropy, which the Trainer divides by
+are packed (``engine.models.packing``) and the loss is the *summed* token cross-entropy, which the Trainer divides by
 the global number of assistant tokens.
 
 The head: on CUDA, Liger's fused linear cross-entropy (chunked matmul + CE + grad in one pass); on CPU, a plain
@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from engine.data.focus import CropFocusHook
 from engine.data.images import load_image
+from engine.data.messages import record_depth, sif_messages
 from engine.data.schema import DecodedRecords, Record, SkipReport
 from engine.models import ModelConfig, Processor
-from engine.rl.focus import CropFocusHook
-from engine.rl.packing import PackedBatch, pack_sequences, packed_hidden
-from engine.rl.prompts import record_depth, sif_messages
+from engine.models.packing import PackedBatch, pack_sequences, packed_hidden
 from engine.train.trainer import ObjectiveOutput
 
 CE_CHUNK_ROWS = 1024

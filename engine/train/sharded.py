@@ -25,7 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from engine.config import LoRAConfig
 from engine.distributed.parallel import lazy_init, parallelize
-from engine.models.config import load_config
+from engine.models.config import load_model_config
 from engine.models.loading import LoadStats, _local_region, load_weights_sharded
 from engine.models.model import VLModel
 from engine.train.lora import apply_lora, freeze_vision_tower, initial_lora_A, lora_modules
@@ -81,7 +81,7 @@ def build_sharded_model(
     ``freeze_vision``. frozen_dtype: storage of frozen parameters (a LoRA base, a frozen tower); trainable ones are
     fp32. Returns the model in eval mode and what this rank read.
     """
-    config = load_config(path)
+    config = load_model_config(path)
     with torch.device("meta"):
         model = VLModel(config)
     if lora is not None and lora.enabled:

@@ -2,18 +2,20 @@
 
 The loop knows nothing about the task. An *objective* turns a micro-batch into a summed loss::
 
-    objective(model, micro_batch) -> ObjectiveOutput(loss_sum, num_loss_tokens, metrics)
+    objective(model, micro_batch) -> ObjectiveOutput(loss_sum, num_loss_units, metrics)
 
-and a *batch source* (engine.train.batch_source) yields each step's micro-batches (for GRPO it also runs the
-rollouts and rewards, timing them as phases). Per optimiser step the Trainer:
+a *batch source* (engine.train.batch_source) yields each step's micro-batches, and a *step function*
+``step_fn(trainer, ctx) -> GradStats`` runs one optimiser step (default :func:`supervised_step`; GRPO's,
+``engine.rl.step.grpo_step``, also runs the rollouts and rewards, timing them as phases). A step:
 
-1. asks the batch source for this rank's micro-batches (phase ``data`` plus whatever phases the source opens);
+1. takes this rank's micro-batches from the batch source (phase ``data`` plus whatever phases the step opens);
 2. runs forward + backward of ``loss_sum`` (unnormalised) for each micro-batch; FSDP2 reduce-scatters each
    block's gradient as its backward finishes, averaging over ranks;
-3. all-reduces (loss_sum, num_loss_tokens, num_tokens) over ranks and micro-batches and multiplies the
+3. all-reduces (loss_sum, num_loss_units, num_tokens) over ranks and micro-batches and multiplies the
    gradients by ``world_size / N`` with N the **global** number of loss units, so the update is the gradient of
    ``(sum of every token's loss on every rank) / N``;
-4. clips by the global gradient norm, steps AdamW and the LR schedule, logs one JSONL line, checkpoints.
+4. clips by the global gradient norm, steps AdamW and the LR schedule (:meth:`Trainer.optimizer_step`); the
+   loop then logs one JSONL line and checkpoints.
 
 Why normalise by the global count rather than averaging per micro-batch: with packed sequences micro-batches and
 ranks hold different numbers of loss tokens. A mean of per-micro-batch means weights a token in a short
@@ -23,7 +25,8 @@ the summed count makes it exactly the gradient of the whole batch's token mean, 
 accumulation k·n and n processes with accumulation k (tested). The count is only known after the objective has
 run, so the division is applied to the gradients once after the last backward (it is folded into the clipping
 multiply — one pass over the gradient shards). Objectives that average per sequence (GRPO's default) return the
-sum of per-sequence means as ``loss_sum`` and the number of sequences as ``num_loss_tokens``.
+sum of per-sequence means as ``loss_sum`` and the number of sequences as ``num_loss_units`` (the metrics line
+logs the global count as ``num_loss_tokens``).
 
 A step whose global loss or gradient norm is NaN/inf is skipped (no optimiser update, gradients dropped), warned
 about and counted; ``max_consecutive_nonfinite`` skips in a row stop the run with NonFiniteError. All ranks take
@@ -61,19 +64,20 @@ class ObjectiveOutput:
     """One micro-batch's contribution.
 
     loss_sum: scalar tensor (graph attached), the *sum* of the loss over this micro-batch's loss units.
-    num_loss_tokens: the number of loss units summed (tokens, or sequences for per-sequence means); int or
+    num_loss_units: the number of loss units summed (tokens, or sequences for per-sequence means); int or
         integer tensor.
     metrics: figures to log (averaged over micro-batches, then over ranks).
-    num_tokens: tokens processed by the forward, for tokens/s (default: num_loss_tokens).
+    num_tokens: tokens processed by the forward, for tokens/s (default: num_loss_units).
     """
 
     loss_sum: torch.Tensor
-    num_loss_tokens: int | torch.Tensor
+    num_loss_units: int | torch.Tensor
     metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
     num_tokens: int | torch.Tensor | None = None
 
 
 Objective = Callable[[nn.Module, Any], ObjectiveOutput]
+StepFn = Callable[["Trainer", StepContext], "GradStats"]
 
 
 class NonFiniteError(RuntimeError):
@@ -93,9 +97,9 @@ def seed_all(seed: int) -> None:
 class GradStats:
     """Global figures of one step's gradient computation (identical on every rank)."""
 
-    loss: float  # sum of loss over all ranks and micro-batches / num_loss_tokens
+    loss: float  # sum of loss over all ranks and micro-batches / num_loss_units
     grad_norm: float  # global L2 norm of the normalised gradient, before clipping
-    num_loss_tokens: float
+    num_loss_units: float
     num_tokens: float
     metrics: dict[str, float]  # this rank's objective metrics, averaged over its micro-batches
 
@@ -127,6 +131,7 @@ class Trainer:
     run_config: the full run config as a dict, saved as ``<run dir>/config.json`` when ``fit`` starts (after a
         resume was accepted) and in every checkpoint.
     total_steps: overrides ``cfg.max_steps`` / epochs x ``batch_source.steps_per_epoch``.
+    step_fn: ``(trainer, ctx) -> GradStats``, one optimiser step (default :func:`supervised_step`).
     export_fn: ``(out_dir) -> None`` on rank 0 after the final HF export has streamed the LoRA-merged weights
         (sharded safetensors + index, in ``cfg.export_dtype``; config.json for a VLModel; see
         engine.train.checkpoint.export_hf): the files beside them, e.g. tokenizer and preprocessor.
@@ -146,6 +151,7 @@ class Trainer:
         phase: str = "sft",
         run_config: dict[str, Any] | None = None,
         total_steps: int | None = None,
+        step_fn: StepFn | None = None,
         export_fn: Callable[[Path], None] | None = None,
     ) -> None:
         from engine.train.checkpoint import Checkpointer
@@ -155,6 +161,7 @@ class Trainer:
         self.phase = phase
         self.objective = objective
         self.batch_source = batch_source
+        self.step_fn = step_fn or supervised_step
         self.export_fn = export_fn
         if not isinstance(model, FSDPModule):
             model = parallelize(
@@ -201,15 +208,8 @@ class Trainer:
         ctx = StepContext(
             self.model, self.step, self.env.rank, self.env.world_size, self.env.device, self.timer, metrics={}
         )
-        with self.timer("data"):
-            micro_batches = self.batch_source.next_step(ctx)
-        with self.timer("update"):
-            stats = self.compute_gradients(micro_batches)
-            if stats.finite:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            lr = self.scheduler.get_last_lr()[0]
-            self.scheduler.step()
+        lr = self.scheduler.get_last_lr()[0]
+        stats = self.step_fn(self, ctx)
         self.step += 1
         step_time = time.perf_counter() - start
         local = dict(stats.metrics)
@@ -222,7 +222,7 @@ class Trainer:
             "loss": stats.loss,
             "grad_norm": stats.grad_norm,
             "lr": lr,
-            "num_loss_tokens": stats.num_loss_tokens,
+            "num_loss_tokens": stats.num_loss_units,
             "tokens_per_s": stats.num_tokens / step_time,
             "skipped": not stats.finite,
         }
@@ -249,8 +249,8 @@ class Trainer:
             out = self.objective(self.model, micro_batch)
             out.loss_sum.backward()
             totals[0] += out.loss_sum.detach().double()
-            totals[1] += _on_device(out.num_loss_tokens, totals)
-            totals[2] += _on_device(out.num_tokens if out.num_tokens is not None else out.num_loss_tokens, totals)
+            totals[1] += _on_device(out.num_loss_units, totals)
+            totals[2] += _on_device(out.num_tokens if out.num_tokens is not None else out.num_loss_units, totals)
             for key, value in out.metrics.items():
                 value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
                 metric_sums[key] = metric_sums.get(key, 0.0) + value
@@ -260,6 +260,14 @@ class Trainer:
         grad_norm = self._normalise_and_clip(self.env.world_size / count if count > 0 else float("nan"))
         metrics = {k: float(v) / len(micro_batches) for k, v in metric_sums.items()}
         return GradStats(loss, grad_norm, count, tokens, metrics)
+
+    def optimizer_step(self, stats: GradStats) -> None:
+        """Step AdamW on the gradients ``compute_gradients`` left (unless the step is non-finite), drop them, and
+        advance the LR schedule."""
+        if stats.finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
 
     def _check_same_count(self, n: int) -> None:
         """Every rank must run the same number of backward passes (FSDP collectives pair up across ranks)."""
@@ -295,7 +303,7 @@ class Trainer:
         self.consecutive_nonfinite += 1
         why = (
             "no loss tokens in the global batch"
-            if stats.num_loss_tokens <= 0
+            if stats.num_loss_units <= 0
             else f"loss={stats.loss} grad_norm={stats.grad_norm}"
         )
         if self.env.is_main:
@@ -514,6 +522,16 @@ class Trainer:
 
             plot_curves(self.metrics_log.path, self.run_dir / "curves.png", title=f"{self.cfg.run_name} ({self.phase})")
         return TrainResult(self.step, record, self.num_skipped, last_ckpt, export_dir)
+
+
+def supervised_step(trainer: Trainer, ctx: StepContext) -> GradStats:
+    """The default step: the batch source's micro-batches, their gradients, the optimiser step."""
+    with ctx.timer("data"):
+        micro_batches = trainer.batch_source.next_step(ctx)
+    with ctx.timer("update"):
+        stats = trainer.compute_gradients(micro_batches)
+        trainer.optimizer_step(stats)
+    return stats
 
 
 EXPORT_MARKER = "export.json"

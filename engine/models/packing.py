@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models import ModelConfig, mrope_position_ids
+from engine.models.config import ModelConfig
 from engine.models.generate import Rollout
+from engine.models.rope import mrope_position_ids
 from kernels import linear_token_logprobs
 
 

@@ -1,26 +1,18 @@
-"""Plumbing shared by the SIF recipes: resolve the checkpoint, load records, build the policy, export, summarise.
-
-Kept out of the recipe scripts so each of them reads top to bottom as "config, data, model, objective, train".
-"""
+"""The policy of the SIF jobs: resolve the checkpoint, build the model (sharded or not) and its processor, the
+frozen reference of full fine-tuning, and the export hook that writes the processor files beside the weights."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from engine.config import ConfigError, DataConfig, LoRAConfig, TrainConfig
-from engine.config import ModelConfig as ModelSection
-from engine.data import bundled_dataset_dir
-from engine.data.schema import RecordList, load_records
-from engine.data.synth import SynthSplit, ensure_split
+from engine.config import ConfigError, DataConfig, LoRAConfig, ModelSection, TrainConfig
 from engine.distributed import DistEnv, parallelize
 from engine.models import (
-    ModelConfig,
     Processor,
     VLModel,
     create_tiny_checkpoint,
@@ -28,7 +20,6 @@ from engine.models import (
     processor_from_pretrained,
 )
 from engine.train.lora import apply_lora, freeze_vision_tower
-from engine.train.metrics import read_metrics
 from engine.train.sharded import build_sharded_model, sharded_frozen_copy
 
 TINY_DIRNAME = "tiny-model"
@@ -45,31 +36,6 @@ def resolve_checkpoint(path: str, output_dir: str, env: DistEnv) -> Path:
         create_tiny_checkpoint(tiny, seed=0)
     env.barrier()
     return tiny
-
-
-def generated_split(split: SynthSplit, output_dir: str, env: DistEnv) -> str:
-    """The folder of a generated split under ``output_dir/data`` (rank 0 renders it once; the others wait)."""
-    if env.is_main:
-        ensure_split(Path(output_dir) / "data", split)
-    env.barrier()
-    return str(Path(output_dir) / "data" / split.folder_name())
-
-
-def load_split(path: str, split: str, limit: int = 0, max_skip_share: float = 1.0) -> RecordList:
-    """Records from ``path`` (a records.jsonl or a folder holding one), or the bundled ``split``, with the load's
-    SkipReport (``.report``, which the datasets add decode-time skips to); raises if empty or if more than
-    ``max_skip_share`` of the records were skipped (SkipLimitError, with the list)."""
-    if path:
-        file = Path(path) / "records.jsonl" if Path(path).is_dir() else Path(path)
-        if not file.is_file():
-            raise ConfigError(f"data path {path!r}: no such file ({file})")
-    else:
-        file = bundled_dataset_dir(split) / "records.jsonl"
-    records, report = load_records(file)
-    if not records:
-        raise ValueError(f"{file}: no usable records ({report.summary()})")
-    report.check_share(max_skip_share)
-    return RecordList(records[:limit] if limit > 0 else records, report)
 
 
 def storage_dtype(model_cfg: ModelSection, device: torch.device) -> torch.dtype:
@@ -139,24 +105,11 @@ def frozen_copy(
     return sharded_frozen_copy(model, mesh, storage_dtype(model_cfg or ModelSection(), env.device))
 
 
-def hf_exporter(config: ModelConfig, processor: Processor) -> Callable[[Path], None]:
-    """Trainer export hook: the tokenizer/preprocessor files beside the streamed weights and config.json, i.e. a
-    folder ``from_pretrained`` (and transformers) can load."""
-    del config  # the export writes config.json itself
+def hf_exporter(processor: Processor) -> Callable[[Path], None]:
+    """Trainer export hook: the tokenizer/preprocessor files beside the streamed weights and config.json (which
+    the export writes itself), i.e. a folder ``from_pretrained`` (and transformers) can load."""
 
     def write(out_dir: Path) -> None:
         processor.save(out_dir)
 
     return write
-
-
-def window_means(metrics_path: Path, keys: Sequence[str], window: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Means of ``keys`` over the first and the last ``window`` logged steps (NaN where a key is absent)."""
-    rows = read_metrics(metrics_path)
-
-    def mean(part: list[dict], key: str) -> float:
-        vals = [float(r[key]) for r in part if isinstance(r.get(key), (int, float))]
-        return sum(vals) / len(vals) if vals else math.nan
-
-    first, last = rows[:window], rows[-window:]
-    return {k: mean(first, k) for k in keys}, {k: mean(last, k) for k in keys}
