@@ -32,13 +32,13 @@ from pathlib import Path
 import torch
 
 from engine.data.images import load_image
+from engine.data.messages import sif_messages
 from engine.data.render import COLORS
 from engine.data.schema import Record, load_records
 from engine.data.synth import SynthConfig, generate_dataset
 from engine.models import from_pretrained, processor_from_pretrained
+from engine.models.packing import packed_hidden
 from engine.models.tiny import create_tiny_checkpoint
-from engine.rl.packing import packed_hidden
-from engine.rl.prompts import sif_messages
 from engine.train.sft import SFTExample, SFTObjective, collate_sft
 
 Question = Callable[[Record, random.Random], tuple[str, str, torch.Tensor]]
