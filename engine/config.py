@@ -28,17 +28,13 @@ import functools
 import json
 import os
 import sys
+import tomllib
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: JSON config files only
-    tomllib = None
 
 T = TypeVar("T")
 
@@ -219,8 +215,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     text = path.read_text()
     try:
         if path.suffix == ".toml":
-            if tomllib is None:
-                raise ConfigError(f"config file {path}: TOML needs Python >= 3.11 (tomllib); use JSON")
             data = tomllib.loads(text)
         elif path.suffix == ".json":
             data = json.loads(text)
