@@ -1,26 +1,31 @@
 #!/usr/bin/env bash
-# The GPU pass on a CUDA machine: build the CUDA extension, run the gpu-marked tests and the
-# benchmarks, and write the JSON + one report.md into DEST (default benchmarks/results/<date>-<gpu>-<commit>/).
+# The GPU pass on a CUDA machine: build the CUDA extension, run the gpu-marked tests, the benchmarks and the recipe
+# end to end, and write each step's JSON plus one report.md (every table, the test summary, how each step ended)
+# into DEST (default benchmarks/results/<date>-<gpu>-<commit>/).
 #
-#   bash benchmarks/run_gpu.sh [DEST] [STEP...]    STEP: build tests kernels sweep grpo crop crop-v2 e2e model
-#                                                    train compile profile (default: all)
+#   bash benchmarks/run_gpu.sh [DEST] [STEP...]    STEP: build tests kernels sweep grpo crop e2e model train
+#                                                    compile profile (default: all)
 #
-# grpo (issue 17): grpo_loss_from_logits impl="two_pass" (default) / "one_pass" / "fused" beside Liger's
-# triton_grpo_loss and the copy bound, both importance levels, N = 8192, then the launch sweep of the new
-# kernels (kernels/grpo_logits.py); the default impl switches only after this step shows the winner.
-#
+# build: the extension in place (SIF_CUDA_ARCH, default 9.0). tests: `pytest -m gpu`. kernels / sweep: the log-prob
+# and loss kernels beside Liger-Kernel's, and their launch-parameter sweep. grpo: the grpo_loss_from_logits
+# implementations (two_pass, one_pass, fused) beside Liger's triton_grpo_loss and the copy bound at N = 8192, both
+# importance levels, then their launch sweep. crop: the crop_boxes op. e2e: the tiny recipe in crop mode (SFT then
+# 8 GRPO steps) and its evaluation, in /tmp/sif-e2e. model / train: forward+backward of the model and one GRPO step
+# of a 0.5B-class model (MFU against --peak-tflops 989, the H100/H200 dense bf16 peak). compile: the kernels under
+# torch.compile. profile: where the time of one rollout goes.
 # Each step runs under its own time limit, so one that hangs costs its limit and the rest still run.
-# SIF_DECODE (graph | static | eager, default graph) picks the rollout decode of the profile and train steps.
-# liger-kernel is not on the device machine: carry its wheel (README, "GPU"). DALI is too large to carry, so its
-# `mixed` decode test skips there and decode.py (PIL vs DALI) is not part of this pass.
+# SIF_DECODE (graph | static | eager, default graph) picks the rollout decode of the profile and train steps;
+# SIF_COMMIT names the commit measured where the tree has no usable .git.
+# Needs: a CUDA build of torch, nvcc and a C++20 compiler (build), the package's dependencies and its "test" extra
+# (liger-kernel is the kernels' peer), nvidia-smi. Without DALI its `mixed` decode test skips; benchmarks/decode.py
+# (PIL vs DALI) is not part of this pass.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || exit 1
-# The commit measured: pass SIF_COMMIT where the tree's .git may be missing or stale (a copied work tree).
 export SIF_COMMIT=${SIF_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 dest=${1:-benchmarks/results/$(date -u +%Y-%m-%d)-${gpu}-${SIF_COMMIT}}
 shift || true
-steps=${*:-build tests kernels sweep grpo crop crop-v2 e2e model train compile profile}
+steps=${*:-build tests kernels sweep grpo crop e2e model train compile profile}
 decode=${SIF_DECODE:-graph}
 mkdir -p "$dest"
 export PYTHONUNBUFFERED=1
