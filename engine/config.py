@@ -3,14 +3,15 @@
 A recipe composes its config from section dataclasses, one field per section::
 
     @dataclass
-    class GRPOConfig:
+    class GRPORecipeConfig:                              # recipes/grpo_sif.py
         model: ModelConfig = field(default_factory=ModelConfig)
         data: DataConfig = field(default_factory=DataConfig)
-        train: TrainConfig = field(default_factory=TrainConfig)
         lora: LoRAConfig = field(default_factory=LoRAConfig)
-        rl: RLConfig = field(default_factory=RLConfig)   # the RL engine's own section
+        rl: RLConfig = field(default_factory=RLConfig)   # engine.rl.grpo's own section
+        train: TrainConfig = field(default_factory=TrainConfig)
+        summary_window: int = 10                         # plain fields beside the sections work too
 
-and loads it with ``load_config(GRPOConfig(...recipe defaults...), sys.argv[1:])``. Precedence, lowest first:
+and loads it with ``load_config(GRPORecipeConfig(), sys.argv[1:])``. Precedence, lowest first:
 the recipe's defaults, then ``--config FILE`` (JSON, or TOML via tomllib: tables are sections), then dotted CLI
 overrides ``--train.lr 1e-5 --rl.num_generations 8`` (also ``--train.lr=1e-5``). Values are parsed and checked
 against each field's annotation (bool, int, float, str, ``X | None``, ``Literal[...]``, ``tuple[...]``,
