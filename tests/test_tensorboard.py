@@ -65,10 +65,19 @@ def test_truncating_the_log_purges_later_events(tmp_path: Path) -> None:
     log = MetricsLog(tmp_path / "metrics.jsonl", tensorboard="on", writer_factory=FakeWriter)
     log.write(RECORD)
     log.truncate_after(3)
-    first, second = FakeWriter.made
-    assert first.closed and second.purge_step == 4 and second.log_dir == first.log_dir
+    (first,) = FakeWriter.made
+    assert first.closed
     log.write({**RECORD, "step": 4})
+    first, second = FakeWriter.made
+    assert second.purge_step == 4 and second.log_dir == first.log_dir
     assert second.scalars[0] == ("loss", 0.5, 4, 10.0)
+
+
+def test_nothing_is_opened_before_the_first_record(tmp_path: Path) -> None:
+    """A run that stops before its first step (a refused resume) must leave the run folder as it was."""
+    log = MetricsLog(tmp_path / "metrics.jsonl", tensorboard="on", writer_factory=FakeWriter)
+    log.truncate_after(0)
+    assert FakeWriter.made == [] and not (tmp_path / "tb").exists()
 
 
 def test_switch_off_auto_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -88,8 +97,9 @@ def test_switch_off_auto_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(tb, "tensorboard_available", lambda: True)
     monkeypatch.setattr(tb, "_summary_writer", FakeWriter)
-    assert isinstance(MetricsLog(tmp_path / "f.jsonl", tensorboard="auto").tensorboard, tb.TensorBoardLog)
-    assert len(FakeWriter.made) == 1
+    auto = MetricsLog(tmp_path / "f.jsonl", tensorboard="auto")
+    auto.write(RECORD)
+    assert isinstance(auto.tensorboard, tb.TensorBoardLog) and len(FakeWriter.made) == 1
 
 
 def test_cli_switch_is_checked() -> None:

@@ -35,15 +35,19 @@ def _summary_writer(**kwargs: Any) -> Any:
 
 class TensorBoardLog:
     """Writes the scalars of each metrics record into ``log_dir``; ``writer_factory(log_dir=..., purge_step=...)``
-    builds the writer (``torch.utils.tensorboard.SummaryWriter`` by default)."""
+    builds the writer (``torch.utils.tensorboard.SummaryWriter`` by default) at the first record, so that a run
+    that stops before its first step (a refused resume) leaves its folder untouched."""
 
     def __init__(self, log_dir: str | Path, writer_factory: Callable[..., Any] | None = None) -> None:
         self.log_dir = Path(log_dir)
         self._factory = writer_factory or _summary_writer
-        self._writer = self._factory(log_dir=str(self.log_dir))
+        self._writer: Any = None
+        self._purge_step: int | None = None
 
     def write(self, record: Mapping[str, object]) -> None:
         """One scalar per int/float (or one-element tensor) value; strings and booleans are not scalars."""
+        if self._writer is None:
+            self._writer = self._factory(log_dir=str(self.log_dir), purge_step=self._purge_step)
         step, walltime = record.get("step"), record.get("wall_time")
         for key, value in record.items():
             if key in SKIPPED_KEYS:
@@ -57,9 +61,11 @@ class TensorBoardLog:
 
     def purge_after(self, step: int) -> None:
         """Hide the events past ``step`` that an earlier run left (as ``MetricsLog.truncate_after`` drops their
-        lines): a new writer whose ``purge_step`` is ``step + 1``."""
-        self._writer.close()
-        self._writer = self._factory(log_dir=str(self.log_dir), purge_step=step + 1)
+        lines): the next record opens a new writer whose ``purge_step`` is ``step + 1``."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._purge_step = step + 1
 
 
 def open_tensorboard(
