@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -81,8 +81,8 @@ def measure_in_subprocess(argv: Sequence[str], timeout: float = 600.0) -> dict:
 
 
 def commit_id() -> str:
-    """The commit being measured: ``SIF_COMMIT`` when set (a copied tree's ``.git`` can be stale: the GPU machine's
-    was), else ``git rev-parse --short HEAD``, else "unknown"."""
+    """The commit being measured: ``SIF_COMMIT`` when set (a copied work tree's ``.git`` can be missing or
+    stale), else ``git rev-parse --short HEAD``, else "unknown"."""
     if os.environ.get("SIF_COMMIT"):
         return os.environ["SIF_COMMIT"]
     try:
@@ -100,7 +100,7 @@ def environment(device: str) -> dict:
         "device": name,
         "torch": torch.__version__,
         "commit": commit,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     try:
         import triton

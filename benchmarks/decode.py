@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {mode} | {method} | {where} | {rate:.1f} | {rate / base:.2f}x |")
     result = {
         "benchmark": "decode",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": commit_id(),
         "host": platform.node(),
         "cpus": os.cpu_count(),

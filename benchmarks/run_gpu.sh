@@ -1,28 +1,33 @@
 #!/usr/bin/env bash
-# The GPU pass on a CUDA machine: build the CUDA extension, run the gpu-marked tests and the
-# benchmarks, and write the JSON + one report.md into DEST (default benchmarks/results/<date>-<gpu>-<commit>/).
+# The GPU pass on a CUDA machine: build the CUDA extension, run the gpu-marked tests, the benchmarks and the recipe
+# end to end, and write each step's JSON plus one report.md (every table, the test summary, how each step ended)
+# into DEST (default benchmarks/results/<date>-<gpu>-<commit>/).
 #
 #   bash benchmarks/run_gpu.sh [DEST] [STEP...]    STEP: build tests kernels sweep grpo crop crop-v2 e2e model
-#                                                    train compile profile (default: all)
+#                                                    train compile profile vision (default: all)
 #
-# grpo (issue 17): grpo_loss_from_logits impl="two_pass" (default) / "one_pass" / "fused" beside Liger's
-# triton_grpo_loss and the copy bound, both importance levels, N = 8192, then the launch sweep of the new
-# kernels (kernels/grpo_logits.py); the default impl switches only after this step shows the winner.
-# crop-v2 (issue 17): the gpu-marked tests of the v2 crop kernels, then v1 vs v2 GB/s against the HBM peak; the
-# default (v1) switches only after this step passes.
-#
+# build: the extension in place (SIF_CUDA_ARCH, default 9.0). tests: `pytest -m gpu`. kernels / sweep: the log-prob
+# and loss kernels beside Liger-Kernel's, and their launch-parameter sweep. grpo: the grpo_loss_from_logits
+# implementations (two_pass, one_pass, fused) beside Liger's triton_grpo_loss and the copy bound at N = 8192, both
+# importance levels, then their launch sweep. crop: the crop_boxes op. crop-v2: the opt-in v2 CUDA crop kernels
+# (SIF_CROP_BOXES_KERNEL=v2) checked against the CPU kernel and v1, then v1 vs v2 against the HBM peak. e2e: the
+# tiny recipe in crop mode (SFT then 8 GRPO steps) and its evaluation, in /tmp/sif-e2e. model / train:
+# forward+backward of the model and one GRPO step of a 0.5B-class model (MFU against --peak-tflops 989, the H100/H200 dense bf16 peak). compile: the kernels under
+# torch.compile. profile: where the time of one rollout goes. vision: held-out learning curves of perception
+# questions from random weights (benchmarks/vision_learning.py).
 # Each step runs under its own time limit, so one that hangs costs its limit and the rest still run.
-# SIF_DECODE (graph | static | eager, default graph) picks the rollout decode of the profile and train steps.
-# liger-kernel is not on the device machine: carry its wheel (README, "GPU"). DALI is too large to carry, so its
-# `mixed` decode test skips there and decode.py (PIL vs DALI) is not part of this pass.
+# SIF_DECODE (graph | static | eager, default graph) picks the rollout decode of the profile and train steps;
+# SIF_COMMIT names the commit measured where the tree has no usable .git.
+# Needs: a CUDA build of torch, nvcc and a C++20 compiler (build), the package's dependencies and its "test" extra
+# (liger-kernel is the kernels' peer), nvidia-smi. Without DALI its `mixed` decode test skips; benchmarks/decode.py
+# (PIL vs DALI) is not part of this pass.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || exit 1
-# The commit measured: pass SIF_COMMIT where the tree's .git may be missing or stale (a copied work tree).
 export SIF_COMMIT=${SIF_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 dest=${1:-benchmarks/results/$(date -u +%Y-%m-%d)-${gpu}-${SIF_COMMIT}}
 shift || true
-steps=${*:-build tests kernels sweep grpo crop crop-v2 e2e model train compile profile}
+steps=${*:-build tests kernels sweep grpo crop crop-v2 e2e model train compile profile vision}
 decode=${SIF_DECODE:-graph}
 mkdir -p "$dest"
 export PYTHONUNBUFFERED=1
@@ -54,7 +59,7 @@ for s in $steps; do
                 --grpo-levels token sequence --out "$dest/kernels_grpo.json"
             step grpo-sweep 300 python -m benchmarks.kernels --device cuda --sweep-grpo --out "$dest/kernels_grpo_sweep.json" ;;
         crop) step crop 120 python -m benchmarks.crop_boxes --device cuda --out "$dest/crop_boxes.json" ;;
-        crop-v2)  # issue 17: the v2 CUDA kernels (SIF_CROP_BOXES_KERNEL=v2) checked against the CPU kernel, then timed
+        crop-v2)
             step crop-v2-tests 300 python -m pytest -q tests/test_crop_boxes_cuda_v2.py -rs
             step crop-v2 180 python -m benchmarks.crop_boxes --device cuda --methods native native-v2 \
                 --out "$dest/crop_boxes_v2.json" ;;
@@ -74,6 +79,8 @@ for s in $steps; do
             --ops token_logprobs grpo_from_logits --out "$dest/kernels_compile.json" ;;
         profile) step profile 180 python -m benchmarks.profile_rollout --device cuda --size 0.5b --prompts 8 \
             --num-generations 8 --max-completion 64 --decode "$decode" --work /tmp/sif-train ;;
+        vision) step vision 420 python -m benchmarks.vision_learning --device cuda --tasks halves,presence,color1 \
+            --steps 1500 --eval-every 250 --workers 8 --json "$dest/vision_learning.json" ;;
         *) echo "unknown step $s" >&2; exit 2 ;;
     esac
 done

@@ -143,7 +143,7 @@ def run_task(name: str, args: argparse.Namespace, root: Path) -> dict:
         batch = [example(processor, r, *question(r, rng)) for r in rng.sample(train, args.batch_size)]
         out = objective(model, collate_sft(batch, model.config, device))
         optimizer.zero_grad(set_to_none=True)
-        (out.loss_sum / out.num_loss_tokens).backward()
+        (out.loss_sum / out.num_loss_units).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
     return {"task": name, "majority": majority, "chance": 1 / len(answers), "curve": curve}

@@ -2,8 +2,8 @@
 forward and backward together (``impl="fused"``); ``grpo_loss_from_logits(..., impl=...)`` selects them.
 
 Why: the default path (``impl="two_pass"``) runs the token log-prob kernel, then the per-sequence loss kernel
-and some glue in the forward, and the log-prob backward kernel in the backward. On an H200 (N = 8192,
-V = 151 936, bf16) that is 2.32 ms against Liger's ``triton_grpo_loss`` 2.06 ms, whose forward is one kernel.
+and some glue in the forward, and the log-prob backward kernel in the backward; it is slower than Liger's
+``triton_grpo_loss``, whose forward is one kernel (benchmarks/results/2026-11-26b-NVIDIA_H200/README.md).
 
 ``one_pass``: one program per row (token) of the logits streams the vocabulary once (online log-sum-exp), and at
 the token importance level evaluates the clipped surrogate, the k3 KL, the clip flags and d(loss)/d(logp) of its
@@ -68,9 +68,9 @@ class LogitsLaunch:
 
 
 # Defaults before any GPU run of these kernels. Forward: Liger's forward configuration (2048 columns, 1 warp,
-# 2 stages, one program per row), which reached 91-93 % of the copy bound in our own H200 benchmark
+# 2 stages, one program per row), close to the copy bound in our own benchmark
 # (benchmarks/results/2026-11-26b-NVIDIA_H200/kernels-3-after-grad-alias-fix.json). Backward: logprob.py's
-# swept default (8192 x 4 warps, 91.4 % of the bound). Fused: a guess. One 16-warp program per SM keeps
+# swept default (8192 x 4 warps). Fused: a guess. One 16-warp program per SM keeps
 # 132 rows x 304 KB (bf16, V = 151 936) = 40 MB in flight, inside the L2, with 32 KB of loads in flight per SM
 # (16384 columns) for the HBM latency; `python -m benchmarks.kernels --sweep-grpo` times the alternatives.
 FWD_LAUNCH = LogitsLaunch(block_v=2048, num_warps=1, num_stages=2)

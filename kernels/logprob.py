@@ -15,9 +15,8 @@ import triton.language as tl
 from ._dispatch import check_float, check_targets, check_temperature, resolve_backend
 from .online_softmax import online_softmax_row, softmax_row_grad, zero_row
 
-# Launch defaults from `python -m benchmarks.kernels --device cuda --sweep` on an H200 (bf16, N=8192, V=151936;
-# benchmarks/results/2026-11-26b-NVIDIA_H200/kernels_sweep.json): 8192 columns × 4 warps gave the best forward and
-# backward together (83.7 % and 91.4 % of the copy bound, against 71.2 % / 89.2 % for the earlier 4096 × 8).
+# Launch defaults: the best forward + backward pair of `python -m benchmarks.kernels --device cuda --sweep`
+# (bf16, N=8192, V=151936; benchmarks/results/2026-11-26b-NVIDIA_H200/README.md, section 2).
 _BLOCK_V = 8192
 _NUM_WARPS = 4
 
@@ -250,8 +249,8 @@ class TokenLogprobsFunction(torch.autograd.Function):
             return None, None, None, None, None, None
         if g_logp is None:
             g_logp = torch.zeros_like(lse)
-        # in place: a fresh alias (detach) of the buffer. A leaf's AccumulateGrad then adopts it as .grad; given the
-        # saved tensor itself, torch 2.11 on an H200 cloned it (a 1.2 ms device copy of 8192 × 152k bf16 logits)
+        # in place: a fresh alias (detach) of the buffer, which a leaf's AccumulateGrad adopts as .grad; the saved
+        # tensor itself may be cloned there (a full copy of the logits: benchmarks/results/2026-11-26b-NVIDIA_H200)
         out = (
             logits.detach() if ctx.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
         )

@@ -1,4 +1,6 @@
-"""Shared helpers for the training-engine tests: a tiny decoder-shaped model, its objective, a 2-process launcher.
+"""Shared helpers for the training-engine tests: a tiny decoder-shaped model, its objective, a 2-process launcher,
+for the tests of the real model: a micro config, a toy record with image, depth and trace, a scripted completion;
+and a clock whose sleeps take no wall time.
 
 ToyVLM mirrors the protocol engine.distributed.parallelize expects (``decoder_blocks()``, ``vision_tower``) with a
 few thousand parameters, dropout (so RNG state matters for resume) and a tied-free LM head.
@@ -7,7 +9,10 @@ few thousand parameters, dropout (so RNG state matters for resume) and a tied-fr
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -15,6 +20,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from engine.data.images import save_depth, save_image
+from engine.data.schema import Record, TraceStep
+from engine.data.sif_format import DepthBox
+from engine.models import ModelConfig, Tokenizer, tiny_config
 from engine.train.trainer import ObjectiveOutput
 
 VOCAB = 32
@@ -106,3 +115,74 @@ def run_distributed(fn: Callable, world: int, *args: object) -> None:
     """
     store = dist.TCPStore("127.0.0.1", 0, world_size=world, is_master=True, wait_for_workers=False)
     mp.start_processes(_entry, args=(world, store.port, fn, args), nprocs=world, join=True, start_method="spawn")
+
+
+def micro_config(tok: Tokenizer) -> ModelConfig:
+    """The tiny default shrunk further (2 decoder layers of width 64, a 1-block vision tower): test speed only."""
+    cfg = tiny_config(tok)
+    cfg.text = replace(
+        cfg.text,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mrope_section=[2, 3, 3],
+        head_dim=None,
+    )
+    cfg.vision = replace(
+        cfg.vision,
+        depth=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        fullatt_block_indexes=[0],
+    )
+    return cfg
+
+
+def toy_record(tmp: Path, i: int, with_trace: bool = True) -> Record:
+    """Record ``r{i}``: a seeded random 60 x 40 image and depth map written under ``tmp``, a choice question whose
+    answer is "A", one ground-truth box and (``with_trace``) a two-step trace ending on that box."""
+    gen = torch.Generator().manual_seed(i)
+    save_image(tmp / f"{i}.png", torch.randint(0, 256, (40, 60, 3), dtype=torch.uint8, generator=gen))
+    save_depth(tmp / f"{i}_d.png", torch.rand(40, 60, generator=gen))
+    trace = (
+        TraceStep((DepthBox(0.0, 0.0, 1.0, 1.0, 0.5),), "whole scene"),
+        TraceStep((DepthBox(0.1, 0.2, 0.4, 0.6, 0.25),), "the cube"),
+    )
+    return Record(
+        id=f"r{i}",
+        image=tmp / f"{i}.png",
+        question="Which is nearer? (A) cube (B) ball",
+        answer="A",
+        answer_type="choice",
+        gt_boxes=((0.1, 0.2, 0.4, 0.6),),
+        width=60,
+        height=40,
+        depth=tmp / f"{i}_d.png",
+        trace=trace if with_trace else None,
+    )
+
+
+# A well-formed completion for toy_record: one area on its ground-truth box (at its stated depth), the answer "A".
+SCRIPT = (
+    '<think><area>[{"bbox_2d":[0.1,0.2,0.4,0.6],"depth":0.25}]</area><text>the cube</text></think><answer>A</answer>'
+)
+
+
+class SkewedClock:
+    """A ``time.perf_counter`` stand-in (install it with monkeypatch) whose ``sleep(s)`` returns at once and moves
+    the clock forward by exactly ``s``: the real clock plus every sleep so far, so it never stands still and
+    timings of sleeps are exact instead of at the scheduler's mercy."""
+
+    def __init__(self) -> None:
+        self._real = time.perf_counter
+        self.slept = 0.0
+
+    def perf_counter(self) -> float:
+        return self._real() + self.slept
+
+    def sleep(self, seconds: float) -> None:
+        self.slept += seconds

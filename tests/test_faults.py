@@ -23,10 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from _toys import ToyVLM, collate, make_dataset, run_distributed, token_ce_objective
+from _toys import ToyVLM, collate, make_dataset, micro_config, run_distributed, token_ce_objective, toy_record
 from PIL import Image
-from test_rl_grpo import micro_config
-from test_sft import _record
 
 from engine.config import TrainConfig
 from engine.data.images import load_image
@@ -60,7 +58,7 @@ def _processor() -> Processor:
 
 def _corrupt_records(tmp: Path) -> Path:
     """records.jsonl of 6 records; 2..5 pass the loader (headers only) but cannot be decoded."""
-    records = [_record(tmp, i) for i in range(6)]
+    records = [toy_record(tmp, i) for i in range(6)]
     records[4] = Record_without_depth(records[4])
     path = tmp / "records.jsonl"
     write_records(path, records)
@@ -165,8 +163,8 @@ def _png_claiming(path: Path, width: int, height: int) -> None:
 
 
 def test_2_decompression_bomb_is_skipped_naming_file_and_line(tmp_path):
-    good = _record(tmp_path, 0)
-    bomb = _record(tmp_path, 1)
+    good = toy_record(tmp_path, 0)
+    bomb = toy_record(tmp_path, 1)
     _png_claiming(tmp_path / "1.png", 15000, 15000)
     write_records(tmp_path / "records.jsonl", [good, bomb])
     (tmp_path / "records.jsonl").write_text(
@@ -596,7 +594,7 @@ def test_11_config_errors_print_one_line(grpo_recipe, capsys):
 
 
 def test_11_empty_questions_are_rejected_by_the_loader(tmp_path):
-    records = [_record(tmp_path, 0), _record(tmp_path, 1)]
+    records = [toy_record(tmp_path, 0), toy_record(tmp_path, 1)]
     write_records(tmp_path / "records.jsonl", records)
     text = (tmp_path / "records.jsonl").read_text().splitlines()
     text[1] = text[1].replace('"question":"Which is nearer? (A) cube (B) ball"', '"question":"  "')

@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from test_kernels_grpo import LOSS_TYPES, VARIANTS, cfg_for, trl_compute_loss
+from _grpo_oracle import LOSS_TYPES, VARIANTS, cfg_for, trl_compute_loss
 
 from kernels import GRPOLossConfig, grpo_loss_from_logits
 from kernels.grpo_logits import IMPLS, LogitsLaunch, grpo_from_logits_triton

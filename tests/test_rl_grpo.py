@@ -1,40 +1,14 @@
 """The packed GRPO objective has the gradient of a naive per-sequence computation on full logits."""
 
-from dataclasses import replace
-
 import pytest
 import torch
+from _toys import micro_config
 
-from engine.models import ImageConfig, Processor, Tokenizer, VLModel, tiny_config
+from engine.models import ImageConfig, Processor, Tokenizer, VLModel
 from engine.models.packing import pack_sequences
 from engine.models.tiny import init_weights
 from engine.models.tokenizer import build_byte_tokenizer
 from engine.rl.grpo import GRPOMicroBatch, GRPOObjective, RLConfig
-
-
-def micro_config(tok: Tokenizer):
-    """The tiny default shrunk further (2 decoder layers of width 64, a 1-block vision tower): test speed only."""
-    cfg = tiny_config(tok)
-    cfg.text = replace(
-        cfg.text,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        mrope_section=[2, 3, 3],
-        head_dim=None,
-    )
-    cfg.vision = replace(
-        cfg.vision,
-        depth=1,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
-        out_hidden_size=64,
-        fullatt_block_indexes=[0],
-    )
-    return cfg
 
 
 @pytest.fixture(scope="module")

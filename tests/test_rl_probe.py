@@ -5,9 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_rl_grpo import micro_config
-from test_rl_rollout import SCRIPT
-from test_sft import _record
+from _toys import SCRIPT, micro_config, toy_record
 
 from engine.models import ImageConfig, Processor, Tokenizer, VLModel
 from engine.models.tiny import init_weights
@@ -26,7 +24,7 @@ def _setup(tmp_path: Path, num_prompts: int):
     model = VLModel(micro_config(tok))
     init_weights(model, seed=0)
     processor = Processor(tok, ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56))
-    prompts = [build_prompt(_record(tmp_path, i), processor, with_depth=False) for i in range(num_prompts)]
+    prompts = [build_prompt(toy_record(tmp_path, i), processor, with_depth=False) for i in range(num_prompts)]
     return tok, model.eval(), processor, prompts
 
 

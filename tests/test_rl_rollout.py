@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_rl_grpo import micro_config
-from test_sft import _record
+from _toys import SCRIPT, micro_config, toy_record
 
 from engine.models import ImageConfig, Processor, Tokenizer, VLModel
 from engine.models.packing import pack_rollouts
@@ -20,10 +19,6 @@ from engine.rl.rewards import score_completions
 from engine.rl.rollout import generate_rollouts
 
 gen_module = importlib.import_module("engine.models.generate")  # the module (the package re-exports the function)
-
-SCRIPT = (
-    '<think><area>[{"bbox_2d":[0.1,0.2,0.4,0.6],"depth":0.25}]</area><text>the cube</text></think><answer>A</answer>'
-)
 
 
 @pytest.mark.parametrize("mode", ["crop", "text"])
@@ -45,7 +40,7 @@ def test_scripted_rollout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode:
 
     monkeypatch.setattr(gen_module, "sample_tokens", scripted)
     rl = RLConfig(num_generations=2, max_completion_length=200, focus_mode=mode, crop_size=56, max_views=2, beta=0.0)
-    prompts = [build_prompt(_record(tmp_path, 0), processor, with_depth=rl.depth_in_prompt)]
+    prompts = [build_prompt(toy_record(tmp_path, 0), processor, with_depth=rl.depth_in_prompt)]
     batch = generate_rollouts(model, processor, prompts, rl)
 
     assert len(batch.rollouts) == 2 and batch.texts == [SCRIPT, SCRIPT]
@@ -93,7 +88,7 @@ def test_crop_hook_fires_when_a_bpe_token_runs_past_the_area_tag(tmp_path: Path,
 
     monkeypatch.setattr(gen_module, "sample_tokens", scripted)
     rl = RLConfig(num_generations=2, max_completion_length=200, focus_mode="crop", crop_size=56, beta=0.0)
-    prompts = [build_prompt(_record(tmp_path, 0), processor, with_depth=rl.depth_in_prompt)]
+    prompts = [build_prompt(toy_record(tmp_path, 0), processor, with_depth=rl.depth_in_prompt)]
     batch = generate_rollouts(model, processor, prompts, rl)
     assert batch.texts == [SCRIPT, SCRIPT]
     assert [r.num_focus_steps for r in batch.rollouts] == [1, 1]
@@ -148,7 +143,7 @@ def test_crop_mode_static_splices_equal_the_module_path(tmp_path: Path, monkeypa
         return ensure(self, needed)
 
     monkeypatch.setattr(KVCache, "ensure", spy)
-    prompts = [build_prompt(_record(tmp_path, i), processor, with_depth=True) for i in range(2)]
+    prompts = [build_prompt(toy_record(tmp_path, i), processor, with_depth=True) for i in range(2)]
     out = {}
     for decode in ("eager", "static"):
         monkeypatch.setattr(gen_module, "sample_tokens", PerRowScript(scripts))

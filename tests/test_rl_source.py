@@ -4,8 +4,7 @@ import copy
 
 import pytest
 import torch
-from test_rl_grpo import micro_config
-from test_sft import _record
+from _toys import micro_config, toy_record
 
 import engine.rl.step as source_module
 from engine.config import LoRAConfig, TrainConfig
@@ -33,7 +32,7 @@ def tiny(tmp_path_factory):
         for _, m in lora_modules(model):
             m.lora_B.normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
     processor = Processor(tok, ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56))
-    records = [_record(tmp, i) for i in range(8)]
+    records = [toy_record(tmp, i) for i in range(8)]
     return model, processor, cfg, records
 
 

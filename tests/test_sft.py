@@ -6,11 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_rl_grpo import micro_config
+from _toys import micro_config, toy_record
 
-from engine.data.images import save_depth, save_image
-from engine.data.schema import Record, TraceStep
-from engine.data.sif_format import DepthBox
 from engine.models import ImageConfig, Processor, Tokenizer, VLModel
 from engine.models.tiny import init_weights
 from engine.models.tokenizer import build_byte_tokenizer
@@ -31,35 +28,13 @@ def test_chunked_cross_entropy_matches_full_logits() -> None:
         torch.testing.assert_close(a, b)
 
 
-def _record(tmp: Path, i: int, with_trace: bool = True) -> Record:
-    gen = torch.Generator().manual_seed(i)
-    save_image(tmp / f"{i}.png", torch.randint(0, 256, (40, 60, 3), dtype=torch.uint8, generator=gen))
-    save_depth(tmp / f"{i}_d.png", torch.rand(40, 60, generator=gen))
-    trace = (
-        TraceStep((DepthBox(0.0, 0.0, 1.0, 1.0, 0.5),), "whole scene"),
-        TraceStep((DepthBox(0.1, 0.2, 0.4, 0.6, 0.25),), "the cube"),
-    )
-    return Record(
-        id=f"r{i}",
-        image=tmp / f"{i}.png",
-        question="Which is nearer? (A) cube (B) ball",
-        answer="A",
-        answer_type="choice",
-        gt_boxes=((0.1, 0.2, 0.4, 0.6),),
-        width=60,
-        height=40,
-        depth=tmp / f"{i}_d.png",
-        trace=trace if with_trace else None,
-    )
-
-
 def test_sft_loss_is_ce_over_assistant_tokens(tmp_path: Path) -> None:
     tok = Tokenizer(build_byte_tokenizer())
     cfg = micro_config(tok)
     model = VLModel(cfg)
     init_weights(model, seed=0, std=0.1)
     processor = Processor(tok, ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56))
-    data = SFTDataset([_record(tmp_path, 0), _record(tmp_path, 1)], processor, with_depth=True, max_seq_len=4096)
+    data = SFTDataset([toy_record(tmp_path, 0), toy_record(tmp_path, 1)], processor, with_depth=True, max_seq_len=4096)
     examples = [data[0], data[1]]
     response = data.records[0].response()
     assert examples[0].assistant_mask.sum() == len(response) + 1  # byte tokens of the trace + <|im_end|>
@@ -81,18 +56,18 @@ def test_sft_errors_name_the_record(tmp_path: Path) -> None:
     tok = Tokenizer(build_byte_tokenizer())
     processor = Processor(tok, ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56))
     with pytest.raises(ValueError, match="r3"):
-        SFTDataset([_record(tmp_path, 3, with_trace=False)], processor, with_depth=True, max_seq_len=64)
-    data = SFTDataset([_record(tmp_path, 4)], processor, with_depth=True, max_seq_len=10)
+        SFTDataset([toy_record(tmp_path, 3, with_trace=False)], processor, with_depth=True, max_seq_len=64)
+    data = SFTDataset([toy_record(tmp_path, 4)], processor, with_depth=True, max_seq_len=10)
     with pytest.raises(ValueError, match="r4.*inside an image"):
         data[0]
-    assert len(SFTDataset([_record(tmp_path, 5)], processor, with_depth=True, max_seq_len=150)[0].input_ids) == 150
+    assert len(SFTDataset([toy_record(tmp_path, 5)], processor, with_depth=True, max_seq_len=150)[0].input_ids) == 150
 
 
 def test_crop_mode_traces_carry_views_that_are_never_scored(tmp_path: Path) -> None:
     tok = Tokenizer(build_byte_tokenizer())
     cfg = micro_config(tok)
     processor = Processor(tok, ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56))
-    record = _record(tmp_path, 6)
+    record = toy_record(tmp_path, 6)
     views = SFTViews(focus_mode="crop", max_views=4, crop_size=56)
     text = SFTDataset([record], processor, with_depth=True, max_seq_len=4096)[0]
     crop = SFTDataset([record], processor, with_depth=True, max_seq_len=4096, views=views)[0]
@@ -117,7 +92,7 @@ def test_collate_puts_every_tensor_of_the_batch_on_the_training_device(tmp_path:
     tok = Tokenizer(build_byte_tokenizer())
     cfg = micro_config(tok)
     processor = Processor(tok, ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56))
-    data = SFTDataset([_record(tmp_path, 0)], processor, with_depth=True, max_seq_len=4096)
+    data = SFTDataset([toy_record(tmp_path, 0)], processor, with_depth=True, max_seq_len=4096)
     packed = collate_sft([data[0]], cfg, device="meta")
     tensors = {f.name: getattr(packed, f.name) for f in dataclasses.fields(packed)}
     assert all(t.is_meta for t in tensors.values() if t is not None), {k: t.device for k, t in tensors.items()}
@@ -135,7 +110,7 @@ def test_sft_prompt_is_the_prompt_the_policy_is_sampled_on(tmp_path: Path, focus
 
     tok = Tokenizer(build_byte_tokenizer())
     processor = Processor(tok, ImageConfig(min_pixels=28 * 28, max_pixels=56 * 56))
-    record = _record(tmp_path, 0)
+    record = toy_record(tmp_path, 0)
     views = SFTViews(focus_mode)
     with_depth = prompt_shows_depth(DataConfig().with_depth, views)
     example = SFTDataset([record], processor, with_depth=with_depth, max_seq_len=4096, views=views)[0]

@@ -8,9 +8,10 @@ import warnings
 
 import pytest
 import torch
-from _toys import ToyVLM, collate, make_dataset, token_ce_objective
+from _toys import SkewedClock, ToyVLM, collate, make_dataset, token_ce_objective
 
-from engine.config import TrainConfig
+import engine.train.tensorboard as tensorboard_module
+from engine.config import ConfigError, TrainConfig
 from engine.distributed import init_distributed
 from engine.train import IndexedBatchSource, NonFiniteError, ObjectiveOutput, PhaseTimer, Trainer, read_metrics
 from engine.train.optim import WarmupDecay
@@ -90,18 +91,19 @@ def _no_warning():
 
 
 class TimedSource:
-    """A GRPO-like source: 'rollout' and 'reward' phases, a reward figure in ctx.metrics."""
+    """A GRPO-like source: 'rollout' and 'reward' phases (sleeps of ``clock``), a reward figure in ctx.metrics."""
 
-    def __init__(self):
+    def __init__(self, clock: SkewedClock):
         self.inner = _source()
+        self.clock = clock
 
     steps_per_epoch = 4
 
     def next_step(self, ctx):
         with ctx.timer("rollout"):
-            time.sleep(0.02)
+            self.clock.sleep(0.02)
             with ctx.timer("reward"):
-                time.sleep(0.01)
+                self.clock.sleep(0.01)
         ctx.metrics["reward/total"] = 0.5 + ctx.step
         return self.inner.next_step(ctx)
 
@@ -112,9 +114,18 @@ class TimedSource:
         self.inner.load_state_dict(state)
 
 
-def test_metrics_lines_phases_and_curves(tmp_path, env):
+@pytest.fixture
+def clock(monkeypatch):
+    """time.perf_counter (the trainer's and the phase timer's clock) replaced by a SkewedClock."""
+    fake = SkewedClock()
+    monkeypatch.setattr(time, "perf_counter", fake.perf_counter)
+    return fake
+
+
+def test_metrics_lines_phases_and_curves(tmp_path, env, clock):
     cfg = _cfg(tmp_path, max_steps=0, epochs=1, run_name="grpo_run")
-    trainer = Trainer(ToyVLM(), token_ce_objective, TimedSource(), cfg, env=env, phase="grpo", run_config={"a": 1})
+    source = TimedSource(clock)
+    trainer = Trainer(ToyVLM(), token_ce_objective, source, cfg, env=env, phase="grpo", run_config={"a": 1})
     result = trainer.fit()
     assert result.step == 4 and trainer.total_steps == 4  # epochs x steps_per_epoch
     run = tmp_path / "grpo_run"
@@ -136,7 +147,7 @@ def test_metrics_lines_phases_and_curves(tmp_path, env):
 
     # A fresh (non-resumed) run under the same name starts a fresh curve.
     cfg.plot = False
-    Trainer(ToyVLM(), token_ce_objective, TimedSource(), cfg, env=env, phase="grpo").fit()
+    Trainer(ToyVLM(), token_ce_objective, TimedSource(clock), cfg, env=env, phase="grpo").fit()
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
@@ -167,13 +178,13 @@ def test_weight_decay_skips_vectors_and_frozen_params(tmp_path, env):
     assert not any(by_id[id(p)].startswith("vision_tower") for g in (decay, no_decay) for p in g["params"])
 
 
-def test_phase_timer_is_exclusive():
+def test_phase_timer_is_exclusive(clock):
     timer = PhaseTimer(sync_cuda=False)
     start = time.perf_counter()
     with timer("outer"):
-        time.sleep(0.02)
+        clock.sleep(0.02)
         with timer("inner"):
-            time.sleep(0.03)
+            clock.sleep(0.03)
     total = time.perf_counter() - start
     assert timer.seconds["inner"] >= 0.03 and 0.02 <= timer.seconds["outer"] < 0.03 + 0.02
     assert timer.seconds["inner"] + timer.seconds["outer"] == pytest.approx(total, abs=5e-3)
@@ -187,3 +198,36 @@ def test_objective_counts_must_be_scalars(tmp_path, env):
     trainer = Trainer(ToyVLM(), bad, _source(), _cfg(tmp_path), env=env)
     with pytest.raises(ValueError, match="must be scalars"):
         trainer.train_step()
+
+
+def test_trainer_writes_tensorboard_scalars_by_default_when_installed(tmp_path, env, monkeypatch):
+    written = []
+
+    class Writer:
+        def __init__(self, log_dir, purge_step=None):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, global_step, walltime):
+            written.append((self.log_dir, tag, global_step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tensorboard_module, "tensorboard_available", lambda: True)
+    monkeypatch.setattr(tensorboard_module, "_summary_writer", Writer)
+    Trainer(ToyVLM(), token_ce_objective, _source(), _cfg(tmp_path, max_steps=2), env=env).fit()
+    run_tb = str(tmp_path / "r" / "tb")
+    assert sorted((d, step) for d, tag, step in written if tag == "loss") == [(run_tb, 1), (run_tb, 2)]
+
+    written.clear()
+    Trainer(ToyVLM(), token_ce_objective, _source(), _cfg(tmp_path, max_steps=2, tensorboard="off"), env=env).fit()
+    assert written == []
+
+
+def test_tensorboard_on_without_the_package_stops_the_trainer(tmp_path, env, monkeypatch):
+    monkeypatch.setattr(tensorboard_module, "tensorboard_available", lambda: False)
+    with pytest.raises(ConfigError, match="train.tensorboard is 'on'"):
+        Trainer(ToyVLM(), token_ce_objective, _source(), _cfg(tmp_path, tensorboard="on"), env=env)

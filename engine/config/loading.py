@@ -12,17 +12,13 @@ import functools
 import json
 import os
 import sys
+import tomllib
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from engine.config.coerce import ConfigError, coerce, strip_optional
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: JSON config files only
-    tomllib = None
 
 T = TypeVar("T")
 
@@ -115,8 +111,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     text = path.read_text()
     try:
         if path.suffix == ".toml":
-            if tomllib is None:
-                raise ConfigError(f"config file {path}: TOML needs Python >= 3.11 (tomllib); use JSON")
             data = tomllib.loads(text)
         elif path.suffix == ".json":
             data = json.loads(text)

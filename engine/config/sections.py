@@ -84,3 +84,4 @@ class TrainConfig:
     log_every: int = 1
     progress_bar: bool = True
     plot: bool = True
+    tensorboard: Literal["auto", "on", "off"] = "auto"  # events in <run>/tb/: auto = when tensorboard is installed

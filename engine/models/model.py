@@ -1,8 +1,9 @@
 """The vision-language model: vision tower + Qwen2 decoder + lm_head, Qwen2.5-VL-compatible.
 
-Training and scoring use :meth:`VLModel.forward_packed` (packed tokens, no padding) and get hidden states after
-the final norm; the loss kernels multiply by :attr:`VLModel.lm_head_weight` themselves, so full logits are never
-materialised. :meth:`VLModel.logits` is the HF-shaped batched entry point for comparison and debugging.
+Training and scoring call the packed forward, ``model(...)`` or its named alias :meth:`VLModel.forward_packed`
+(packed tokens, no padding), and get hidden states after the final norm; the loss kernels multiply by
+:attr:`VLModel.lm_head_weight` themselves, so full logits are never materialised. :meth:`VLModel.logits` is the
+HF-shaped batched entry point for comparison and debugging.
 """
 
 from __future__ import annotations
@@ -118,9 +119,9 @@ class VLModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids int64 [T], position_ids int64 [3, T], cu_seqlens int32 [B+1], images → hidden [T, H].
+        """The packed forward by name: ``model(...)`` with the same arguments and result (shapes: :meth:`forward`).
 
-        Goes through ``__call__`` so that module hooks (FSDP2 unshard/reshard, profilers) run.
+        Goes through ``__call__``, not ``forward``, so that module hooks (FSDP2 unshard/reshard, profilers) run.
         """
         return self(input_ids, position_ids, cu_seqlens, pixel_values, image_grid_thw)
 

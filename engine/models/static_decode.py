@@ -3,8 +3,8 @@ hooks, a CUDA graph per batch bucket; and the same weights for the multi-token s
 
 The general cached step (``generate._append_step``) goes through the model's modules: per layer three q/k/v
 linears, two RoPE calls, the FSDP2 hooks of every block, Python per op, and a ``CacheView`` built on the CPU. A
-plain decode step is then bound by launch and dispatch cost, not by the GPU: on an H200, a 0.5B model at batch 64
-took 68 ms per step, with the GPU busy 3 % of the time.
+plain decode step is then bound by launch and dispatch cost, not by the GPU (the profile is in
+benchmarks/results/2026-11-26b-NVIDIA_H200/README.md, section 1).
 
 :class:`StaticDecodeStep` runs the common step, where every row of a *bucket* (cache rows ``0 .. b-1``) appends
 exactly the token it sampled, all at once (rows that are done or were fed by a splice compute a throw-away token):

@@ -36,11 +36,9 @@ from engine.train.trainer import Trainer, TrainResult
 
 
 def _tiny_rl() -> RLConfig:
-    """The released settings (G=8, β=0.04, ε=0.2) except temperature 0.3. The tiny model's format errors are
+    """The released settings (G=8, β=0.04, ε=0.2) except temperature 0.3: the tiny model's format errors are
     per-token sampling slips (an x2 below its x1, a tag left open), so a hotter policy plateaus below its format
-    target: from the same SFT checkpoint, 120 steps end at probe format 0.875 with T=0.5 and 0.941 with T=0.3,
-    and T=0.3 also gains more answer + grounding (0.235 → 0.335 against 0.166 → 0.243). At 1.0 samples are rarely
-    well-formed, so the format reward has little group signal. Traces are ~210 tokens; 512 leaves room."""
+    target (benchmarks/results/2026-11-26-cpu-temperature.md). Traces are ~210 tokens; 512 leaves room."""
     return RLConfig(num_generations=8, beta=0.04, max_completion_length=512, temperature=0.3)
 
 
@@ -48,7 +46,7 @@ def _tiny_rl() -> RLConfig:
 class GRPORecipeConfig:
     """Defaults: the tiny embedded model on the bundled scenes, full fine-tuning (its randomly initialised vision
     tower included), text focusing mode, 120 steps of one prompt x 8 samples per rank at lr 1e-4 (about 5 minutes on
-    2 CPU cores; at 2e-4 the policy collapses onto the shortest well-formed template, which the probe exposes).
+    2 CPU cores; a higher rate collapses the policy onto one short template, the same note says).
 
     summary_window: steps in the printed first-vs-last means of the logged rewards. probe_prompts: the first N
     training prompts are scored before and after GRPO with fixed seeds (``engine.rl.probe``; 0: no probe).

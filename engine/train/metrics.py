@@ -1,4 +1,4 @@
-"""Step metrics: named phase timers, cross-rank averaging and the JSONL log.
+"""Step metrics: named phase timers, cross-rank averaging and the JSONL log (with TensorBoard events beside it).
 
 ``PhaseTimer`` measures *exclusive* wall time per named phase: a phase opened inside another is subtracted from
 its parent, so the phases of a step (e.g. ``data``, ``rollout``, ``reward``, ``update``) add up to the step time.
@@ -15,11 +15,14 @@ import os
 import time
 import warnings
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from engine.train.tensorboard import TensorBoardMode, open_tensorboard
 
 
 class PhaseTimer:
@@ -91,15 +94,26 @@ class MetricsLog:
     ``truncate_after(step)`` drops lines past a resumed step so that a restarted run's curve has no duplicates; a
     torn last line (a writer killed mid-line) is dropped with a warning; the file is rewritten atomically.
     ``set_aside()`` keeps an existing log as ``metrics.jsonl.N`` (a ``--resume`` that found no checkpoint).
+    ``tensorboard`` (``train.tensorboard``; ``engine.train.tensorboard``) also writes every record's scalars as
+    TensorBoard events under ``<folder of path>/tb/``, with the events past a truncated step hidden.
     """
 
-    def __init__(self, path: str | Path, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        enabled: bool = True,
+        tensorboard: TensorBoardMode = "off",
+        writer_factory: Callable[..., Any] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.enabled = enabled
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tensorboard = open_tensorboard(self.path.parent / "tb", tensorboard, enabled, writer_factory)
 
     def truncate_after(self, step: int) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.purge_after(step)
         if not self.enabled or not self.path.exists():
             return
         kept = [r for r in _parse_lines(self.path) if r[1].get("step", 0) <= step] if step > 0 else []
@@ -124,6 +138,8 @@ class MetricsLog:
         clean = {k: _json_value(v) for k, v in record.items()}
         with self.path.open("a") as fh:
             fh.write(json.dumps(clean) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
 
 
 def _parse_lines(path: Path) -> list[tuple[str, dict]]:

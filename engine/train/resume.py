@@ -6,7 +6,7 @@ key falls in one class:
 
 * ``applied`` — settings that only steer logging, checkpointing, export, memory layout or the stopping rule, and
   take effect from the resumed step: output folder and run name, ``log_every``, ``progress_bar``, ``plot``,
-  ``checkpoint_every``, ``keep_last``, ``checkpoint_frozen``, ``export_hf``, ``export_dtype``,
+  ``tensorboard``, ``checkpoint_every``, ``keep_last``, ``checkpoint_frozen``, ``export_hf``, ``export_dtype``,
   ``activation_checkpointing``, ``reshard_after_forward``, ``grad_clip``, ``max_consecutive_nonfinite``,
   ``data.eval_path``, ``data.max_skip_share``, ``rl.decode``, ``rl.judge_url`` and the recipe's printing
   (``summary_window``, ``probe_prompts``);
@@ -32,7 +32,7 @@ from typing import Any
 NOT_COMPARED = ("train.resume", "train.resume_accept")
 
 APPLIED = {
-    "train.output_dir", "train.run_name", "train.log_every", "train.progress_bar", "train.plot",
+    "train.output_dir", "train.run_name", "train.log_every", "train.progress_bar", "train.plot", "train.tensorboard",
     "train.checkpoint_every", "train.keep_last", "train.checkpoint_frozen", "train.export_hf", "train.export_dtype",
     "train.activation_checkpointing", "train.reshard_after_forward", "train.grad_clip",
     "train.max_consecutive_nonfinite", "data.eval_path", "data.max_skip_share", "rl.decode", "rl.judge_url",

@@ -181,7 +181,7 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.timer = PhaseTimer()
         self.run_dir = Path(cfg.output_dir) / cfg.run_name
-        self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.env.is_main)
+        self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", self.env.is_main, cfg.tensorboard)
         self.checkpointer = Checkpointer(
             self.run_dir / "checkpoints", keep_last=cfg.keep_last, env=self.env, save_frozen=cfg.checkpoint_frozen
         )
