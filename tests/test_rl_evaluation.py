@@ -1,8 +1,13 @@
 """Held-out evaluation summaries: baselines, answer distribution and collapse detection, computed by hand."""
 
 import pytest
+import torch
+from _toys import micro_config, toy_record
 
-from engine.rl.evaluation import collapsed_types, format_comparison, format_summary, summarise
+from engine.models import ImageConfig, Processor, Tokenizer, VLModel
+from engine.models.tiny import init_weights
+from engine.models.tokenizer import build_byte_tokenizer
+from engine.rl.evaluation import collapsed_types, format_comparison, format_summary, image_reliance, summarise
 
 
 def _row(qtype, answer_type, target, pred, correct, options=0, iou=0.0):
@@ -69,3 +74,41 @@ def test_comparison_lists_every_model_and_type() -> None:
     assert "SFT" in text and "GRPO" in text
     for q in ("left_right", "grounding", "locate", "all", "format"):
         assert any(line.strip().startswith(q) for line in text.splitlines())
+
+
+def test_image_gap_by_hand_and_the_blind_warning() -> None:
+    rows = _rows()
+    for k, r in enumerate(rows):
+        r["ce_own_image"], r["ce_other_image"] = 1.0, 1.0 + (0.2 if k == 0 else 0.0)
+    rows[-1]["ce_own_image"] = rows[-1]["ce_other_image"] = None  # no trace: left out of the means
+    summary = summarise(rows)
+    assert summary["image_gap"] == pytest.approx(0.2 / (len(rows) - 1))
+    assert summary["ce_own_image"] == pytest.approx(1.0)
+    first_type = rows[0]["qtype"]
+    n_first = sum(r["qtype"] == first_type and r["ce_own_image"] is not None for r in rows)
+    assert summary["by_qtype"][first_type]["image_gap"] == pytest.approx(0.2 / n_first)
+    text = format_summary(summary, "t")
+    assert "image reliance" in text and ("does not use the image" in text) == (summary["image_gap"] < 0.01)
+    for r in rows:
+        if r["ce_own_image"] is not None:
+            r["ce_other_image"] = r["ce_own_image"] + 0.5
+    assert "does not use the image" not in format_summary(summarise(rows), "t")
+    assert "image gap" in format_comparison({"a": summarise(rows), "b": summary})
+
+
+def test_image_reliance_is_zero_for_a_model_that_ignores_the_image(tmp_path) -> None:
+    """Teacher-forced CE under the own and another record's image: equal when the vision tower's output is
+    constant, different for a model whose text depends on the pixels; None without a trace or a partner."""
+    tok = Tokenizer(build_byte_tokenizer())
+    model = VLModel(micro_config(tok)).eval()
+    init_weights(model, seed=0)
+    processor = Processor(tok, ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56))
+    records = [toy_record(tmp_path, 0), toy_record(tmp_path, 1), toy_record(tmp_path, 2, with_trace=False)]
+    with torch.no_grad():
+        seeing = image_reliance(model, processor, records, with_depth=False)
+        assert seeing[2] is None and seeing[0][0] != pytest.approx(seeing[0][1], abs=1e-6)
+        real_visual = model.visual.forward
+        model.visual.forward = lambda *a, **k: torch.zeros_like(real_visual(*a, **k))
+        blind = image_reliance(model, processor, records, with_depth=False)
+    assert blind[0][0] == blind[0][1] and blind[1][0] == blind[1][1]
+    assert image_reliance(model, processor, records[:1], with_depth=False) == [None]  # no other picture

@@ -10,7 +10,11 @@ malformed answer counts as wrong, the format reward, the grounding IoU of the la
 * ``majority``: the accuracy of always giving that type's most frequent true answer in the split;
 * ``top_pred`` / ``top_pred_share``: the most frequent predicted answer (normalised; ``<none>`` when no answer
   was given) and its share of that type's predictions, beside ``top_true_share``, the share of the most frequent
-  true answer. A policy that has collapsed onto one answer shows ``top_pred_share`` far above ``top_true_share``.
+  true answer. A policy that has collapsed onto one answer shows ``top_pred_share`` far above ``top_true_share``;
+* ``image_gap``: how much the model relies on the image, in nats per scored token: the teacher-forced
+  cross-entropy of each record's reference trace under another record's picture minus under its own
+  (:func:`image_reliance`). About 0 means the model's traces do not depend on what the image shows: its answers
+  can then be no better than the majority answer, whatever the reward, and the report warns.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from engine.data.answers import normalize_answer
+from engine.data.images import MediaError
 from engine.data.schema import Record
 from engine.distributed import unsharded
 from engine.models import Processor
@@ -35,10 +40,12 @@ from engine.rl.iou import box_set_iou
 from engine.rl.prompts import build_prompt
 from engine.rl.rewards import answer_score, format_reward, score_completions
 from engine.rl.rollout import generate_rollouts
+from engine.train.sft import SFTObjective, collate_sft, sft_example
 
 BOX_CORRECT_IOU = 0.5
 NO_ANSWER = "<none>"
 COLLAPSE_MARGIN = 0.20
+IMAGE_BLIND_GAP = 0.01  # nats per scored token: below this, the traces do not depend on the image
 
 
 @dataclass
@@ -80,6 +87,7 @@ def evaluate_records(model: nn.Module, processor: Processor, records: Sequence[R
         prompts = [build_prompt(r, processor, with_depth=rl.depth_in_prompt) for r in chunk]
         with torch.no_grad():
             batch = generate_rollouts(model, processor, prompts, rl, num_samples=1)
+            reliance = image_reliance(model, processor, [p.record for p in prompts], with_depth=rl.depth_in_prompt)
         rewards = score_completions(batch.texts, batch.prompt_index, [p.target for p in prompts])
         for i, (p, parsed) in enumerate(zip(prompts, rewards.parsed)):
             record = p.record
@@ -100,10 +108,47 @@ def evaluate_records(model: nn.Module, processor: Processor, records: Sequence[R
                     "format": format_reward(parsed),
                     "iou": iou,
                     "depth": float(rewards.terms["depth"][i]),
+                    "ce_own_image": None if reliance[i] is None else reliance[i][0],
+                    "ce_other_image": None if reliance[i] is None else reliance[i][1],
                     "completion": batch.texts[i],
                 }
             )
     return rows
+
+
+def trace_cross_entropy(model: nn.Module, processor: Processor, record: Record, with_depth: bool) -> float:
+    """Mean teacher-forced cross-entropy (nats) per scored token of ``record``'s reference trace and answer."""
+    example = sft_example(record, processor, with_depth=with_depth, max_seq_len=1 << 30)
+    device = model.lm_head_weight.device
+    out = SFTObjective()(model, collate_sft([example], model.config, device))
+    return float(out.loss_sum) / max(1, int(out.num_loss_units))
+
+
+def image_reliance(
+    model: nn.Module, processor: Processor, records: Sequence[Record], with_depth: bool
+) -> list[tuple[float, float] | None]:
+    """Per record, (CE under its own image, CE under another's): the other picture is the next record's in
+    ``records`` (cyclically) that shows a different image file, depth included; None for a record without a
+    trace, without such a partner, or whose media cannot be decoded. Call under ``no_grad``."""
+    out: list[tuple[float, float] | None] = []
+    for i, record in enumerate(records):
+        partner = next(
+            (records[(i + k) % len(records)] for k in range(1, len(records)) if records[(i + k) % len(records)].image
+             != record.image),
+            None,
+        )  # fmt: skip
+        if not record.trace or partner is None:
+            out.append(None)
+            continue
+        swapped = replace(record, image=partner.image, depth=partner.depth, depth_image=partner.depth_image)
+        try:
+            own = trace_cross_entropy(model, processor, record, with_depth)
+            other = trace_cross_entropy(model, processor, swapped, with_depth)
+        except MediaError:
+            out.append(None)
+            continue
+        out.append((own, other))
+    return out
 
 
 def evaluate(
@@ -158,6 +203,7 @@ def type_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     top_true, top_true_n = truths.most_common(1)[0] if truths else ("", 0)
     top_pred, top_pred_n = preds.most_common(1)[0] if preds else ("", 0)
     return {
+        **_reliance(rows),
         "n": n,
         "accuracy": _mean(rows, "correct"),
         "iou": _mean(rows, "iou"),
@@ -170,6 +216,18 @@ def type_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "top_pred_share": top_pred_n / n if n else 0.0,
         "top_true_share": top_true_n / n if n else 0.0,
         "distinct_preds": len(preds),
+    }
+
+
+def _reliance(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``image_gap`` (mean CE under another image minus under the own one) and ``ce_own_image`` over the rows
+    that have both; None when none has."""
+    pairs = [(r["ce_own_image"], r["ce_other_image"]) for r in rows if r.get("ce_own_image") is not None]
+    if not pairs:
+        return {"image_gap": None, "ce_own_image": None}
+    return {
+        "image_gap": sum(other - own for own, other in pairs) / len(pairs),
+        "ce_own_image": sum(own for own, _ in pairs) / len(pairs),
     }
 
 
@@ -190,6 +248,7 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "answered": sum(r["answer"] is not None for r in rows) / n,
         "chance": weighted("chance") if rows else 0.0,
         "majority": weighted("majority") if rows else 0.0,
+        **_reliance(rows),
         "by_qtype": types,
     }
 
@@ -211,20 +270,36 @@ def format_summary(summary: Mapping[str, Any], title: str) -> str:
         f"  accuracy {summary['accuracy']:.3f} (chance {summary['chance']:.3f}, majority {summary['majority']:.3f})"
         f"  format {summary['format_rate']:.3f}  IoU {summary['iou']:.3f}  depth {summary['depth']:.3f}"
         f"  answered {summary['answered']:.3f}",
-        f"  {'qtype':<15} {'n':>4} {'acc':>6} {'chance':>6} {'major':>6} {'IoU':>6} {'fmt':>5}"
+        f"  {'qtype':<15} {'n':>4} {'acc':>6} {'chance':>6} {'major':>6} {'IoU':>6} {'fmt':>5} {'img':>6}"
         "  top predicted answer (share; top true share)",
     ]
     for q, t in summary["by_qtype"].items():
         lines.append(
             f"  {q:<15} {t['n']:>4} {t['accuracy']:>6.3f} {t['chance']:>6.3f} {t['majority']:>6.3f} {t['iou']:>6.3f}"
-            f" {t['format']:>5.2f}  {t['top_pred'][:24]!r} ({t['top_pred_share']:.2f}; {t['top_true_share']:.2f})"
+            f" {t['format']:>5.2f} {_gap(t):>6}  {t['top_pred'][:24]!r} ({t['top_pred_share']:.2f};"
+            f" {t['top_true_share']:.2f})"
         )
+    if summary.get("image_gap") is not None:
+        lines.insert(
+            2,
+            f"  image reliance (img): the reference traces cost {summary['image_gap']:+.4f} nats/token more under "
+            f"another record's image (own image {summary['ce_own_image']:.3f})",
+        )
+        if summary["image_gap"] < IMAGE_BLIND_GAP:
+            lines.append(
+                f"  WARNING: the model does not use the image (image gap {summary['image_gap']:+.4f} < "
+                f"{IMAGE_BLIND_GAP} nats/token): its answers can be no better than the blind majority answer"
+            )
     for q, (answer, share, true_share) in collapsed_types(summary).items():
         lines.append(
             f"  WARNING: {q} collapsed: {answer!r} is {share:.0%} of the predictions, the most common true answer "
             f"{true_share:.0%}"
         )
     return "\n".join(lines)
+
+
+def _gap(t: Mapping[str, Any]) -> str:
+    return "-" if t.get("image_gap") is None else f"{t['image_gap']:+.3f}"
 
 
 def format_comparison(summaries: Mapping[str, Mapping[str, Any]]) -> str:
@@ -243,6 +318,8 @@ def format_comparison(summaries: Mapping[str, Mapping[str, Any]]) -> str:
     lines.append(f"  {'all':<15} {first['num_records']:>4} {first['chance']:>6.3f} {first['majority']:>6.3f}{overall}")
     fmt = "".join(f" {s['format_rate']:>14.3f}" for s in summaries.values())
     lines.append(f"  {'format':<15} {'':>4} {'':>6} {'':>6}{fmt}")
+    gaps = "".join(f" {_gap(s):>14}" for s in summaries.values())
+    lines.append(f"  {'image gap':<15} {'':>4} {'':>6} {'':>6}{gaps}")
     lines.insert(0, "  (cells: accuracy/IoU of the last area)")
     return "\n".join(lines)
 
