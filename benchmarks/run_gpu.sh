@@ -3,14 +3,19 @@
 # benchmarks, and write the JSON + one report.md into DEST (default benchmarks/results/<date>-<gpu>-<commit>/).
 #
 #   bash benchmarks/run_gpu.sh [DEST] [STEP...]    STEP: build tests kernels sweep grpo crop crop-v2 e2e model
-#                                                    train compile profile (default: all)
+#                                                    train compile profile decode-async (default: all)
 #
 # grpo (issue 17): grpo_loss_from_logits impl="two_pass" (default) / "one_pass" / "fused" beside Liger's
 # triton_grpo_loss and the copy bound, both importance levels, N = 8192, then the launch sweep of the new
 # kernels (kernels/grpo_logits.py); the default impl switches only after this step shows the winner.
 #
+# decode-async (issue 17): one rollout of the 0.5B model at 64 rows (8 prompts x 8 samples) with the lockstep
+# decode (graph) and with the step launched ahead of the host's bookkeeping (graph_async), random samples and
+# scripted crop-mode traces (real splices); each prints its step time beside its GPU time per step.
+#
 # Each step runs under its own time limit, so one that hangs costs its limit and the rest still run.
-# SIF_DECODE (graph | static | eager, default graph) picks the rollout decode of the profile and train steps.
+# SIF_DECODE (graph | graph_async | static | eager, default graph) picks the rollout decode of the profile and
+# train steps.
 # liger-kernel is not on the device machine: carry its wheel (README, "GPU"). DALI is too large to carry, so its
 # `mixed` decode test skips there and decode.py (PIL vs DALI) is not part of this pass.
 set -uo pipefail
@@ -20,7 +25,7 @@ gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '
 export SIF_COMMIT=${SIF_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 dest=${1:-benchmarks/results/$(date -u +%Y-%m-%d)-${gpu}-${SIF_COMMIT}}
 shift || true
-steps=${*:-build tests kernels sweep grpo crop crop-v2 e2e model train compile profile}
+steps=${*:-build tests kernels sweep grpo crop crop-v2 e2e model train compile profile decode-async}
 decode=${SIF_DECODE:-graph}
 mkdir -p "$dest"
 export PYTHONUNBUFFERED=1
@@ -65,6 +70,14 @@ for s in $steps; do
             --ops token_logprobs grpo_from_logits --out "$dest/kernels_compile.json" ;;
         profile) step profile 180 python -m benchmarks.profile_rollout --device cuda --size 0.5b --prompts 8 \
             --num-generations 8 --max-completion 64 --decode "$decode" --work /tmp/sif-train ;;
+        decode-async)
+            for d in graph graph_async; do
+                step "decode-$d" 180 python -m benchmarks.profile_rollout --device cuda --size 0.5b --prompts 8 \
+                    --num-generations 8 --max-completion 64 --decode "$d" --timing-runs 3 --rows 8 --work /tmp/sif-train
+                step "decode-$d-crop" 180 python -m benchmarks.profile_rollout --device cuda --size 0.5b --prompts 8 \
+                    --num-generations 8 --max-completion 256 --mode crop --script traces --decode "$d" --timing-runs 3 \
+                    --rows 8 --work /tmp/sif-train
+            done ;;
         *) echo "unknown step $s" >&2; exit 2 ;;
     esac
 done
