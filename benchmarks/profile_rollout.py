@@ -4,9 +4,11 @@
     python -m benchmarks.profile_rollout                       # tiny model, CPU
 
 The policy is wrapped as in training (FSDP2 ``parallelize``, parameters gathered once with ``unsharded``), so the
-per-block FSDP hooks are in the profile too. Prints the wall time per decode step, the top operators by self CPU
-time and (CUDA) by self device time, and how many host↔device synchronisations and copies one rollout makes: on a
-GPU a launch-bound decode loop shows up as CPU time well above device time. ``--trace`` writes a Chrome trace.
+per-block FSDP hooks are in the profile too. Prints the wall time per decode step beside (CUDA) the GPU time per
+step (the kernels' and copies' device time summed), the top operators by self CPU time and (CUDA) by self device
+time, and how many host↔device synchronisations and copies one rollout makes: on a GPU a launch-bound decode loop
+shows up as a step time well above its GPU time. ``--decode graph_async`` runs the step one ahead of the host's
+bookkeeping (``engine.models.generate``). ``--trace`` writes a Chrome trace.
 A model of ``--size`` with random weights is created once under ``--work`` (see ``benchmarks.train_step``).
 
 A random model never closes an ``<area>`` and rarely stops, so every row runs to ``--max-completion``. With
@@ -24,6 +26,7 @@ import statistics
 import time
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import random_checkpoint
@@ -44,7 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--size", default="tiny", choices=("tiny", "0.5b"))
     p.add_argument("--mode", default="text", choices=("text", "crop"))
-    p.add_argument("--decode", default="graph", choices=("graph", "static", "eager"), help="RLConfig.decode")
+    p.add_argument(
+        "--decode", default="graph", choices=("graph", "graph_async", "static", "eager"), help="RLConfig.decode"
+    )
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--num-generations", type=int, default=4)
     p.add_argument("--max-completion", type=int, default=64)
@@ -127,10 +132,14 @@ def main(argv: list[str] | None = None) -> None:
         steps = max(int(r.completion_mask.sum()) for r in batch.rollouts)
         tokens = sum(int(r.completion_mask.sum()) for r in batch.rollouts)
         print(
-            f"rollout: {len(batch.rollouts)} samples, {tokens} tokens in {seconds:.3f} s "
+            f"rollout ({args.decode}): {len(batch.rollouts)} samples, {tokens} tokens in {seconds:.3f} s "
             f"({tokens / seconds:.0f} tokens/s), {steps} decode steps, {1e3 * seconds / max(steps, 1):.2f} ms per step"
         )
         events = prof.key_averages()
+        if args.device == "cuda":
+            gpu_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+            step_ms, gpu_ms = 1e3 * seconds / max(steps, 1), 1e-3 * gpu_us / max(steps, 1)
+            print(f"step time {step_ms:.2f} ms, GPU time {gpu_ms:.2f} ms per step ({step_ms / gpu_ms:.2f} x)")
         counts = {e.key: e.count for e in events}
         syncs = sum(counts.get(k, 0) for k in SYNC_EVENTS)
         copies = sum(counts.get(k, 0) for k in COPY_EVENTS)
@@ -146,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
                 wall.append(time.perf_counter() - start)
                 cpu.append(time.process_time() - start_cpu)
             print(
-                f"unprofiled rollout x{len(wall)}: wall min {min(wall):.3f} s, median {statistics.median(wall):.3f} s; "
+                f"unprofiled rollout x{len(wall)}: wall min {min(wall):.3f} s, median {statistics.median(wall):.3f} s "
+                f"({1e3 * min(wall) / max(steps, 1):.2f} ms per step at the min); "
                 f"process CPU min {min(cpu):.3f} s, median {statistics.median(cpu):.3f} s"
             )
         print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))

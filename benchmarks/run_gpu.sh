@@ -4,7 +4,7 @@
 # into DEST (default benchmarks/results/<date>-<gpu>-<commit>/).
 #
 #   bash benchmarks/run_gpu.sh [DEST] [STEP...]    STEP: build tests kernels sweep grpo crop crop-v2 e2e model
-#                                                    train compile profile vision (default: all)
+#                                                    train compile profile decode-async vision (default: all)
 #
 # build: the extension in place (SIF_CUDA_ARCH, default 9.0). tests: `pytest -m gpu`. kernels / sweep: the log-prob
 # and loss kernels beside Liger-Kernel's, and their launch-parameter sweep. grpo: the grpo_loss_from_logits
@@ -12,11 +12,15 @@
 # importance levels, then their launch sweep. crop: the crop_boxes op. crop-v2: the opt-in v2 CUDA crop kernels
 # (SIF_CROP_BOXES_KERNEL=v2) checked against the CPU kernel and v1, then v1 vs v2 against the HBM peak. e2e: the
 # tiny recipe in crop mode (SFT then 8 GRPO steps) and its evaluation, in /tmp/sif-e2e. model / train:
-# forward+backward of the model and one GRPO step of a 0.5B-class model (MFU against --peak-tflops 989, the H100/H200 dense bf16 peak). compile: the kernels under
-# torch.compile. profile: where the time of one rollout goes. vision: held-out learning curves of perception
-# questions from random weights (benchmarks/vision_learning.py).
+# forward+backward of the model and one GRPO step of a 0.5B-class model (MFU against --peak-tflops 989, the
+# H100/H200 dense bf16 peak). compile: the kernels under torch.compile. profile: where the time of one rollout
+# goes. decode-async: one rollout of the 0.5B model at 64 rows (8 prompts x 8 samples) with the lockstep decode
+# (graph) and with each step launched ahead of the host's bookkeeping (graph_async), on random samples and on
+# scripted crop-mode traces; each prints its step time beside its GPU time per step. vision: held-out learning
+# curves of perception questions from random weights (benchmarks/vision_learning.py).
 # Each step runs under its own time limit, so one that hangs costs its limit and the rest still run.
-# SIF_DECODE (graph | static | eager, default graph) picks the rollout decode of the profile and train steps;
+# SIF_DECODE (graph | graph_async | static | eager, default graph) picks the rollout decode of the profile and
+# train steps;
 # SIF_COMMIT names the commit measured where the tree has no usable .git.
 # Needs: a CUDA build of torch, nvcc and a C++20 compiler (build), the package's dependencies and its "test" extra
 # (liger-kernel is the kernels' peer), nvidia-smi. Without DALI its `mixed` decode test skips; benchmarks/decode.py
@@ -27,7 +31,7 @@ gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '
 export SIF_COMMIT=${SIF_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 dest=${1:-benchmarks/results/$(date -u +%Y-%m-%d)-${gpu}-${SIF_COMMIT}}
 shift || true
-steps=${*:-build tests kernels sweep grpo crop crop-v2 e2e model train compile profile vision}
+steps=${*:-build tests kernels sweep grpo crop crop-v2 e2e model train compile profile decode-async vision}
 decode=${SIF_DECODE:-graph}
 mkdir -p "$dest"
 export PYTHONUNBUFFERED=1
@@ -79,6 +83,14 @@ for s in $steps; do
             --ops token_logprobs grpo_from_logits --out "$dest/kernels_compile.json" ;;
         profile) step profile 180 python -m benchmarks.profile_rollout --device cuda --size 0.5b --prompts 8 \
             --num-generations 8 --max-completion 64 --decode "$decode" --work /tmp/sif-train ;;
+        decode-async)
+            for d in graph graph_async; do
+                step "decode-$d" 180 python -m benchmarks.profile_rollout --device cuda --size 0.5b --prompts 8 \
+                    --num-generations 8 --max-completion 64 --decode "$d" --timing-runs 3 --rows 8 --work /tmp/sif-train
+                step "decode-$d-crop" 180 python -m benchmarks.profile_rollout --device cuda --size 0.5b --prompts 8 \
+                    --num-generations 8 --max-completion 256 --mode crop --script traces --decode "$d" --timing-runs 3 \
+                    --rows 8 --work /tmp/sif-train
+            done ;;
         vision) step vision 420 python -m benchmarks.vision_learning --device cuda --tasks halves,presence,color1 \
             --steps 1500 --eval-every 250 --workers 8 --json "$dest/vision_learning.json" ;;
         *) echo "unknown step $s" >&2; exit 2 ;;

@@ -42,7 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size", default="tiny", choices=("tiny", "0.5b"), help="the random model's shape")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--mode", default="text", choices=("text", "crop"))
-    p.add_argument("--decode", default="graph", choices=("graph", "static", "eager"), help="RLConfig.decode")
+    p.add_argument(
+        "--decode", default="graph", choices=("graph", "graph_async", "static", "eager"), help="RLConfig.decode"
+    )
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--prompts", type=int, default=2, help="prompts per rank per step")

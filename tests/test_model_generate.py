@@ -13,8 +13,9 @@ from engine.models import (
     mrope_position_ids,
     processor_from_pretrained,
 )
+from engine.models.decode_steps import bucket_sizes
 from engine.models.decoder import KVCache
-from engine.models.generate import DecodeEngine, _append_step, _Sample, bucket_sizes
+from engine.models.generate import DecodeEngine, _HostBookkeeping
 from engine.models.model import VLModel
 from engine.models.static_decode import StaticDecodeStep
 from engine.train.lora import apply_lora, lora_modules
@@ -174,7 +175,7 @@ def test_static_decode_matches_eager_and_full_forward_across_splices_and_growth(
 
 def test_static_step_equals_module_step_and_finished_rows_do_not_advance(setup):
     """One static step on 3 cache rows of different lengths, row 1 finished: the live rows' logits and cache
-    writes equal the module path's (``_append_step`` on a copy of the cache); row 1's length stays put."""
+    writes equal the module path's (``VLModel.run_layers`` on a copy of the cache); row 1's length stays put."""
     model, _, _ = setup
     t = model.config.text
     gen = torch.Generator().manual_seed(8)
@@ -190,12 +191,10 @@ def test_static_step_equals_module_step_and_finished_rows_do_not_advance(setup):
     tokens, positions, live = torch.tensor([11, 12, 13]), torch.tensor([9, 4, 20]), torch.tensor([0, 2])
     with torch.no_grad():
         logits = StaticDecodeStep(model, static_cache, cuda_graph=False).step(tokens, positions, live)
-        samples = [
-            _Sample(0, i, ids=[int(tokens[i])], mask=[], logprobs=[], pixel_values=[], grids=[],
-                    next_pos=int(positions[i]))
-            for i in range(3)
-        ]  # fmt: skip
-        expected = _append_step(model, module_cache, samples, live, {})
+        view = module_cache.plan(live, torch.ones(len(live), dtype=torch.long))
+        x = model.model.embed_tokens(tokens[live])
+        hidden = model.run_layers(x, positions[live].expand(3, -1), None, module_cache, view)
+        expected = hidden @ model.lm_head_weight.T
     assert logits.shape == (3, t.vocab_size)
     torch.testing.assert_close(logits[live], expected, atol=1e-5, rtol=0)
     assert static_cache.lengths.tolist() == [6, 2, 8] == module_cache.lengths.tolist()
@@ -403,6 +402,51 @@ def test_finished_rows_leave_the_static_batch(setup, monkeypatch):
     assert sorted(engine.step.graphs) == sorted(set(sizes))  # one static input buffer (graph on GPU) per bucket
 
 
+def test_async_decode_launches_ahead_of_the_host_and_equals_lockstep(setup, monkeypatch):
+    """``decode="graph_async"`` (on CPU: the static step, eagerly): step k+1 is launched from step k's sampled
+    tokens before the host records them, so stop strings and finished rows are handled one step behind. Rows
+    finish at many different steps (stop strings at temperature 1) and the tokens, log-probs and finished flags
+    equal the lockstep static path's for the same seed (the sampler draws the same live rows; a finished row
+    leaves the bucket one step later, so more rows are computed, never a different live row)."""
+    model, proc, prompts = setup
+    events = []
+    run, record = StaticDecodeStep.run, _HostBookkeeping.record
+
+    def spy_run(self, tokens, positions):
+        events.append(("run", tokens.clone()))
+        return run(self, tokens, positions)
+
+    def spy_record(self, live, tokens, logps):
+        events.append(("record", list(tokens)))
+        return record(self, live, tokens, logps)
+
+    monkeypatch.setattr(StaticDecodeStep, "run", spy_run)
+    monkeypatch.setattr(_HostBookkeeping, "record", spy_record)
+    kwargs = dict(stop_strings=("o",), temperature=1.0)
+    out = {}
+    for decode in ("static", "graph_async"):
+        events.clear()
+        engine = DecodeEngine()
+        rollouts = generate(
+            model, proc, prompts, 4, 24, generator=torch.Generator().manual_seed(3), decode=decode, engine=engine,
+            **kwargs,
+        )  # fmt: skip
+        out[decode] = (rollouts, dict(engine.stats), [kind for kind, _ in events], events[:2])
+    (lock, lock_stats, lock_order, _), (ahead, stats, order, first) = out["static"], out["graph_async"]
+    assert lock_order[:4] == ["record", "run", "record", "run"]
+    assert order[:4] == ["run", "record", "run", "record"]  # step 1 runs before the host has read step 0's tokens
+    (_, fed), (_, recorded) = first
+    assert fed.tolist() == recorded  # step 0's tokens, as sampled, fed to all 8 rows
+    lengths = [int(r.completion_mask.sum()) for r in ahead]
+    assert len(set(lengths)) >= 4 and max(lengths) > 2 * min(lengths)  # rows end at many different steps
+    for a, b in zip(lock, ahead):
+        assert a.input_ids.tolist() == b.input_ids.tolist() and a.finished == b.finished
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-6, rtol=0)
+    assert stats["steps"] == lock_stats["steps"] and stats["live_row_steps"] == lock_stats["live_row_steps"]
+    assert stats["compactions"] >= 1 and lock_stats["row_steps"] <= stats["row_steps"] < 8 * stats["steps"]
+    assert order.count("run") == stats["steps"] + (max(lengths) < 24)  # a last launch nobody reads if all stopped
+
+
 def test_static_step_is_built_once_references_the_weights_and_sees_updates(setup, monkeypatch):
     """The static step and the KV cache live in the DecodeEngine across generate calls: built once, the cache
     allocated once to capacity (it never grows), LoRA applied as the low-rank product on the model's own
@@ -451,11 +495,13 @@ def test_static_step_is_built_once_references_the_weights_and_sees_updates(setup
     assert engine.cache is None and engine.step is step
 
 
-def test_splice_steps_feed_only_the_splicing_rows_and_skip_the_module_path(setup, monkeypatch):
+@pytest.mark.parametrize("decode", ["static", "graph_async"])
+def test_splice_steps_feed_only_the_splicing_rows_and_skip_the_module_path(setup, monkeypatch, decode):
     """Finding 5: a step that splices views feeds the new view tokens of the rows that get them in one batched
     multi-token call (StaticDecodeStep.extend, one call per such step, those rows only) while the other live rows
     take the static step; the model's module path runs once, for the prompt prefill. Same tokens and log-probs
-    as the eager (module) path, which equals a full forward over the spliced sequences."""
+    as the eager (module) path, which equals a full forward over the spliced sequences. ``graph_async`` too: its
+    splicing rows were already fed their trigger token by the step launched ahead, which ``extend`` rewrites."""
     model, proc, prompts = setup
     runs, extends = [], []
     run_layers, extend = VLModel.run_layers, StaticDecodeStep.extend
@@ -481,7 +527,7 @@ def test_splice_steps_feed_only_the_splicing_rows_and_skip_the_module_path(setup
     runs.clear()
     engine = DecodeEngine()
     static = generate(
-        model, proc, prompts, 3, 10, generator=torch.Generator().manual_seed(5), decode="static", engine=engine,
+        model, proc, prompts, 3, 10, generator=torch.Generator().manual_seed(5), decode=decode, engine=engine,
         **kwargs,
     )  # fmt: skip
     assert len(runs) == 1 and eager_runs > 1  # static: the prefill only
@@ -524,3 +570,30 @@ def test_cuda_graph_buckets_are_captured_once_and_replayed_across_calls(setup):
     assert [r.input_ids.tolist() for r in first] == [r.input_ids.tolist() for r in second]
     same = sum(a.input_ids.tolist() == b.input_ids.tolist() for a, b in zip(first, static))
     assert same >= 6  # bf16: graph and no-graph numerics may differ in the last bit and flip a sampled token
+
+
+@pytest.mark.gpu
+def test_cuda_graph_async_decode_matches_lockstep_graph_on_gpu(setup):
+    """bf16 on CUDA, with a splice and finished rows: ``graph_async`` replays the bucket graphs fed from the device
+    and samples what the lockstep graph path samples (bf16: a bucket of another size may round differently and
+    flip a sampled token); a second call with the same engine captures nothing and repeats its tokens."""
+    _, proc, prompts = setup
+    model = _lora_model(setup[0]).to("cuda", torch.bfloat16)
+    crop = torch.rand(3, 56, 84, generator=torch.Generator().manual_seed(7))
+
+    def hook(requests):
+        return [[crop] if q.sample_index == 0 else None for q in requests]
+
+    seed = lambda: dict(generator=torch.Generator(device="cuda").manual_seed(3))
+    kwargs = dict(stop_strings=("o",), temperature=1.0, focus_hook=hook, focus_trigger="", max_focus_steps=1)
+    lock = generate(model, proc, prompts, 4, 24, decode="graph", **kwargs, **seed())
+    engine = DecodeEngine()
+    ahead = generate(model, proc, prompts, 4, 24, decode="graph_async", engine=engine, **kwargs, **seed())
+    captured = engine.step.num_captures
+    assert captured >= 2 and engine.stats["splice_steps"] >= 1 and engine.stats["compactions"] >= 1
+    again = generate(model, proc, prompts, 4, 24, decode="graph_async", engine=engine, **kwargs, **seed())
+    assert engine.step.num_captures == captured and engine.stats["captures"] == 0
+    assert [r.input_ids.tolist() for r in ahead] == [r.input_ids.tolist() for r in again]
+    assert sum(r.num_focus_steps for r in ahead) == sum(r.num_focus_steps for r in lock) == 2
+    same = sum(a.input_ids.tolist() == b.input_ids.tolist() for a, b in zip(lock, ahead))
+    assert same >= 6

@@ -124,8 +124,9 @@ class PerRowScript:
 def test_crop_mode_static_splices_equal_the_module_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Crop mode through generate_rollouts, rows splicing views at different steps (one row twice, one never) and
     finishing at different steps: the static path (splices by StaticDecodeStep.extend, finished rows compacted
-    away) gives the module path's sequences, views and log-probs; the KV cache, sized with the view budget, is
-    allocated once and never grows."""
+    away) gives the module path's sequences, views and log-probs, and so does the static path one step ahead of
+    the host (``graph_async``: the scripted sampler sees exactly the live rows at every step); the KV cache, sized
+    with the view budget, is allocated once and never grows."""
     from engine.models.decoder import KVCache
     from engine.models.generate import DecodeEngine
 
@@ -145,21 +146,24 @@ def test_crop_mode_static_splices_equal_the_module_path(tmp_path: Path, monkeypa
     monkeypatch.setattr(KVCache, "ensure", spy)
     prompts = [build_prompt(toy_record(tmp_path, i), processor, with_depth=True) for i in range(2)]
     out = {}
-    for decode in ("eager", "static"):
+    for decode in ("eager", "static", "graph_async"):
         monkeypatch.setattr(gen_module, "sample_tokens", PerRowScript(scripts))
         rl = RLConfig(num_generations=2, max_completion_length=200, focus_mode="crop", crop_size=56, max_views=2,
                       beta=0.0, decode=decode)  # fmt: skip
         engine = DecodeEngine()
         out[decode] = (generate_rollouts(model, processor, prompts, rl, engine=engine), engine)
-    eager, static = out["eager"][0], out["static"][0]
-    assert static.texts == SCRIPTS and eager.texts == SCRIPTS
-    assert [r.num_focus_steps for r in static.rollouts] == [1, 2, 0, 1]
-    assert static.num_views == eager.num_views == 4  # boxes (each an RGB and a depth view)
-    for a, b in zip(eager.rollouts, static.rollouts):
-        assert a.input_ids.tolist() == b.input_ids.tolist()
-        torch.testing.assert_close(a.image_grid_thw, b.image_grid_thw)
-        torch.testing.assert_close(a.pixel_values, b.pixel_values)
-        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
-    stats = out["static"][1].stats
-    assert stats["splice_steps"] >= 2 and stats["compactions"] >= 1 and not grown
-    assert static.metrics()["rollout/decode_rows"] < 4
+    eager = out["eager"][0]
+    assert eager.texts == SCRIPTS
+    for decode in ("static", "graph_async"):
+        static = out[decode][0]
+        assert static.texts == SCRIPTS
+        assert [r.num_focus_steps for r in static.rollouts] == [1, 2, 0, 1]
+        assert static.num_views == eager.num_views == 4  # boxes (each an RGB and a depth view)
+        for a, b in zip(eager.rollouts, static.rollouts):
+            assert a.input_ids.tolist() == b.input_ids.tolist()
+            torch.testing.assert_close(a.image_grid_thw, b.image_grid_thw)
+            torch.testing.assert_close(a.pixel_values, b.pixel_values)
+            torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+        stats = out[decode][1].stats
+        assert stats["splice_steps"] >= 2 and stats["compactions"] >= 1 and not grown
+        assert static.metrics()["rollout/decode_rows"] < 4

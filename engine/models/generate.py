@@ -12,21 +12,32 @@ tests prove it logit for logit).
 The model samples in eval mode (no dropout, LoRA's included) whatever mode it was in; its modules' modes are
 restored afterwards.
 
-The loop, one iteration per token (each part its own function, so that the loop can be reorganised):
-``sample_tokens`` (sampling) → ``_Rules.observe`` (stop detection and focus triggers) → ``_run_focus_hook`` (the
-hook and one vision-tower batch for all triggering samples) → a decoder's ``__call__`` (step dispatch), which
-returns the next logits of the live samples in sample order.
+One iteration per token, each part its own object: :class:`_Sampler` (``sample_tokens`` with the call's
+settings, on the device) → :class:`_HostBookkeeping` (on the host: :class:`_StopRules` for stop strings, eos,
+length and focus triggers, then :class:`_FocusSplicer`, the hook and one vision-tower batch for all triggering
+samples) → a decoder of ``engine.models.decode_steps`` (step dispatch), which returns the next logits of the live
+samples in sample order.
 
 Decoders (``decode``):
 
 - ``"graph"`` (default) and ``"static"``: :class:`~engine.models.static_decode.StaticDecodeStep`, a CUDA graph on
   CUDA with ``"graph"``, the same static step eagerly otherwise. Finished samples leave the decode batch: the live
   rows are kept in the smallest *bucket* of cache rows ``0 .. b-1`` that holds them, b one of the powers of two
-  below the batch and the batch itself (:func:`bucket_sizes`); when enough rows have finished, the live ones are
-  moved down (their cache rows copied, order kept) and the step runs on the smaller bucket, whose graph is
-  captured once. A step that splices views feeds the splicing rows' chunks in one batched
+  below the batch and the batch itself (``decode_steps.bucket_sizes``); when enough rows have finished, the live
+  ones are moved down (their cache rows copied, order kept) and the step runs on the smaller bucket, whose graph
+  is captured once. A step that splices views feeds the splicing rows' chunks in one batched
   :meth:`~engine.models.static_decode.StaticDecodeStep.extend` call (no module hooks) and the other live rows
-  through the bucket's static step, so no step takes the module path.
+  through the bucket's static step, so no step takes the module path. The host reads each step's tokens before
+  it launches the next (lockstep).
+- ``"graph_async"``: the same static step (graph replay on CUDA, eager elsewhere), one step ahead of the host.
+  The tokens of step k stay on the device and feed step k+1, which is launched at once; meanwhile they travel to
+  the host through pinned memory (on CUDA) without blocking, and the host's bookkeeping of step k (stop strings,
+  triggers, finished rows) runs while the device computes step k+1. What the host then learns is applied to the
+  launched step: finished rows' results are dropped, splicing rows are fed their chunks by ``extend`` (a step
+  that splices views waits for the hook, as it must), and the live rows' lengths and positions advance. The tokens
+  and log-probs are the lockstep path's for the same seed: the sampler draws exactly the same rows. Finished rows
+  leave the bucket one step later than in lockstep, and a batch whose rows all stop early launches one step whose
+  results nobody reads.
 - ``"eager"``: every step through the model's modules on the live rows (for debugging and as the reference).
 
 A :class:`DecodeEngine` carries the static step (built once, re-bound to the current weights on every call) and the
@@ -38,19 +49,28 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .decode_steps import (
+    AsyncStaticDecoder,
+    EagerDecoder,
+    SampleState,
+    Spliced,
+    SplicedViews,
+    StaticDecoder,
+    copy_rows,
+)
 from .decoder import KVCache
 from .model import VLModel
 from .processor import Processor
 from .rope import mrope_position_ids
 from .static_decode import StaticDecodeStep
 
-DECODE_MODES = ("graph", "static", "eager")
+DECODE_MODES = ("graph", "static", "eager", "graph_async")
 
 
 @dataclass
@@ -86,25 +106,6 @@ class Rollout:
 
 
 FocusHook = Callable[[list[FocusRequest]], Sequence[Sequence[torch.Tensor] | None]]
-Spliced = dict[int, tuple[list[int], torch.Tensor, torch.Tensor]]  # sample → (vision ids, grids [k, 3], features)
-
-
-@dataclass
-class _Sample:
-    prompt_index: int
-    sample_index: int
-    ids: list[int]
-    mask: list[bool]
-    logprobs: list[float]
-    pixel_values: list[torch.Tensor]
-    grids: list[torch.Tensor]
-    next_pos: int
-    text: str = ""
-    pending: list[int] = field(default_factory=list)
-    new_tokens: int = 0
-    finished: bool = False
-    done: bool = False
-    focus_steps: int = 0
 
 
 def sample_tokens(
@@ -141,13 +142,27 @@ def sample_tokens(
     return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+@dataclass
+class _Sampler:
+    """``sample_tokens`` with one call's settings: logits [n, V] → (tokens int64 [n], log-probs fp32 [n]) on the
+    logits' device. The function is looked up at every call, so a test or benchmark can stand in for it."""
+
+    temperature: float
+    top_p: float
+    generator: torch.Generator | None
+    banned: torch.Tensor
+
+    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return sample_tokens(logits, self.temperature, self.top_p, self.generator, self.banned)
+
+
 class _TextStream:
     """Incremental byte-level decoding: tokens are held back while they end inside a UTF-8 character."""
 
     def __init__(self, processor: Processor) -> None:
         self.tokenizer = processor.tokenizer
 
-    def push(self, s: _Sample, token: int) -> str:
+    def push(self, s: SampleState, token: int) -> str:
         s.pending.append(token)
         piece = self.tokenizer.decode(s.pending, skip_special_tokens=True)
         if piece.endswith("\ufffd") and len(s.pending) < 4:
@@ -158,7 +173,7 @@ class _TextStream:
 
 
 @dataclass
-class _Rules:
+class _StopRules:
     """Stop detection and focus triggers: what a sampled token does to its sample."""
 
     stream: _TextStream
@@ -169,7 +184,7 @@ class _Rules:
     focus_trigger: str
     max_focus_steps: int
 
-    def observe(self, s: _Sample, token: int, logp: float) -> FocusRequest | None:
+    def observe(self, s: SampleState, token: int, logp: float) -> FocusRequest | None:
         """Append ``token`` to ``s``; mark it done (eos, stop string, length); a request if it completed the
         trigger."""
         s.ids.append(token)
@@ -192,6 +207,132 @@ class _Rules:
         return None
 
 
+class _FocusSplicer:
+    """The focus hook, called once for all triggering samples of a step, and one vision batch for every image it
+    returned → the views each sample splices in (recorded in the sample: its images, grids and focus steps)."""
+
+    def __init__(self, model: VLModel, processor: Processor, hook: FocusHook, samples: list[SampleState]) -> None:
+        self.model, self.processor, self.hook, self.samples = model, processor, hook, samples
+
+    def __call__(self, requests: list[tuple[int, FocusRequest]]) -> Spliced:
+        results = self.hook([req for _, req in requests])
+        if len(results) != len(requests):
+            raise ValueError(f"focus_hook returned {len(results)} results for {len(requests)} requests")
+        processor, tok = self.processor, self.processor.tokenizer
+        per_sample, all_pv, all_grid = [], [], []
+        for (i, _), images in zip(requests, results):
+            if not images:
+                continue
+            pv, grid = processor.preprocess_images(list(images))
+            per_sample.append((i, grid))
+            all_pv.append(pv)
+            all_grid.append(grid)
+            s = self.samples[i]
+            s.pixel_values.append(pv)
+            s.grids.append(grid)
+            s.focus_steps += 1
+        if not per_sample:
+            return {}
+        feats = self.model.visual(torch.cat(all_pv).to(self.model.lm_head_weight.device), torch.cat(all_grid))
+        out, offset = {}, 0
+        for i, grid in per_sample:
+            ids = []
+            for n in processor.image_tokens(grid):
+                ids += [tok.vision_start_id] + [tok.image_pad_id] * n + [tok.vision_end_id]
+            n_pads = sum(processor.image_tokens(grid))
+            out[i] = SplicedViews(ids, grid, feats[offset : offset + n_pads])
+            offset += n_pads
+        return out
+
+
+@dataclass
+class _HostBookkeeping:
+    """The host's part of a step: record each live sample's sampled token, apply the stop rules, splice the views
+    of the samples that triggered, and say which samples are still live."""
+
+    samples: list[SampleState]
+    rules: _StopRules
+    splicer: _FocusSplicer | None
+
+    def record(self, live: list[int], tokens: list[int], logps: list[float]) -> tuple[list[int], Spliced]:
+        """``tokens`` / ``logps``: one per sample of ``live`` (ascending) → (the samples still live, their views)."""
+        requests = []
+        for i, token, logp in zip(live, tokens, logps):
+            request = self.rules.observe(self.samples[i], token, logp)
+            if request is not None:
+                requests.append((i, request))
+        spliced = self.splicer(requests) if requests else {}
+        return [i for i in live if not self.samples[i].done], spliced
+
+
+class _PendingTokens:
+    """One step's sampled tokens and log-probs on their way to the host: on CUDA copied into pinned memory without
+    blocking (:meth:`put`) and read once the copy has landed (:meth:`take`); elsewhere read as they are."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.tokens = self.logps = torch.empty(0)
+        self.copied: torch.cuda.Event | None = None
+
+    def put(self, tokens: torch.Tensor, logps: torch.Tensor) -> None:
+        if not self.cuda:
+            self.tokens, self.logps = tokens, logps
+            return
+        self.tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True).copy_(tokens, non_blocking=True)
+        self.logps = torch.empty(logps.shape, dtype=logps.dtype, pin_memory=True).copy_(logps, non_blocking=True)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+
+    def take(self) -> tuple[list[int], list[float]]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.tokens.tolist(), self.logps.tolist()
+
+
+def _run_lockstep(
+    sampler: _Sampler,
+    book: _HostBookkeeping,
+    decoder: EagerDecoder | StaticDecoder,
+    logits: torch.Tensor,
+    live: list[int],
+    stats: dict[str, int],
+) -> None:
+    """``decode="graph"/"static"/"eager"``: sample, read the tokens on the host, then run the next step."""
+    while True:
+        tokens, logps = sampler(logits)
+        live, spliced = book.record(live, tokens.tolist(), logps.tolist())
+        if not live:
+            return
+        stats["steps"] += 1
+        stats["live_row_steps"] += len(live)
+        logits = decoder(live, spliced)
+
+
+def _run_one_step_behind(
+    sampler: _Sampler,
+    book: _HostBookkeeping,
+    decoder: AsyncStaticDecoder,
+    logits: torch.Tensor,
+    live: list[int],
+    max_new_tokens: int,
+    stats: dict[str, int],
+) -> None:
+    """``decode="graph_async"``: sample step k, launch step k+1 from its tokens on the device, then record step k on
+    the host (while the device computes) and apply what it found to the launched step."""
+    pending = _PendingTokens(decoder.device)
+    for k in range(max_new_tokens):
+        tokens, logps = sampler(logits)
+        pending.put(tokens, logps)
+        if k + 1 < max_new_tokens:  # after the last token every sample is done: nothing to launch
+            decoder.launch(live, tokens)
+        live, spliced = book.record(live, *pending.take())
+        if not live:
+            return
+        stats["steps"] += 1
+        stats["live_row_steps"] += len(live)
+        logits = decoder.land(live, spliced)
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """``model.eval()`` for the duration (no dropout: the sampling policy is the policy), then every module's own
@@ -203,15 +344,6 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, training in modes:
             m.training = training
-
-
-def bucket_sizes(n: int) -> list[int]:
-    """The decode batch sizes for ``n`` rows: the powers of two below n, then n (ascending)."""
-    sizes, b = [], 1
-    while b < n:
-        sizes.append(b)
-        b *= 2
-    return sizes + [n]
 
 
 class DecodeEngine:
@@ -226,8 +358,9 @@ class DecodeEngine:
       if the new cache lands at the same addresses.
 
     ``stats``: figures of the last call — ``steps`` (decode iterations), ``row_steps`` (cache rows the static step
-    computed, summed over steps; eager: live rows), ``live_row_steps`` (live rows, summed), ``compactions``,
-    ``splice_steps``, ``captures`` (CUDA graphs captured).
+    computed, summed over steps, ``graph_async``'s last launch included even when nobody reads it; eager: live
+    rows), ``live_row_steps`` (live rows, summed), ``compactions``, ``splice_steps``, ``captures`` (CUDA graphs
+    captured).
     """
 
     def __init__(self, keep_cache: bool = True) -> None:
@@ -298,9 +431,10 @@ def generate(
 
     Rollouts come back prompt-major: prompt 0's samples 0..G-1, then prompt 1's, ... See the module docstring for
     the focus hook; it is called once per step with all triggering samples and must return, per request, a list
-    of images (uint8 [H,W,3] or float [3,H,W] in [0,1]) or None. ``decode``: see the module docstring.
-    ``engine``: the :class:`DecodeEngine` that keeps the static step and the KV cache between calls (None: a fresh
-    one). ``splice_capacity``: cache slots per row reserved for spliced view tokens (more makes the cache grow).
+    of images (uint8 [H,W,3] or float [3,H,W] in [0,1]) or None. ``decode``: one of ``DECODE_MODES``, see the
+    module docstring. ``engine``: the :class:`DecodeEngine` that keeps the static step and the KV cache between
+    calls (None: a fresh one). ``splice_capacity``: cache slots per row reserved for spliced view tokens (more
+    makes the cache grow).
     """
     if num_samples < 1 or max_new_tokens < 1:
         raise ValueError("generate: num_samples and max_new_tokens must be >= 1")
@@ -314,7 +448,8 @@ def generate(
     banned = torch.tensor(
         [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id], device=device
     )
-    rules = _Rules(
+    sampler = _Sampler(temperature, top_p, generator, banned)
+    rules = _StopRules(
         _TextStream(processor),
         set(tok.eos_token_ids),
         stop_strings,
@@ -330,32 +465,25 @@ def generate(
     try:
         with eval_mode(model):
             cache, logits, samples = _prefill(model, prompts, num_samples, max_new_tokens + splice_capacity, engine)
-            if decode == "eager":
-                decoder: Callable[[list[int], Spliced], torch.Tensor] = _EagerDecoder(model, cache, samples, stats)
-            else:
-                decoder = _StaticDecoder(model, engine, cache, samples, decode == "graph", stats)
+            splicer = _FocusSplicer(model, processor, focus_hook, samples) if focus_hook is not None else None
+            book = _HostBookkeeping(samples, rules, splicer)
             live = list(range(len(samples)))  # sample indices, ascending; ``logits`` has one row per live sample
-            while True:
-                tokens, logps = sample_tokens(logits, temperature, top_p, generator, banned)
-                requests: list[tuple[int, FocusRequest]] = []
-                for i, t, lp in zip(live, tokens.tolist(), logps.tolist()):
-                    request = rules.observe(samples[i], t, lp)
-                    if request is not None:
-                        requests.append((i, request))
-                spliced = _run_focus_hook(model, processor, focus_hook, requests, samples, device) if requests else {}
-                live = [i for i in live if not samples[i].done]
-                if not live:
-                    break
-                stats["steps"] += 1
-                stats["live_row_steps"] += len(live)
-                logits = decoder(live, spliced)
+            if decode == "eager":
+                _run_lockstep(sampler, book, EagerDecoder(model, cache, samples, stats), logits, live, stats)
+            else:
+                step = engine.static_step(model, cuda_graph=decode != "static")
+                if decode == "graph_async":
+                    decoder = AsyncStaticDecoder(step, cache, samples, stats)
+                    _run_one_step_behind(sampler, book, decoder, logits, live, max_new_tokens, stats)
+                else:
+                    _run_lockstep(sampler, book, StaticDecoder(step, cache, samples, stats), logits, live, stats)
     finally:
         if not engine.keep_cache:
             engine.release()
     return [_to_rollout(s, tok) for s in samples]
 
 
-def _to_rollout(s: _Sample, tok) -> Rollout:
+def _to_rollout(s: SampleState, tok) -> Rollout:
     return Rollout(
         prompt_index=s.prompt_index,
         sample_index=s.sample_index,
@@ -370,17 +498,9 @@ def _to_rollout(s: _Sample, tok) -> Rollout:
     )
 
 
-def _copy_rows(cache: KVCache, src: torch.Tensor, dst: torch.Tensor, span: int) -> None:
-    """Cache rows ``src`` → ``dst`` (slots ``[0, span)`` of every layer, and the lengths); src and dst may overlap."""
-    dev_src, dev_dst = src.to(cache.k[0].device), dst.to(cache.k[0].device)
-    for t in cache.k + cache.v:
-        t[dev_dst, :, :span] = t[dev_src, :, :span]
-    cache.lengths[dst] = cache.lengths[src]
-
-
 def _prefill(
     model: VLModel, prompts: list[dict], g: int, extra: int, engine: DecodeEngine
-) -> tuple[KVCache, torch.Tensor, list[_Sample]]:
+) -> tuple[KVCache, torch.Tensor, list[SampleState]]:
     """Run every prompt once (packed), copy its cache row to its g sample rows; logits [P*g, V] of the next token.
 
     The cache holds the longest prompt + ``extra`` + 1 slots per row (``extra``: new tokens and spliced views)."""
@@ -409,14 +529,14 @@ def _prefill(
     logits = F.linear(hidden[last], model.lm_head_weight).repeat_interleave(g, dim=0)
     if g > 1:
         dst = (first_rows.unsqueeze(1) + torch.arange(1, g)).flatten()
-        _copy_rows(cache, first_rows.repeat_interleave(g - 1), dst, int(lens.max()))
+        copy_rows(cache, first_rows.repeat_interleave(g - 1), dst, int(lens.max()))
     samples = []
     for i, p in enumerate(prompts):
         has_images = p.get("pixel_values") is not None
         n = len(ids_list[i])
         for j in range(g):
             samples.append(
-                _Sample(
+                SampleState(
                     prompt_index=i,
                     sample_index=j,
                     ids=ids_list[i].tolist(),
@@ -428,201 +548,3 @@ def _prefill(
                 )
             )
     return cache, logits, samples
-
-
-def _chunks(
-    cfg, samples: list[_Sample], sample_ids: Sequence[int], spliced: Spliced
-) -> tuple[list[int], torch.Tensor, list[int], list[torch.Tensor]]:
-    """What each of ``sample_ids`` appends this step: its last sampled token, plus its spliced vision tokens.
-
-    Returns (packed ids, M-RoPE positions [3, T], tokens per sample, vision features of the spliced pads in
-    order); advances each sample's position counter and records the spliced tokens in the sample."""
-    chunk_ids, chunk_pos, counts, feats = [], [], [], []
-    for i in sample_ids:
-        s = samples[i]
-        images = spliced.get(i)
-        if images is None:  # the common case: one token at the sample's next position
-            chunk_ids.append(s.ids[-1])
-            chunk_pos.append(torch.full((3, 1), s.next_pos))
-            s.next_pos += 1
-            counts.append(1)
-            continue
-        ids = [s.ids[-1], *images[0]]
-        pos = mrope_position_ids(torch.tensor(ids), images[1], cfg, start=s.next_pos)
-        s.next_pos = int(pos.max()) + 1
-        s.ids += images[0]
-        s.mask += [False] * len(images[0])
-        s.logprobs += [0.0] * len(images[0])
-        chunk_ids += ids
-        chunk_pos.append(pos)
-        counts.append(len(ids))
-        feats.append(images[2])
-    return chunk_ids, torch.cat(chunk_pos, dim=1), counts, feats
-
-
-def _embed_chunks(cfg, embed_weight: torch.Tensor, ids: list[int], feats: list[torch.Tensor]) -> torch.Tensor:
-    ids_t = torch.tensor(ids, device=embed_weight.device)
-    x = F.embedding(ids_t, embed_weight)
-    if feats:
-        x = x.masked_scatter((ids_t == cfg.image_token_id).unsqueeze(-1), torch.cat(feats).to(x.dtype))
-    return x
-
-
-def _append_step(
-    model: VLModel,
-    cache: KVCache,
-    samples: list[_Sample],
-    rows: torch.Tensor,
-    spliced: Spliced,
-) -> torch.Tensor:
-    """The module path: feed each live row its last sampled token (plus spliced vision tokens) → next-token
-    logits [n, V]. Cache row r holds sample r."""
-    cfg = model.config
-    device = model.lm_head_weight.device
-    ids, pos, counts, feats = _chunks(cfg, samples, rows.tolist(), spliced)
-    x = _embed_chunks(cfg, model.model.embed_tokens.weight, ids, feats)
-    counts_t = torch.tensor(counts)
-    view = cache.plan(rows, counts_t)
-    hidden = model.run_layers(x, pos, None, cache, view)
-    return F.linear(hidden[(torch.cumsum(counts_t, 0) - 1).to(device)], model.lm_head_weight)
-
-
-class _EagerDecoder:
-    """``decode="eager"``: every step through the modules, on the live rows only (cache row = sample)."""
-
-    def __init__(self, model: VLModel, cache: KVCache, samples: list[_Sample], stats: dict[str, int]) -> None:
-        self.model, self.cache, self.samples, self.stats = model, cache, samples, stats
-
-    def __call__(self, live: list[int], spliced: Spliced) -> torch.Tensor:
-        self.stats["row_steps"] += len(live)
-        self.stats["splice_steps"] += bool(spliced)
-        return _append_step(self.model, self.cache, self.samples, torch.tensor(live), spliced)
-
-
-class _StaticDecoder:
-    """``decode="graph"/"static"``: the bucketed static step, splices through ``StaticDecodeStep.extend``.
-
-    Invariant: live samples sit in cache rows ``0 .. bucket-1`` in ascending sample order (``row_of``)."""
-
-    def __init__(
-        self,
-        model: VLModel,
-        engine: DecodeEngine,
-        cache: KVCache,
-        samples: list[_Sample],
-        cuda_graph: bool,
-        stats: dict[str, int],
-    ) -> None:
-        self.cfg = model.config
-        self.step = engine.static_step(model, cuda_graph)
-        self.step.attach(cache)
-        self.captures_before = self.step.num_captures
-        self.cache, self.samples, self.stats = cache, samples, stats
-        self.buckets = bucket_sizes(len(samples))
-        self.bucket = len(samples)
-        self.row_of = list(range(len(samples)))
-
-    def __call__(self, live: list[int], spliced: Spliced) -> torch.Tensor:
-        self._compact(live)
-        splicing = [i for i in live if i in spliced]
-        plain = [i for i in live if i not in spliced]
-        parts = []
-        if splicing:
-            parts.append((splicing, self._extend(splicing, spliced)))
-        if plain:
-            parts.append((plain, self._decode(plain)))
-        self.stats["captures"] = self.step.num_captures - self.captures_before
-        if len(parts) == 1:
-            return parts[0][1]
-        where = {i: k for k, i in enumerate(live)}
-        out = parts[0][1].new_empty(len(live), parts[0][1].shape[1])
-        for ids, logits in parts:
-            out[torch.tensor([where[i] for i in ids], device=out.device)] = logits
-        return out
-
-    def _compact(self, live: list[int]) -> None:
-        """Move the live rows down into the smallest bucket that holds them, if that is smaller than the current."""
-        target = next(b for b in self.buckets if b >= len(live))
-        if target >= self.bucket:
-            return
-        src = torch.tensor([self.row_of[i] for i in live])
-        dst = torch.arange(len(live))
-        moved = src != dst
-        if bool(moved.any()):
-            span = int(self.cache.lengths[src[moved]].max())
-            _copy_rows(self.cache, src[moved], dst[moved], span)
-        for row, i in enumerate(live):
-            self.row_of[i] = row
-        self.bucket = target
-        self.stats["compactions"] += 1
-
-    def _extend(self, splicing: list[int], spliced: Spliced) -> torch.Tensor:
-        """The splicing rows' chunks in one batched multi-token step → their next-token logits."""
-        ids, pos, counts, feats = _chunks(self.cfg, self.samples, splicing, spliced)
-        x = _embed_chunks(self.cfg, self.step.embed_weight, ids, feats)
-        counts_t = torch.tensor(counts)
-        view = self.cache.plan(torch.tensor([self.row_of[i] for i in splicing]), counts_t)
-        hidden = self.step.extend(x, pos, view)
-        self.stats["splice_steps"] += 1
-        last = (torch.cumsum(counts_t, 0) - 1).to(hidden.device)
-        return F.linear(hidden[last], self.step.lm_head_weight)
-
-    def _decode(self, plain: list[int]) -> torch.Tensor:
-        """One token for every row of the bucket; the ``plain`` rows advance → their logits, in order."""
-        b = self.bucket
-        at_row: list[_Sample | None] = [None] * b
-        for i, row in enumerate(self.row_of):
-            if row < b and not self.samples[i].done:
-                at_row[row] = self.samples[i]
-        tokens = torch.tensor([s.ids[-1] if s is not None else 0 for s in at_row])
-        positions = torch.tensor([s.next_pos if s is not None else 0 for s in at_row])
-        rows = torch.tensor([self.row_of[i] for i in plain])
-        for i in plain:
-            self.samples[i].next_pos += 1
-        logits = self.step.step(tokens, positions, rows)
-        self.stats["row_steps"] += b
-        if len(plain) == b:  # rows 0 .. b-1 in order
-            return logits
-        return logits[rows.to(logits.device)]
-
-
-def _run_focus_hook(
-    model: VLModel,
-    processor: Processor,
-    hook: FocusHook,
-    requests: list[tuple[int, FocusRequest]],
-    samples: list[_Sample],
-    device: torch.device,
-) -> Spliced:
-    """Call the hook once for all requests; encode every returned image in one vision batch.
-
-    Returns sample → (vision token ids to splice, image_grid_thw [k, 3], vision features [n_pads, H]).
-    """
-    results = hook([req for _, req in requests])
-    if len(results) != len(requests):
-        raise ValueError(f"focus_hook returned {len(results)} results for {len(requests)} requests")
-    tok = processor.tokenizer
-    per_row, all_pv, all_grid = [], [], []
-    for (r, _), images in zip(requests, results):
-        if not images:
-            continue
-        pv, grid = processor.preprocess_images(list(images))
-        per_row.append((r, grid))
-        all_pv.append(pv)
-        all_grid.append(grid)
-        s = samples[r]
-        s.pixel_values.append(pv)
-        s.grids.append(grid)
-        s.focus_steps += 1
-    if not per_row:
-        return {}
-    feats = model.visual(torch.cat(all_pv).to(device), torch.cat(all_grid))
-    out, offset = {}, 0
-    for r, grid in per_row:
-        ids = []
-        for n in processor.image_tokens(grid):
-            ids += [tok.vision_start_id] + [tok.image_pad_id] * n + [tok.vision_end_id]
-        n_pads = sum(processor.image_tokens(grid))
-        out[r] = (ids, grid, feats[offset : offset + n_pads])
-        offset += n_pads
-    return out

@@ -1,7 +1,7 @@
 """The decode step with static shapes: one token per cache row, fused q/k/v, LoRA as a low-rank product, no module
 hooks, a CUDA graph per batch bucket; and the same weights for the multi-token steps that splice views in.
 
-The general cached step (``generate._append_step``) goes through the model's modules: per layer three q/k/v
+The general cached step (``decode_steps.EagerDecoder``) goes through the model's modules: per layer three q/k/v
 linears, two RoPE calls, the FSDP2 hooks of every block, Python per op, and a ``CacheView`` built on the CPU. A
 plain decode step is then bound by launch and dispatch cost, not by the GPU (the profile is in
 benchmarks/results/2026-11-26b-NVIDIA_H200/README.md, section 1).
@@ -24,9 +24,11 @@ exactly the token it sampled, all at once (rows that are done or were fed by a s
 - Query heads are grouped by their KV head, [b, Hkv, Hq/Hkv, D], and attend as the "query length" of one SDPA
   call, so GQA needs no repeated K/V.
 - On CUDA each bucket's step is captured once as a CUDA graph and replayed: one host→device copy of (tokens,
-  positions, lengths) and one graph launch per token. A bucket's graph is captured again only if what it read
-  moved: the cache was reallocated, or a bind found a parameter at another address (FSDP2 may re-allocate the
-  gathered parameters on every unshard; then every rollout captures its buckets anew, once each).
+  positions, lengths) and one graph launch per token (or, with the tokens already on the device, a device copy
+  of the tokens and a pinned, non-blocking copy of positions and lengths: :meth:`run`). A bucket's graph is
+  captured again only if what it read moved: the cache was reallocated, or a bind found a parameter at another
+  address (FSDP2 may re-allocate the gathered parameters on every unshard; then every rollout captures its
+  buckets anew, once each).
 
 :meth:`extend` runs a multi-token step on chosen rows (the chunks that splice views in: the last sampled token,
 then ``<|vision_start|> <|image_pad|>*n <|vision_end|>`` per view, with M-RoPE positions) with the same weights
@@ -167,6 +169,8 @@ class StaticDecodeStep:
     (or was just fed by :meth:`extend`) keeps overwriting the slot after its sequence, which its next append
     overwrites again. Returns logits [b, V] in the model's dtype (the non-live rows' are meaningless). On CUDA
     (``cuda_graph``) the returned tensor is the bucket graph's output buffer: read it before its next replay.
+    :meth:`run` is the same step with tokens that may already be on the device and no length advanced (the
+    caller advances the rows it learns are live later: ``decode="graph_async"``).
 
     Build it once and call :meth:`bind` (the model, after its parameters changed or moved) and :meth:`attach`
     (a cache) before the steps of each ``generate`` call.
@@ -259,6 +263,16 @@ class StaticDecodeStep:
     # one token per row
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        """:meth:`run`, then the ``live`` rows' lengths advance."""
+        logits = self.run(tokens, positions)
+        self.cache.lengths[live] += 1
+        return logits
+
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The step without advancing any length: every row of the bucket writes its K/V at its current length.
+
+        tokens int64 [b] on the CPU, or on the model's device (the sampler's output, fed without a host round
+        trip: then positions and lengths travel from pinned memory without blocking); positions int64 [b] CPU."""
         cache = self.cache
         b = tokens.shape[0]
         if b > cache.lengths.shape[0]:
@@ -269,8 +283,12 @@ class StaticDecodeStep:
         entry = self.graphs.get(b)
         if entry is None:
             entry = self.graphs[b] = _Graph(torch.zeros(3, b, dtype=torch.long, device=self.device))
-        entry.inputs.copy_(torch.stack([tokens, positions, lengths]), non_blocking=self.device.type == "cuda")
-        cache.lengths[live] += 1
+        cuda = self.device.type == "cuda"
+        if tokens.device.type == "cpu":
+            entry.inputs.copy_(torch.stack([tokens, positions, lengths]), non_blocking=cuda)
+        else:
+            entry.inputs[1:].copy_(torch.stack([positions, lengths]).pin_memory(), non_blocking=True)
+            entry.inputs[0].copy_(tokens)
         if not self.use_graph:
             return self._forward(entry.inputs, span)
         key = self._graph_key()

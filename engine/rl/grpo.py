@@ -47,7 +47,8 @@ class RLConfig:
     not the release's), ``release`` for the released reward code term by term (docs/rewards.md).
     judge_answer_types: answer types scored by the judge hook instead of the rules (needs a judge callable or
     judge_url). decode: how rollouts run their one-token steps (``engine.models.generate``): ``graph`` (a captured
-    CUDA graph on GPU, the static step on CPU), ``static``, or ``eager`` (the model's modules, for debugging).
+    CUDA graph on GPU, the static step on CPU), ``graph_async`` (the same step fed from the device, the host's stop
+    and trigger bookkeeping one step behind), ``static``, or ``eager`` (the model's modules, for debugging).
     rollout_prompts_per_rank: prompts per rank generated in one rollout (0: one optimiser step's,
     ``train.micro_batch_size × train.grad_accum_steps``); a multiple of that, so that one rollout feeds several
     optimiser steps (``engine.rl.step``). keep_kv_cache: keep the rollout's KV cache (and with it its CUDA graphs)
@@ -75,7 +76,7 @@ class RLConfig:
     rewards: RewardWeights = field(default_factory=RewardWeights)
     judge_answer_types: tuple[str, ...] = ()
     judge_url: str = ""
-    decode: Literal["graph", "static", "eager"] = "graph"
+    decode: Literal["graph", "graph_async", "static", "eager"] = "graph"
     rollout_prompts_per_rank: int = 0
     keep_kv_cache: bool = True
 
