@@ -18,7 +18,7 @@ Timing: the fastest of ``--iters`` calls after one warm-up (on the CPU the loop 
 also gives the outputs the others are compared with). GB/s counts the bytes of crops, depth crops and stats
 written plus the source pixels read (each box's region of RGB uint8 and depth float32, once). On CUDA the table
 also gives GB/s as a share of the HBM peak (datasheet, by device name, or ``--hbm-peak-gbs``) and of a measured
-device-to-device copy (1 GiB, read + write): issue 17's target is >= 50 % of the HBM peak. On the CPU,
+device-to-device copy (1 GiB, read + write): the target is >= 50 % of the HBM peak. On the CPU,
 faulting in fresh output pages (~0.8 GB at K=256) costs as much as the crops themselves with 4 KiB pages: the
 native op advises huge pages for its outputs; the loop's preallocated outputs get them only under torch's
 ``THP_MEM_ALLOC_ENABLE=1`` (stamped in the JSON). Prints a markdown table and writes JSON.

@@ -51,7 +51,7 @@ step() {  # step NAME SECONDS CMD...: run CMD under a time limit, output into th
 for s in $steps; do
     case $s in
         build) step build 300 env SIF_CUDA_ARCH="${SIF_CUDA_ARCH:-9.0}" MAX_JOBS=8 python setup.py -q build_ext --inplace ;;
-        # the unvalidated kernels of issue 17 run in their own steps (grpo, crop-v2): a device fault there kills
+        # the unvalidated kernels run in their own steps (grpo, crop-v2): a device fault there kills
         # the CUDA context, which must not take the other gpu tests with it
         tests) step tests 240 python -m pytest -q -m gpu tests -rs --ignore tests/test_crop_boxes_cuda_v2.py \
             --ignore tests/test_kernels_grpo_logits.py ;;

@@ -1,4 +1,4 @@
-"""The two reward profiles, ``release`` and ``strict`` (issue 13 §4, docs/rewards.md), on hand-computed cases.
+"""The two reward profiles, ``release`` and ``strict`` (docs/rewards.md), on hand-computed cases.
 
 Every rule of the release profile has a case here, with its expected number worked out in the comment; where the
 strict profile scores the same text differently, the case checks both numbers side by side. Texts are written
