@@ -40,7 +40,7 @@ from engine.data.synth import SynthConfig, generate_dataset
 from engine.models import from_pretrained, processor_from_pretrained
 from engine.models.packing import packed_hidden
 from engine.models.tiny import create_tiny_checkpoint
-from engine.train.sft import SFTExample, SFTObjective, collate_sft
+from engine.train.sft import SFTExample, SFTObjective, collate_sft, scored_tokens
 
 Question = Callable[[Record, random.Random], tuple[str, str, torch.Tensor]]
 """(record, rng) -> (question, answer, RGB uint8 [H, W, 3])."""
@@ -88,11 +88,8 @@ def example(processor, record: Record, question: str, answer: str, rgb: torch.Te
     """The chat-templated record with ``question`` and the one-word ``answer`` as the only scored tokens."""
     messages, images = sif_messages(dataclasses.replace(record, question=question), False, rgb, None, answer)
     out = processor.apply_chat_template(messages, images)
-    tok = processor.tokenizer
-    ids = out["input_ids"]
-    vision = torch.tensor([tok.vision_start_id, tok.image_pad_id, tok.vision_end_id])
-    mask = out["assistant_mask"] & ~torch.isin(ids, vision)
-    return SFTExample(record.id, ids, mask, out["pixel_values"], out["image_grid_thw"])
+    mask = scored_tokens(out["input_ids"], out["assistant_mask"], processor.tokenizer)
+    return SFTExample(record.id, out["input_ids"], mask, out["pixel_values"], out["image_grid_thw"])
 
 
 def first_token_accuracy(model, examples: list[SFTExample], device: torch.device) -> tuple[float, float]:

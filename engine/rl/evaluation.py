@@ -130,13 +130,11 @@ def image_reliance(
     """Per record, (CE under its own image, CE under another's): the other picture is the next record's in
     ``records`` (cyclically) that shows a different image file, depth included; None for a record without a
     trace, without such a partner, or whose media cannot be decoded. Call under ``no_grad``."""
+    records = list(records)
     out: list[tuple[float, float] | None] = []
     for i, record in enumerate(records):
-        partner = next(
-            (records[(i + k) % len(records)] for k in range(1, len(records)) if records[(i + k) % len(records)].image
-             != record.image),
-            None,
-        )  # fmt: skip
+        after = records[i + 1 :] + records[:i]
+        partner = next((r for r in after if r.image != record.image), None)
         if not record.trace or partner is None:
             out.append(None)
             continue

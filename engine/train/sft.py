@@ -28,7 +28,7 @@ from engine.data.focus import CropFocusHook
 from engine.data.images import load_image
 from engine.data.messages import record_depth, sif_messages
 from engine.data.schema import DecodedRecords, Record, SkipReport
-from engine.models import ModelConfig, Processor
+from engine.models import ModelConfig, Processor, Tokenizer
 from engine.models.packing import PackedBatch, pack_sequences, packed_hidden
 from engine.train.trainer import ObjectiveOutput
 
@@ -133,6 +133,13 @@ def _response_with_views(
     return parts, images
 
 
+def scored_tokens(input_ids: torch.Tensor, assistant_mask: torch.Tensor, tokenizer: Tokenizer) -> torch.Tensor:
+    """bool [T]: the assistant's tokens that are SFT targets, i.e. without the vision markers and image pads of views
+    spliced into the assistant turn (inputs, never scored)."""
+    vision = torch.tensor([tokenizer.vision_start_id, tokenizer.image_pad_id, tokenizer.vision_end_id])
+    return assistant_mask & ~torch.isin(input_ids, vision)
+
+
 def sft_example(
     record: Record, processor: Processor, *, with_depth: bool, max_seq_len: int, views: SFTViews | None = None
 ) -> SFTExample:
@@ -149,8 +156,7 @@ def sft_example(
     out = processor.apply_chat_template(messages, images)
     tok = processor.tokenizer
     ids = out["input_ids"]
-    vision = torch.tensor([tok.vision_start_id, tok.image_pad_id, tok.vision_end_id])
-    mask = out["assistant_mask"] & ~torch.isin(ids, vision)
+    mask = scored_tokens(ids, out["assistant_mask"], tok)
     if ids.numel() > max_seq_len:
         last_image = int((ids == tok.vision_end_id).nonzero().max()) if bool((ids == tok.vision_end_id).any()) else -1
         if max_seq_len <= last_image:
