@@ -311,3 +311,21 @@ def test_ensure_split_generates_once_and_names_its_settings(tmp_path):
     assert SynthSplit(records=4, seed=7, qtypes="locate").folder_name() != split.folder_name()
     with pytest.raises(ValueError, match="unknown kinds"):
         SynthSplit(records=4, qtypes="locate,lcoate").config()
+
+
+def test_close_framing_makes_objects_larger_and_is_named_by_the_split(tmp_path):
+    """The ``close`` framing exists to put an object on many of the tiny model's image tokens: its boxes must be
+    several times larger than the default framing's, and a split of it must not share the default's folder."""
+    from engine.data.synth import SynthConfig, SynthSplit, framed, make_scene
+
+    def median_area(cfg: SynthConfig) -> float:
+        areas = [(o.box[2] - o.box[0]) * (o.box[3] - o.box[1]) for i in range(8) for o in make_scene(3, i, cfg).objects]
+        return float(np.median(areas))
+
+    default, close = SynthConfig(), framed(SynthConfig(), "close")
+    assert median_area(close) > 4 * median_area(default)
+    assert all(2 <= len(make_scene(3, i, close).objects) <= 3 for i in range(4))
+    assert SynthSplit(records=4, framing="close").folder_name() != SynthSplit(records=4).folder_name()
+    assert SynthSplit(records=4).config() == SynthConfig(questions_per_scene=2)
+    with pytest.raises(ValueError, match="framing 'wide'"):
+        SynthSplit(records=4, framing="wide").config()

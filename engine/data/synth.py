@@ -7,7 +7,8 @@
 Scenes: 3–6 objects (sphere, cube with a yaw, upright cylinder; eight named colours; every colour+shape pair
 unique in a scene) stand on a tiled floor under a sky, 3–11 m away, seen by a pinhole camera 2 m above the floor,
 pitched down 24°, 60° field of view, rendered by engine.data.render (numpy ray casting, z-buffer, Lambert
-shading, fog). Every object must be inside the frame and at least 35 % visible.
+shading, fog). Every object must be inside the frame and at least 35 % visible. The ``close`` framing
+(``FRAMINGS``, ``--framing close``) shows 2–3 larger objects 3–6 m away under a 30° field of view.
 
 Depth: view-space z of the first hit (sky: the far plane ``z_far``), min–max normalised over the image, so
 0 = nearest pixel, 1 = far plane. The colour-mapped image is ``depth_to_spectral_r`` of that map.
@@ -32,7 +33,7 @@ import json
 import math
 import multiprocessing
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,10 @@ class SynthConfig:
     min_objects: int = 3
     max_objects: int = 6
     fov_deg: float = 60.0
+    min_depth: float = 3.0  # objects' centres stand this far from the camera, in metres
+    max_depth: float = 11.0
+    min_size: float = 0.2  # objects' half-widths, in metres
+    max_size: float = 0.6
     cam_height: float = 2.0
     pitch_deg: float = 24.0
     z_far: float = 16.0
@@ -108,9 +113,9 @@ def _sample_objects(rng: np.random.Generator, cfg: SynthConfig, cam: Camera) -> 
     for idx in chosen:
         color, shape = pairs[int(idx)]
         for _ in range(30):
-            size = float(rng.uniform(0.2, 0.6))
+            size = float(rng.uniform(cfg.min_size, cfg.max_size))
             half_height = size if shape != "cylinder" else float(rng.uniform(0.25, 0.8))
-            zc = float(rng.uniform(3.0, 11.0))
+            zc = float(rng.uniform(cfg.min_depth, cfg.max_depth))
             xmax = max(zc * math.tan(half_fov) * 0.8 - size, 0.1)
             xc = float(rng.uniform(-xmax, xmax))
             yaw = float(rng.uniform(0, math.pi / 2)) if shape == "cube" else 0.0
@@ -248,11 +253,27 @@ def generate_dataset(
     return records
 
 
+FRAMINGS: dict[str, dict[str, float]] = {
+    "default": {},
+    # 2-3 objects 3-6 m away under a 30° field of view: a median box covers ~15 % of the image instead of ~1.4 %,
+    # so an object spans ~10 of the tiny model's 64 image tokens instead of 1-4 (benchmarks/results/)
+    "close": {"fov_deg": 30.0, "min_objects": 2, "max_objects": 3, "max_depth": 6.0, "min_size": 0.3},
+}
+
+
+def framed(cfg: SynthConfig, framing: str) -> SynthConfig:
+    """``cfg`` with the camera and object settings of the named framing (``FRAMINGS``)."""
+    if framing not in FRAMINGS:
+        raise ValueError(f"framing {framing!r}: unknown; use one of {sorted(FRAMINGS)}")
+    return replace(cfg, **FRAMINGS[framing])
+
+
 @dataclass
 class SynthSplit:
     """A generated split for a recipe: ``records`` questions (``per_scene`` per scene) of scenes ``0, 1, ...`` of
     ``seed``, of the kinds in ``qtypes`` (comma-separated; a kind named k times is tried k times as often),
-    rendered by ``workers`` processes. ``records = 0``: none (the recipe uses its ``data.path`` or the bundled set).
+    rendered by ``workers`` processes, seen with the camera and objects of ``framing`` (``FRAMINGS``).
+    ``records = 0``: none (the recipe uses its ``data.path`` or the bundled set).
     """
 
     records: int = 0
@@ -260,17 +281,19 @@ class SynthSplit:
     per_scene: int = 2
     qtypes: str = ",".join(QTYPES)
     workers: int = 2
+    framing: str = "default"
 
     def config(self) -> SynthConfig:
         kinds = tuple(q for q in self.qtypes.split(",") if q)
         unknown = sorted(set(kinds) - set(QTYPES + CURRICULUM_QTYPES))
         if unknown or not kinds:
             raise ValueError(f"synth.qtypes {self.qtypes!r}: unknown kinds {unknown}; use {QTYPES + CURRICULUM_QTYPES}")
-        return SynthConfig(questions_per_scene=self.per_scene, qtypes=kinds)
+        return framed(SynthConfig(questions_per_scene=self.per_scene, qtypes=kinds), self.framing)
 
     def folder_name(self) -> str:
         mix = hashlib.sha1(self.qtypes.encode()).hexdigest()[:8]
-        return f"synth-seed{self.seed}-n{self.records}-q{self.per_scene}-{mix}"
+        framing = "" if self.framing == "default" else f"-{self.framing}"
+        return f"synth-seed{self.seed}-n{self.records}-q{self.per_scene}-{mix}{framing}"
 
 
 def ensure_split(root: str | Path, split: SynthSplit) -> Path:
@@ -310,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distractor-prob", type=float, default=0.5)
     p.add_argument("--no-trace", action="store_true")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--framing", default="default", choices=sorted(FRAMINGS), help="camera and object settings")
     a = p.parse_args(argv)
     if a.bundled:
         generate_bundled(Path(__file__).resolve().parent / "bundled", workers=a.workers)
@@ -328,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         with_trace=not a.no_trace,
         distractor_prob=a.distractor_prob,
     )
-    records = generate_dataset(a.out, a.n, a.seed, cfg, workers=a.workers)
+    records = generate_dataset(a.out, a.n, a.seed, framed(cfg, a.framing), workers=a.workers)
     print(f"wrote {len(records)} records to {Path(a.out) / 'records.jsonl'}")
     return 0
 
