@@ -313,18 +313,18 @@ def test_ensure_split_generates_once_and_names_its_settings(tmp_path):
         SynthSplit(records=4, qtypes="locate,lcoate").config()
 
 
-def test_close_framing_makes_objects_larger_and_is_named_by_the_split(tmp_path):
+def test_close_framing_makes_objects_larger_and_is_named_by_the_split():
     """The ``close`` framing exists to put an object on many of the tiny model's image tokens: its boxes must be
     several times larger than the default framing's, and a split of it must not share the default's folder."""
     from engine.data.synth import SynthConfig, SynthSplit, framed, make_scene
 
-    def median_area(cfg: SynthConfig) -> float:
-        areas = [(o.box[2] - o.box[0]) * (o.box[3] - o.box[1]) for i in range(8) for o in make_scene(3, i, cfg).objects]
-        return float(np.median(areas))
+    def median_area(scenes: list) -> float:
+        return float(np.median([(o.box[2] - o.box[0]) * (o.box[3] - o.box[1]) for s in scenes for o in s.objects]))
 
-    default, close = SynthConfig(), framed(SynthConfig(), "close")
+    default = [make_scene(3, i, SynthConfig()) for i in range(8)]
+    close = [make_scene(3, i, framed(SynthConfig(), "close")) for i in range(8)]
     assert median_area(close) > 4 * median_area(default)
-    assert all(2 <= len(make_scene(3, i, close).objects) <= 3 for i in range(4))
+    assert all(2 <= len(s.objects) <= 3 for s in close)
     assert SynthSplit(records=4, framing="close").folder_name() != SynthSplit(records=4).folder_name()
     assert SynthSplit(records=4).config() == SynthConfig(questions_per_scene=2)
     with pytest.raises(ValueError, match="framing 'wide'"):

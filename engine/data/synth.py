@@ -255,8 +255,7 @@ def generate_dataset(
 
 FRAMINGS: dict[str, dict[str, float]] = {
     "default": {},
-    # 2-3 objects 3-6 m away under a 30° field of view: a median box covers ~15 % of the image instead of ~1.4 %,
-    # so an object spans ~10 of the tiny model's 64 image tokens instead of 1-4 (benchmarks/results/)
+    # fewer, nearer, larger objects under a narrower field of view: each covers many of the tiny model's image tokens
     "close": {"fov_deg": 30.0, "min_objects": 2, "max_objects": 3, "max_depth": 6.0, "min_size": 0.3},
 }
 
