@@ -9,19 +9,25 @@ answer) and scores the first answer token greedily on held-out scenes, beside th
 * ``presence``: "Is there a {colour} object in the image?" → yes / no, colours drawn present or absent with
   equal odds. The signal covers the few tokens of one object.
 * ``color1``: one-object scenes, "What color is the object?" → one of 8 colours.
+* ``ask``: the generator's own questions (``--qtypes``, default every kind with a one-word answer) answered
+  directly, without the SIF trace; accuracy is reported per question kind beside that kind's majority answer.
 
-Scenes come from the generator (``engine.data.synth``, seed ``--seed`` for training, ``--seed + 1`` held out).
-The model, the processor and the SFT objective are the engine's own, so a change that makes the tiny model see
-shows here first, in minutes on a GPU.
+Scenes come from the generator (``engine.data.synth``, seed ``--seed`` for training, ``--seed + 1`` held out),
+seen with the camera of ``--framing`` (``engine.data.synth.FRAMINGS``). The model, the processor and the SFT
+objective are the engine's own, so a change that makes the tiny model see shows here first. ``--init`` starts
+from a checkpoint instead of random weights and ``--save`` writes the trained model, so that stages chain into a
+curriculum (each stage judged on its own held-out scenes).
 
     python -m benchmarks.vision_learning --tasks halves,presence,color1 --steps 2000 --device cuda
     python -m benchmarks.vision_learning --tasks color1 --fov-deg 22 --steps 300   # larger objects
+    python -m benchmarks.vision_learning --tasks ask --framing close --init stage1 --save stage2
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import random
 import tempfile
@@ -36,8 +42,9 @@ from engine.data.images import load_image
 from engine.data.messages import sif_messages
 from engine.data.render import COLORS
 from engine.data.schema import Record, load_records
-from engine.data.synth import SynthConfig, generate_dataset
+from engine.data.synth import FRAMINGS, SynthConfig, framed, generate_dataset
 from engine.models import from_pretrained, processor_from_pretrained
+from engine.models.loading import save_pretrained
 from engine.models.packing import packed_hidden
 from engine.models.tiny import create_tiny_checkpoint
 from engine.train.sft import SFTExample, SFTObjective, collate_sft, scored_tokens
@@ -68,10 +75,18 @@ def color1(record: Record, rng: random.Random) -> tuple[str, str, torch.Tensor]:
     return "What color is the object?", obj["color"], load_image(record.image)
 
 
+def ask(record: Record, rng: random.Random) -> tuple[str, str, torch.Tensor]:
+    return record.question, record.answer, load_image(record.image)
+
+
+ONE_WORD_QTYPES = ("left_right", "above_below", "nearer_farther", "counting", "size_compare", "attribute", "grounding")
+"""The generator's question kinds whose answer is one word (a box answer, ``locate``, has no first-token score)."""
+
 TASKS: dict[str, tuple[Question, SynthConfig]] = {
     "halves": (halves, SynthConfig(qtypes=("locate",), with_trace=False)),
     "presence": (presence, SynthConfig(qtypes=("locate",), with_trace=False)),
     "color1": (color1, SynthConfig(min_objects=1, max_objects=1, qtypes=("locate",), with_trace=False)),
+    "ask": (ask, SynthConfig(qtypes=ONE_WORD_QTYPES, with_trace=False)),
 }
 
 
@@ -92,10 +107,9 @@ def example(processor, record: Record, question: str, answer: str, rgb: torch.Te
     return SFTExample(record.id, out["input_ids"], mask, out["pixel_values"], out["image_grid_thw"])
 
 
-def first_token_accuracy(model, examples: list[SFTExample], device: torch.device) -> tuple[float, float]:
-    """Share of held-out examples whose first answer token is the greedy prediction, and the share of the most
-    frequent prediction (1.0: a constant answer)."""
-    hits, predictions = 0, Counter()
+def first_token_predictions(model, examples: list[SFTExample], device: torch.device) -> list[tuple[bool, int]]:
+    """Per held-out example: whether the greedy prediction of its first answer token is right, and that prediction."""
+    out: list[tuple[bool, int]] = []
     model.eval()
     with torch.no_grad():
         for start in range(0, len(examples), 16):
@@ -103,29 +117,65 @@ def first_token_accuracy(model, examples: list[SFTExample], device: torch.device
             packed = collate_sft(chunk, model.config, device)
             predicted = (packed_hidden(model, packed) @ model.lm_head_weight.T).argmax(-1)
             first = torch.cumsum(torch.tensor([0] + [int(e.assistant_mask.sum()) for e in chunk[:-1]]), 0)
-            for row in first.tolist():
-                hits += int(predicted[row] == packed.target_ids[row])
-                predictions[int(predicted[row])] += 1
+            out += [(bool(predicted[row] == packed.target_ids[row]), int(predicted[row])) for row in first.tolist()]
     model.train()
-    return hits / len(examples), predictions.most_common(1)[0][1] / len(examples)
+    return out
+
+
+def summarise(predictions: list[tuple[bool, int]]) -> dict[str, float]:
+    """Accuracy and the share of the most frequent prediction (1.0: a constant answer) of some predictions."""
+    top = Counter(p for _, p in predictions).most_common(1)[0][1]
+    return {"accuracy": sum(h for h, _ in predictions) / len(predictions), "top_pred_share": top / len(predictions)}
+
+
+def by_kind(kinds: list[str], values: list) -> dict[str, list]:
+    """``values`` grouped by the question kind of the same position, kinds in sorted order."""
+    groups: dict[str, list] = {}
+    for kind, value in sorted(zip(kinds, values), key=lambda kv: kv[0]):
+        groups.setdefault(kind, []).append(value)
+    return groups
+
+
+def synth_config(name: str, args: argparse.Namespace) -> SynthConfig:
+    """The task's generator settings under the command line's framing, field of view and question kinds."""
+    cfg = TASKS[name][1]
+    if args.framing != "default":
+        cfg = framed(cfg, args.framing)
+    if name == "color1":  # one object, whatever the framing
+        cfg = dataclasses.replace(cfg, min_objects=1, max_objects=1)
+    if args.fov_deg:
+        cfg = dataclasses.replace(cfg, fov_deg=args.fov_deg)
+    if name == "ask" and args.qtypes:
+        cfg = dataclasses.replace(cfg, qtypes=tuple(args.qtypes.split(",")))
+    return cfg
+
+
+def scene_tag(name: str, cfg: SynthConfig) -> str:
+    """A folder name that changes with every generator setting (generated scenes are cached by it)."""
+    return f"{name}-{hashlib.sha1(repr(cfg).encode()).hexdigest()[:10]}"
 
 
 def run_task(name: str, args: argparse.Namespace, root: Path) -> dict:
-    question, synth_cfg = TASKS[name]
-    if args.fov_deg:
-        synth_cfg = dataclasses.replace(synth_cfg, fov_deg=args.fov_deg)
-    tag = f"{name}-fov{args.fov_deg:g}" if args.fov_deg else name  # generated scenes are cached by settings
+    question, synth_cfg = TASKS[name][0], synth_config(name, args)
+    tag = scene_tag(name, synth_cfg)
     train = scenes(root, f"{tag}-train", synth_cfg, args.scenes, args.seed, args.workers)
-    held = scenes(root, f"{tag}-held", synth_cfg, HELD_OUT, args.seed + 1, args.workers)
+    held = scenes(root, f"{tag}-held", synth_cfg, args.held_out, args.seed + 1, args.workers)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = from_pretrained(create_tiny_checkpoint(root / "tiny", seed=0)).to(device)
-    processor = processor_from_pretrained(root / "tiny")
+    start = Path(args.init) if args.init else create_tiny_checkpoint(root / "tiny", seed=0)
+    model = from_pretrained(start).to(device)
+    processor = processor_from_pretrained(start)
     held_rng = random.Random(1)
     held_questions = [question(r, held_rng) for r in held]
     held_examples = [example(processor, r, q, a, rgb) for r, (q, a, rgb) in zip(held, held_questions)]
-    answers = Counter(a for _, a, _ in held_questions)
-    majority = answers.most_common(1)[0][1] / len(held)
+    kinds = [r.qtype if name == "ask" else name for r in held]
+    answers = by_kind(kinds, [a for _, a, _ in held_questions])
+    baselines = {
+        k: {"n": len(a), "majority": Counter(a).most_common(1)[0][1] / len(a), "chance": 1 / len(set(a))}
+        for k, a in answers.items()
+    }
+    all_answers = Counter(a for _, a, _ in held_questions)
+    majority = sum(b["majority"] * b["n"] for b in baselines.values()) / len(held)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     flat = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": flat, "weight_decay": 0.0}]
@@ -133,24 +183,30 @@ def run_task(name: str, args: argparse.Namespace, root: Path) -> dict:
     objective, rng, curve, t0 = SFTObjective(), random.Random(0), [], time.perf_counter()
     for step in range(args.steps + 1):
         if step % args.eval_every == 0:
-            accuracy, top_share = first_token_accuracy(model, held_examples, device)
-            curve.append({"step": step, "accuracy": accuracy, "top_pred_share": top_share,
-                          "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
-            print(json.dumps({"task": name, **curve[-1]}), flush=True)
+            predictions = first_token_predictions(model, held_examples, device)
+            point = {"step": step, **summarise(predictions), "seconds": round(time.perf_counter() - t0, 1)}
+            if len(baselines) > 1:
+                point["kinds"] = {k: summarise(p) for k, p in by_kind(kinds, predictions).items()}
+            curve.append(point)
+            print(json.dumps({"task": name, **point}), flush=True)
         if step == args.steps:
             break
         for group in optimizer.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / 30)
+            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
         batch = [example(processor, r, *question(r, rng)) for r in rng.sample(train, args.batch_size)]
         out = objective(model, collate_sft(batch, model.config, device))
         optimizer.zero_grad(set_to_none=True)
         (out.loss_sum / out.num_loss_units).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-    return {"task": name, "majority": majority, "chance": 1 / len(answers), "curve": curve}
+    if args.save:
+        save_pretrained(model.cpu(), args.save)
+        processor.save(args.save)
+    return {"task": name, "majority": majority, "chance": 1 / len(all_answers), "kinds": baselines, "curve": curve}
 
 
 def format_table(results: list[dict]) -> str:
+    """One row per task, and one per question kind of a task that asks several (the best and the last check)."""
     lines = ["| task | majority | chance | best held-out accuracy (step) | last | last top-answer share |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
@@ -160,6 +216,14 @@ def format_table(results: list[dict]) -> str:
             f"| {r['task']} | {r['majority']:.3f} | {r['chance']:.3f} | {best['accuracy']:.3f} ({best['step']}) "
             f"| {last['accuracy']:.3f} | {last['top_pred_share']:.2f} |"
         )
+        for kind, base in r["kinds"].items() if len(r["kinds"]) > 1 else ():
+            best = max(r["curve"], key=lambda c: c["kinds"][kind]["accuracy"])
+            k_best, k_last = best["kinds"][kind], last["kinds"][kind]
+            lines.append(
+                f"| {r['task']}/{kind} (n={base['n']}) | {base['majority']:.3f} | {base['chance']:.3f} "
+                f"| {k_best['accuracy']:.3f} ({best['step']}) | {k_last['accuracy']:.3f} "
+                f"| {k_last['top_pred_share']:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -175,6 +239,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--seed", type=int, default=5000)
     ap.add_argument("--fov-deg", type=float, default=0.0, help="camera field of view (0: the generator's 60°; "
                     "22° makes objects about 12x larger in area)")  # fmt: skip
+    ap.add_argument("--framing", default="default", choices=sorted(FRAMINGS), help="the generator's camera and "
+                    "objects (engine.data.synth.FRAMINGS)")  # fmt: skip
+    ap.add_argument("--qtypes", default="", help=f"task ask: comma-separated question kinds (default "
+                    f"{','.join(ONE_WORD_QTYPES)})")  # fmt: skip
+    ap.add_argument("--held-out", type=int, default=HELD_OUT, help="held-out scenes per task")
+    ap.add_argument("--warmup", type=int, default=30, help="steps of linear learning-rate warm-up")
+    ap.add_argument("--init", default="", help="start from this checkpoint instead of random tiny weights")
+    ap.add_argument("--save", default="", help="write the trained model and processor here (the last task's)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--data-dir", default="", help="where scenes are generated (default: a temporary folder)")
@@ -183,6 +255,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     unknown = sorted(set(args.tasks.split(",")) - set(TASKS))
     if unknown:
         raise SystemExit(f"unknown task(s) {unknown}; expected some of {sorted(TASKS)}")
+    unknown = sorted(set(filter(None, args.qtypes.split(","))) - set(ONE_WORD_QTYPES))
+    if unknown:
+        raise SystemExit(f"unknown --qtypes {unknown}; expected some of {list(ONE_WORD_QTYPES)}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.data_dir or tmp)
         results = [run_task(name, args, root) for name in args.tasks.split(",")]
