@@ -7,7 +7,7 @@ Ops and implementations compared:
 - token_logprobs (logits → per-token log-probs): ours (Triton), torch reference eager / torch.compile, TRL-style
   selective_log_softmax, Liger's fused_selective_log_softmax (forward only, it has no backward).
 - grpo_from_logits (fwd+bwd of the GRPO loss from logits): ours (in-place gradient) as impl="two_pass" (the
-  default), "one_pass" and "fused" (kernels/grpo_logits.py), Liger triton_grpo_loss (inplace=True), torch
+  default), "one_pass" and "fused" (sif_kernels/grpo_logits.py), Liger triton_grpo_loss (inplace=True), torch
   reference eager / torch.compile; at the token importance level, and with ``--grpo-levels`` also at the
   sequence level (CUDA).
 - linear_logprobs (hidden, lm_head → log-probs): ours (Triton tiles on CUDA, chunked torch on CPU), materialised
@@ -21,10 +21,10 @@ Peak MiB is the memory beyond the inputs during one forward+backward: CUDA alloc
 RSS growth of a fresh subprocess that builds the inputs and runs the op once.
 
 ``--sweep`` instead times the token_logprobs forward and backward kernels at each launch configuration (BLOCK_V ×
-num_warps) on N=8192 rows of V=151936 bf16 logits; the defaults in ``kernels/logprob.py`` come from its H200 run.
+num_warps) on N=8192 rows of V=151936 bf16 logits; the defaults in ``sif_kernels/logprob.py`` come from its H200 run.
 ``--sweep-grpo`` times grpo_loss_from_logits(impl="one_pass" / "fused") at each launch configuration of their
 kernels (BLOCK_V × warps × stages × programs per SM) at B=8, L=1024, V=151936 bf16, the defaults in
-``kernels/grpo_logits.py`` marked; fwd+bwd % of bound is against the same 3-pass bound, so the fused kernel shows
+``sif_kernels/grpo_logits.py`` marked; fwd+bwd % of bound is against the same 3-pass bound, so the fused kernel shows
 above 100 % exactly when its second read of a row comes from L2.
 """
 
@@ -50,11 +50,11 @@ from benchmarks.common import (
     time_ms,
     write_json,
 )
-from kernels import GRPOLossConfig, grpo_loss, grpo_loss_from_logits, linear_token_logprobs, token_logprobs
-from kernels._dispatch import interpreter_enabled
-from kernels.grpo_logits import BWD_LAUNCH, FUSED_LAUNCH, FWD_LAUNCH, LogitsLaunch, grpo_from_logits_triton
-from kernels.grpo_loss import aggregation_scale
-from kernels.logprob import logprob_bwd_triton, logprob_fwd_triton, token_logprobs_reference
+from sif_kernels import GRPOLossConfig, grpo_loss, grpo_loss_from_logits, linear_token_logprobs, token_logprobs
+from sif_kernels._dispatch import interpreter_enabled
+from sif_kernels.grpo_logits import BWD_LAUNCH, FUSED_LAUNCH, FWD_LAUNCH, LogitsLaunch, grpo_from_logits_triton
+from sif_kernels.grpo_loss import aggregation_scale
+from sif_kernels.logprob import logprob_bwd_triton, logprob_fwd_triton, token_logprobs_reference
 
 CFG = GRPOLossConfig(beta=0.04, eps_low=0.2, eps_high=0.28, loss_type="grpo")
 

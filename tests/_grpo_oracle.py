@@ -3,7 +3,7 @@ GRPOTrainer._compute_loss, the loss types and hyper-parameter variants they swee
 
 import torch
 
-from kernels import GRPOLossConfig
+from sif_kernels import GRPOLossConfig
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
 VARIANTS = {  # name -> (delta, beta, with_old)

@@ -1,4 +1,6 @@
-"""kernels.grpo_loss / grpo_loss_from_logits against an independent re-statement of TRL GRPOTrainer._compute_loss."""
+"""sif_kernels.grpo_loss / grpo_loss_from_logits against an independent re-statement of TRL
+GRPOTrainer._compute_loss.
+"""
 
 import os
 
@@ -8,7 +10,7 @@ from _grpo_oracle import LOSS_TYPES, VARIANTS, cfg_for, trl_compute_loss
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
-from kernels import GRPOLossConfig, grpo_loss, grpo_loss_from_logits
+from sif_kernels import GRPOLossConfig, grpo_loss, grpo_loss_from_logits
 
 HAS_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
@@ -153,8 +155,8 @@ def test_all_masked_batch_gives_zero_loss_and_grad(backend):
 
 @pytest.mark.gpu
 def test_hyper_parameters_do_not_recompile():
-    from kernels.grpo_loss import _grpo_seq_kernel
-    from kernels.logprob import _logprob_bwd_kernel, _logprob_fwd_kernel
+    from sif_kernels.grpo_loss import _grpo_seq_kernel
+    from sif_kernels.logprob import _logprob_bwd_kernel, _logprob_fwd_kernel
 
     kernels = (_grpo_seq_kernel, _logprob_fwd_kernel, _logprob_bwd_kernel)
 

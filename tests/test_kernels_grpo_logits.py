@@ -1,4 +1,4 @@
-"""grpo_loss_from_logits(impl="one_pass" | "fused"): kernels/grpo_logits.py against the fp64 re-statement of TRL's
+"""grpo_loss_from_logits(impl="one_pass" | "fused"): sif_kernels/grpo_logits.py against the fp64 re-statement of TRL's
 loss, the torch reference and the default two-kernel path, under TRITON_INTERPRET=1 on CPU (or on CUDA).
 
 Shapes are small (the interpreter runs each program in Python); launch overrides with 16-column blocks and a
@@ -12,9 +12,9 @@ import pytest
 import torch
 from _grpo_oracle import LOSS_TYPES, VARIANTS, cfg_for, trl_compute_loss
 
-from kernels import GRPOLossConfig, grpo_loss_from_logits
-from kernels.grpo_logits import IMPLS, LogitsLaunch, grpo_from_logits_triton
-from kernels.grpo_loss import aggregation_scale
+from sif_kernels import GRPOLossConfig, grpo_loss_from_logits
+from sif_kernels.grpo_logits import IMPLS, LogitsLaunch, grpo_from_logits_triton
+from sif_kernels.grpo_loss import aggregation_scale
 
 HAS_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
@@ -267,7 +267,7 @@ def test_realistic_vocabulary_matches_two_pass_on_gpu(level, impl):
 
 @pytest.mark.gpu
 def test_new_kernels_do_not_recompile_per_hyper_parameter():
-    from kernels.grpo_logits import _grpo_logits_bwd_kernel, _grpo_logits_fwd_kernel, _scale_grad_kernel
+    from sif_kernels.grpo_logits import _grpo_logits_bwd_kernel, _grpo_logits_fwd_kernel, _scale_grad_kernel
 
     kernels = (_grpo_logits_fwd_kernel, _grpo_logits_bwd_kernel, _scale_grad_kernel)
 

@@ -1,4 +1,4 @@
-"""kernels.linear_token_logprobs (Triton tiles and the chunked torch reference) vs materialised fp64 logits."""
+"""sif_kernels.linear_token_logprobs (Triton tiles and the chunked torch reference) vs materialised fp64 logits."""
 
 import os
 
@@ -8,8 +8,8 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels import linear_token_logprobs
-from kernels.linear_logprob import linear_token_logprobs_reference
+from sif_kernels import linear_token_logprobs
+from sif_kernels.linear_logprob import linear_token_logprobs_reference
 
 HAS_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")

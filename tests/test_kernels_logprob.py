@@ -1,4 +1,4 @@
-"""kernels.token_logprobs: Triton path (CUDA, or CPU under TRITON_INTERPRET=1) and reference vs an fp64 oracle."""
+"""sif_kernels.token_logprobs: Triton path (CUDA, or CPU under TRITON_INTERPRET=1) and reference vs an fp64 oracle."""
 
 import os
 
@@ -7,8 +7,8 @@ import torch
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
-from kernels import token_logprobs
-from kernels.logprob import logprob_bwd_triton, logprob_fwd_triton, token_logprobs_reference
+from sif_kernels import token_logprobs
+from sif_kernels.logprob import logprob_bwd_triton, logprob_fwd_triton, token_logprobs_reference
 
 HAS_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")

@@ -16,10 +16,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels.grpo_logits import _grpo_logits_bwd_kernel, _grpo_logits_fwd_kernel, _scale_grad_kernel
-from kernels.grpo_loss import _grpo_seq_kernel
-from kernels.linear_logprob import _tile_bwd_kernel, _tile_fwd_kernel
-from kernels.logprob import _logprob_bwd_kernel, _logprob_fwd_kernel
+from sif_kernels.grpo_logits import _grpo_logits_bwd_kernel, _grpo_logits_fwd_kernel, _scale_grad_kernel
+from sif_kernels.grpo_loss import _grpo_seq_kernel
+from sif_kernels.linear_logprob import _tile_bwd_kernel, _tile_fwd_kernel
+from sif_kernels.logprob import _logprob_bwd_kernel, _logprob_fwd_kernel
 
 ROW = {"stride_xb": "i64", "stride_xl": "i64", "L": "i32", "TARGET": "*i64", "ROW_MASK": "*i8", "LSE": "*fp32"}
 KERNELS = {

@@ -46,13 +46,13 @@ def test_setup_without_torch_exits_with_one_line_naming_the_install_commands() -
 
 
 def test_every_runtime_dependency_is_imported_by_the_package() -> None:
-    imported = _imported_top_level_modules("engine", "kernels")
+    imported = _imported_top_level_modules("engine", "sif_kernels")
     module_to_dists = importlib.metadata.packages_distributions()
     imported_dists = {_normalise(d) for module in imported for d in module_to_dists.get(module, [])}
     installed = {_normalise(d.metadata["Name"]) for d in importlib.metadata.distributions()}
     declared = [_requirement_name(r) for r in PYPROJECT["project"]["dependencies"]]
     unused = [d for d in declared if d in installed and d not in imported_dists]
-    assert unused == [], f"declared in pyproject.toml but imported by neither engine/ nor kernels/: {unused}"
+    assert unused == [], f"declared in pyproject.toml but imported by neither engine/ nor sif_kernels/: {unused}"
 
 
 def test_python_floor_covers_tomllib_and_matches_ruff_target() -> None:

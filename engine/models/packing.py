@@ -5,7 +5,7 @@ Both objectives (GRPO on sampled completion tokens, SFT on assistant tokens) tra
 restart per sequence) and records, for every scored token, the packed row whose hidden state predicts it (the
 previous position of the same sequence) and its slot in a left-aligned ``[B, L]`` layout (L = the most scored
 tokens of any sequence). Only those N rows of the hidden states are multiplied by the LM head, by the fused
-kernel ``kernels.linear_token_logprobs``: no [T, V] logits ever exist. Under FSDP2, ``model.lm_head_weight``
+kernel ``sif_kernels.linear_token_logprobs``: no [T, V] logits ever exist. Under FSDP2, ``model.lm_head_weight``
 is still gathered after the forward (``engine.distributed.parallelize`` keeps the root unsharded).
 """
 
@@ -21,7 +21,7 @@ from torch import nn
 from engine.models.config import ModelConfig
 from engine.models.generate import Rollout
 from engine.models.rope import mrope_position_ids
-from kernels import linear_token_logprobs
+from sif_kernels import linear_token_logprobs
 
 
 @dataclass

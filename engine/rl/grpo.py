@@ -4,9 +4,9 @@ Per micro-batch of B rollouts (G per prompt) with advantages ``A_b``:
 
 1. one packed forward of the policy (``engine.models.packing``: no padding, M-RoPE positions per sequence);
 2. hidden states at the rows predicting sampled completion tokens only (spliced crop views and the prompt are
-   never scored) -> ``kernels.linear_token_logprobs`` against the LM head at the sampling temperature (the [N, V]
+   never scored) -> ``sif_kernels.linear_token_logprobs`` against the LM head at the sampling temperature (the [N, V]
    logits are never materialised) -> scattered to [B, L];
-3. ``kernels.grpo_loss`` with the clipped importance ratio against the rollout policy (``old_logp``; None when
+3. ``sif_kernels.grpo_loss`` with the clipped importance ratio against the rollout policy (``old_logp``; None when
    every batch gets one update, where the ratio is 1 by construction) and the k3 KL to the reference policy.
 
 The Trainer divides the summed loss by the global count of loss units, so ``ObjectiveOutput`` carries
@@ -28,7 +28,7 @@ from engine.models.packing import PackedBatch, target_logprobs
 from engine.rl.rewards import RewardWeights
 from engine.train.lora import lora_disabled, lora_modules
 from engine.train.trainer import ObjectiveOutput
-from kernels import GRPOLossConfig, grpo_loss
+from sif_kernels import GRPOLossConfig, grpo_loss
 
 
 @dataclass
@@ -37,7 +37,7 @@ class RLConfig:
 
     num_generations: G completions per prompt. beta: KL weight (0: no reference model is run).
     epsilon / epsilon_high: ratio clip range [1 − ε, 1 + ε_high]. delta: optional upper clamp of the ratio.
-    loss_type / importance_level: see kernels.GRPOLossConfig. scale_rewards: divide advantages by the group std
+    loss_type / importance_level: see sif_kernels.GRPOLossConfig. scale_rewards: divide advantages by the group std
     (None: yes, except for dr_grpo). num_iterations: policy updates per generated batch (> 1 computes old log-probs).
     focus_mode: ``text`` (boxes stay text, policy sees the RGB image only, as the release) or ``crop`` (each area's
     boxes are cropped and spliced in as new views, prompt carries RGB + depth). prompt_depth_image: override the

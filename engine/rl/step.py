@@ -7,7 +7,7 @@ logging, checkpoints, export)::
     2. rewards      format, answer, grounding, depth                      engine/rl/rewards.py
     3. advantages   group-relative, per prompt                            engine/rl/advantages.py
     4. log-probs    reference (β > 0) and old (the rollout policy's)      engine/rl/grpo.py
-    5. loss         clipped ratio + k3 KL, per micro-batch, summed        engine/rl/grpo.py -> kernels.grpo_loss
+    5. loss         clipped ratio + k3 KL, per micro-batch, summed        engine/rl/grpo.py -> sif_kernels.grpo_loss
     6. update       global normalisation, clipping, AdamW, LR schedule    engine/train/trainer.py
 
 The rollout batch and the update batch are decoupled (as verl's train batch and PPO mini-batch): one optimiser

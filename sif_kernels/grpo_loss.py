@@ -16,7 +16,7 @@ Triton path: one program per sequence computes the loss terms, the metrics and d
 pass (two for the sequence level); hyper-parameters are runtime fp32 arguments, so no recompile per value.
 ``grpo_loss_from_logits`` chains the token log-prob kernel (one pass over the logits, masked rows skipped) with
 this kernel (``impl="two_pass"``, the default); its backward writes the logits gradient in place by default, with
-no extra N×V buffer. ``kernels/grpo_logits.py`` holds the opt-in ``impl="one_pass"`` / ``"fused"`` paths.
+no extra N×V buffer. ``sif_kernels/grpo_logits.py`` holds the opt-in ``impl="one_pass"`` / ``"fused"`` paths.
 """
 
 from __future__ import annotations
@@ -395,7 +395,7 @@ def grpo_loss_from_logits(
     kernel), "one_pass" (one forward kernel computes log-probs, loss terms and d(loss)/d(logp) per token; one
     backward kernel) or "fused" (token level: the forward kernel also writes the logits gradient, for an upstream
     gradient of 1, which the backward rescales when it is not 1; the logits are then overwritten at the forward,
-    not the backward; sequence level: as "one_pass"). See ``kernels/grpo_logits.py``; the last two are not yet
+    not the backward; sequence level: as "one_pass"). See ``sif_kernels/grpo_logits.py``; the last two are not yet
     timed on a GPU, so they are opt-in.
     """
     op = "grpo_loss_from_logits"

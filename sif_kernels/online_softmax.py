@@ -4,7 +4,8 @@ A row of logits ``x`` (scaled by 1 / temperature) is streamed once in blocks of 
 running state: the max ``m``, ``s = Σ exp(x − m)`` and, for the entropy, ``t = Σ exp(x − m)·x``. From it
 ``lse = m + log s`` and ``H = lse − t / s``. The gradient of ``g·log p[target] + g_H·H`` with respect to the
 scaled logits is ``(onehot − p)·g − g_H·p·(log p + H)``; callers fold the 1 / temperature of the chain rule into
-``g`` and ``g_H``. Used by ``kernels/logprob.py``, ``kernels/linear_logprob.py`` and ``kernels/grpo_logits.py``.
+``g`` and ``g_H``. Used by ``sif_kernels/logprob.py``, ``sif_kernels/linear_logprob.py`` and
+``sif_kernels/grpo_logits.py``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Per-token GRPO loss terms as ``@triton.jit`` helpers, shared by the per-sequence loss kernel
-(``kernels/grpo_loss.py``) and the row kernels of the loss from logits (``kernels/grpo_logits.py``): TRL's
+(``sif_kernels/grpo_loss.py``) and the row kernels of the loss from logits (``sif_kernels/grpo_logits.py``): TRL's
 clipped surrogate of the importance ratio and the k3 KL to the reference policy, with their derivatives.
 """
 
