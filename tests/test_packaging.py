@@ -65,3 +65,13 @@ def test_readme_extras_exist() -> None:
     readme = (ROOT / "README.md").read_text()
     for extra in re.findall(r'-e "\.\[([a-z,]+)\]"', readme):
         assert set(extra.split(",")) <= extras.keys(), extra
+
+
+def test_no_top_level_package_of_ours_shadows_another_installed_distribution() -> None:
+    """Our import names are ours alone: a top-level package named like another distribution's (``kernels``, which
+    transformers depends on) makes whichever comes first on sys.path win, and the other's importers break."""
+    ours = sorted({name.split(".")[0] for name in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]})
+    assert all((ROOT / name / "__init__.py").is_file() for name in ours), ours
+    owners = importlib.metadata.packages_distributions()
+    clashes = {name: owners[name] for name in ours if set(map(_normalise, owners.get(name, []))) - {"sif-engine"}}
+    assert clashes == {}, f"these import names are also installed by other distributions: {clashes}"
