@@ -9,6 +9,8 @@ answer) and scores the first answer token greedily on held-out scenes, beside th
 * ``presence``: "Is there a {colour} object in the image?" → yes / no, colours drawn present or absent with
   equal odds. The signal covers the few tokens of one object.
 * ``color1``: one-object scenes, "What color is the object?" → one of 8 colours.
+* ``echo`` (the question path's control): "Which colour does this question name, {colour} or none?" → that
+  colour. The answer is in the question, not the image: it measures how soon the answer reads the question.
 * ``ask``: the generator's own questions (``--qtypes``, default every kind with a one-word answer) answered
   directly, without the SIF trace; accuracy is reported per question kind beside that kind's majority answer.
 
@@ -75,6 +77,11 @@ def color1(record: Record, rng: random.Random) -> tuple[str, str, torch.Tensor]:
     return "What color is the object?", obj["color"], load_image(record.image)
 
 
+def echo(record: Record, rng: random.Random) -> tuple[str, str, torch.Tensor]:
+    colour = rng.choice(sorted(COLORS))
+    return f"Which colour does this question name, {colour} or none?", colour, load_image(record.image)
+
+
 def ask(record: Record, rng: random.Random) -> tuple[str, str, torch.Tensor]:
     return record.question, record.answer, load_image(record.image)
 
@@ -86,6 +93,7 @@ TASKS: dict[str, tuple[Question, SynthConfig]] = {
     "halves": (halves, SynthConfig(qtypes=("locate",), with_trace=False)),
     "presence": (presence, SynthConfig(qtypes=("locate",), with_trace=False)),
     "color1": (color1, SynthConfig(min_objects=1, max_objects=1, qtypes=("locate",), with_trace=False)),
+    "echo": (echo, SynthConfig(qtypes=("locate",), with_trace=False)),
     "ask": (ask, SynthConfig(qtypes=ONE_WORD_QTYPES, with_trace=False)),
 }
 
@@ -99,9 +107,12 @@ def scenes(root: Path, name: str, cfg: SynthConfig, n: int, seed: int, workers: 
     return records[:n]
 
 
-def example(processor, record: Record, question: str, answer: str, rgb: torch.Tensor) -> SFTExample:
-    """The chat-templated record with ``question`` and the one-word ``answer`` as the only scored tokens."""
+def example(processor, record: Record, question: str, answer: str, rgb: torch.Tensor, bare: bool = False) -> SFTExample:
+    """The chat-templated record with ``question`` and the one-word ``answer`` as the only scored tokens; ``bare``
+    leaves the SIF instruction out of the user turn, so the question stands right before the answer."""
     messages, images = sif_messages(dataclasses.replace(record, question=question), False, rgb, None, answer)
+    if bare:
+        messages[0]["content"][-1]["text"] = "\n" + question
     out = processor.apply_chat_template(messages, images)
     mask = scored_tokens(out["input_ids"], out["assistant_mask"], processor.tokenizer)
     return SFTExample(record.id, out["input_ids"], mask, out["pixel_values"], out["image_grid_thw"])
@@ -156,19 +167,27 @@ def scene_tag(name: str, cfg: SynthConfig) -> str:
 
 
 def run_task(name: str, args: argparse.Namespace, root: Path) -> dict:
-    question, synth_cfg = TASKS[name][0], synth_config(name, args)
-    tag = scene_tag(name, synth_cfg)
-    train = scenes(root, f"{tag}-train", synth_cfg, args.scenes, args.seed, args.workers)
-    held = scenes(root, f"{tag}-held", synth_cfg, args.held_out, args.seed + 1, args.workers)
+    """Train one task, or a mixture ``a+b+...`` (each batch drawn from the union of the parts' scenes, every part
+    scored on its own held-out scenes), and return its baselines and held-out curve."""
+    train: list[tuple[Record, Question]] = []
+    held: list[tuple[Record, Question, str]] = []
+    for part in name.split("+"):
+        question, synth_cfg = TASKS[part][0], synth_config(part, args)
+        tag = scene_tag(part, synth_cfg)
+        train += [(r, question) for r in scenes(root, f"{tag}-train", synth_cfg, args.scenes, args.seed, args.workers)]
+        for r in scenes(root, f"{tag}-held", synth_cfg, args.held_out, args.seed + 1, args.workers):
+            held.append((r, question, r.qtype if part == "ask" else part))
     device = torch.device(args.device)
     torch.manual_seed(0)
     start = Path(args.init) if args.init else create_tiny_checkpoint(root / "tiny", seed=0)
     model = from_pretrained(start).to(device)
     processor = processor_from_pretrained(start)
     held_rng = random.Random(1)
-    held_questions = [question(r, held_rng) for r in held]
-    held_examples = [example(processor, r, q, a, rgb) for r, (q, a, rgb) in zip(held, held_questions)]
-    kinds = [r.qtype if name == "ask" else name for r in held]
+    held_questions = [question(r, held_rng) for r, question, _ in held]
+    held_examples = [
+        example(processor, r, q, a, rgb, args.bare) for (r, _, _), (q, a, rgb) in zip(held, held_questions)
+    ]
+    kinds = [kind for _, _, kind in held]
     answers = by_kind(kinds, [a for _, a, _ in held_questions])
     baselines = {
         k: {"n": len(a), "majority": Counter(a).most_common(1)[0][1] / len(a), "chance": 1 / len(set(a))}
@@ -193,7 +212,9 @@ def run_task(name: str, args: argparse.Namespace, root: Path) -> dict:
             break
         for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
-        batch = [example(processor, r, *question(r, rng)) for r in rng.sample(train, args.batch_size)]
+        batch = [
+            example(processor, r, *question(r, rng), args.bare) for r, question in rng.sample(train, args.batch_size)
+        ]
         out = objective(model, collate_sft(batch, model.config, device))
         optimizer.zero_grad(set_to_none=True)
         (out.loss_sum / out.num_loss_units).backward()
@@ -229,7 +250,8 @@ def format_table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tasks", default="halves,presence,color1", help=f"comma-separated, of {sorted(TASKS)}")
+    ap.add_argument("--tasks", default="halves,presence,color1", help=f"comma-separated, of {sorted(TASKS)}; "
+                    "a+b trains a mixture of a and b")  # fmt: skip
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -243,6 +265,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "objects (engine.data.synth.FRAMINGS)")  # fmt: skip
     ap.add_argument("--qtypes", default="", help=f"task ask: comma-separated question kinds (default "
                     f"{','.join(ONE_WORD_QTYPES)})")  # fmt: skip
+    ap.add_argument("--bare", action="store_true", help="leave the SIF instruction out of the prompt: the question "
+                    "stands right before the answer")  # fmt: skip
     ap.add_argument("--held-out", type=int, default=HELD_OUT, help="held-out scenes per task")
     ap.add_argument("--warmup", type=int, default=30, help="steps of linear learning-rate warm-up")
     ap.add_argument("--init", default="", help="start from this checkpoint instead of random tiny weights")
@@ -252,7 +276,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--data-dir", default="", help="where scenes are generated (default: a temporary folder)")
     ap.add_argument("--json", default="", help="also write the curves here")
     args = ap.parse_args(argv)
-    unknown = sorted(set(args.tasks.split(",")) - set(TASKS))
+    unknown = sorted({part for task in args.tasks.split(",") for part in task.split("+")} - set(TASKS))
     if unknown:
         raise SystemExit(f"unknown task(s) {unknown}; expected some of {sorted(TASKS)}")
     unknown = sorted(set(filter(None, args.qtypes.split(","))) - set(ONE_WORD_QTYPES))

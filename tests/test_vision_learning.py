@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.vision_learning import TASKS, color1, format_table, halves, main, presence, scenes
+from benchmarks.vision_learning import TASKS, color1, echo, format_table, halves, main, presence, scenes
 from engine.data.render import COLORS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,3 +73,18 @@ def test_ask_scores_each_question_kind_beside_its_majority(tmp_path):
                   "--scenes", "6", "--held-out", "12", "--framing", "close", "--data-dir", str(tmp_path),
                   "--device", "cpu", "--init", str(tmp_path / "stage")])  # fmt: skip
     assert again[0]["curve"][0]["accuracy"] == result["curve"][-1]["accuracy"]
+
+
+def test_a_mixture_scores_each_part_on_its_own_scenes(tmp_path):
+    """``a+b`` trains one model on both tasks and scores each on its own held-out scenes and baselines; the echo
+    control's answer is the colour its question names."""
+    rng = random.Random(0)
+    (result,) = main(["--tasks", "echo+color1", "--steps", "2", "--eval-every", "2", "--batch-size", "2",
+                      "--scenes", "4", "--held-out", "6", "--data-dir", str(tmp_path), "--device", "cpu"])  # fmt: skip
+    assert set(result["kinds"]) == {"echo", "color1"}
+    assert [k["n"] for k in result["kinds"].values()] == [6, 6]
+    assert set(result["curve"][0]["kinds"]) == {"echo", "color1"}
+    record = scenes(tmp_path, "any", TASKS["echo"][1], 1, 3, 1)[0]
+    for _ in range(4):
+        question, answer, _ = echo(record, rng)
+        assert f" {answer} or none?" in question and answer in COLORS
