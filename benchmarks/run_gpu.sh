@@ -4,7 +4,7 @@
 # into DEST (default benchmarks/results/<date>-<gpu>-<commit>/).
 #
 #   bash benchmarks/run_gpu.sh [DEST] [STEP...]    STEP: build tests kernels sweep grpo crop crop-v2 e2e model
-#                                                    train compile profile decode-async vision (default: all)
+#                                                    train compile profile decode-async vision vision-close (default: all)
 #
 # build: the extension in place (SIF_CUDA_ARCH, default 9.0). tests: `pytest -m gpu`. kernels / sweep: the log-prob
 # and loss kernels beside Liger-Kernel's, and their launch-parameter sweep. grpo: the grpo_loss_from_logits
@@ -17,7 +17,9 @@
 # goes. decode-async: one rollout of the 0.5B model at 64 rows (8 prompts x 8 samples) with the lockstep decode
 # (graph) and with each step launched ahead of the host's bookkeeping (graph_async), on random samples and on
 # scripted crop-mode traces; each prints its step time beside its GPU time per step. vision: held-out learning
-# curves of perception questions from random weights (benchmarks/vision_learning.py).
+# curves of perception questions from random weights (benchmarks/vision_learning.py). vision-close: the same at the
+# close framing for the questions that stay at a constant answer on CPU (presence, the generator's own questions,
+# and presence trained beside its two halves, echo and color1), long enough to see whether and when they leave it.
 # Each step runs under its own time limit, so one that hangs costs its limit and the rest still run.
 # SIF_DECODE (graph | graph_async | static | eager, default graph) picks the rollout decode of the profile and
 # train steps;
@@ -31,7 +33,7 @@ gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '
 export SIF_COMMIT=${SIF_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 dest=${1:-benchmarks/results/$(date -u +%Y-%m-%d)-${gpu}-${SIF_COMMIT}}
 shift || true
-steps=${*:-build tests kernels sweep grpo crop crop-v2 e2e model train compile profile decode-async vision}
+steps=${*:-build tests kernels sweep grpo crop crop-v2 e2e model train compile profile decode-async vision vision-close}
 decode=${SIF_DECODE:-graph}
 mkdir -p "$dest"
 export PYTHONUNBUFFERED=1
@@ -93,6 +95,9 @@ for s in $steps; do
             done ;;
         vision) step vision 420 python -m benchmarks.vision_learning --device cuda --tasks halves,presence,color1 \
             --steps 1500 --eval-every 250 --workers 8 --json "$dest/vision_learning.json" ;;
+        vision-close) step vision-close 540 python -m benchmarks.vision_learning --device cuda --framing close \
+            --tasks presence,echo+color1+presence,ask --steps 3000 --eval-every 250 --workers 8 \
+            --json "$dest/vision_learning_close.json" ;;
         *) echo "unknown step $s" >&2; exit 2 ;;
     esac
 done

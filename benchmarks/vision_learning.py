@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import random
 import tempfile
 import time
@@ -118,25 +119,89 @@ def example(processor, record: Record, question: str, answer: str, rgb: torch.Te
     return SFTExample(record.id, out["input_ids"], mask, out["pixel_values"], out["image_grid_thw"])
 
 
-def first_token_predictions(model, examples: list[SFTExample], device: torch.device) -> list[tuple[bool, int]]:
-    """Per held-out example: whether the greedy prediction of its first answer token is right, and that prediction."""
-    out: list[tuple[bool, int]] = []
+def first_token_predictions(model, examples: list[SFTExample], device: torch.device) -> list[tuple[bool, int, float]]:
+    """Per held-out example: whether the greedy prediction of its first answer token is right, that prediction, and
+    the cross-entropy of the right token (nats; ln 2 for a yes/no question answered blind with even odds)."""
+    out: list[tuple[bool, int, float]] = []
     model.eval()
     with torch.no_grad():
         for start in range(0, len(examples), 16):
             chunk = examples[start : start + 16]
             packed = collate_sft(chunk, model.config, device)
-            predicted = (packed_hidden(model, packed) @ model.lm_head_weight.T).argmax(-1)
+            logits = (packed_hidden(model, packed) @ model.lm_head_weight.T).float()
+            ce = torch.nn.functional.cross_entropy(logits, packed.target_ids, reduction="none")
+            predicted = logits.argmax(-1)
             first = torch.cumsum(torch.tensor([0] + [int(e.assistant_mask.sum()) for e in chunk[:-1]]), 0)
-            out += [(bool(predicted[row] == packed.target_ids[row]), int(predicted[row])) for row in first.tolist()]
+            out += [
+                (bool(predicted[row] == packed.target_ids[row]), int(predicted[row]), float(ce[row]))
+                for row in first.tolist()
+            ]
     model.train()
     return out
 
 
-def summarise(predictions: list[tuple[bool, int]]) -> dict[str, float]:
-    """Accuracy and the share of the most frequent prediction (1.0: a constant answer) of some predictions."""
-    top = Counter(p for _, p in predictions).most_common(1)[0][1]
-    return {"accuracy": sum(h for h, _ in predictions) / len(predictions), "top_pred_share": top / len(predictions)}
+def summarise(predictions: list[tuple[bool, int, float]]) -> dict[str, float]:
+    """Accuracy, the share of the most frequent prediction (1.0: a constant answer) and the mean cross-entropy of
+    the right first token, of some predictions."""
+    n = len(predictions)
+    top = Counter(p for _, p, _ in predictions).most_common(1)[0][1]
+    return {
+        "accuracy": sum(h for h, _, _ in predictions) / n,
+        "top_pred_share": top / n,
+        "ce": round(sum(c for _, _, c in predictions) / n, 4),
+    }
+
+
+def pooled_vision_features(model, processor, records: list[Record], device: torch.device) -> torch.Tensor:
+    """float32 [N, 2 * D]: the mean and the max over each scene's image tokens of the vision tower's output."""
+    rows = []
+    model.eval()
+    with torch.no_grad():
+        for r in records:
+            out = processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}]}], [load_image(r.image)]
+            )
+            tokens = model.visual(out["pixel_values"].to(device), out["image_grid_thw"].to(device)).float()
+            rows.append(torch.cat([tokens.mean(0), tokens.amax(0)]).cpu())
+    model.train()
+    return torch.stack(rows)
+
+
+def colour_presence_probe(model, processor, train: list[Record], held: list[Record], device: torch.device) -> dict:
+    """Is what the questions ask in the image features at all? A linear probe (logistic regression, one output per
+    colour) from :func:`pooled_vision_features` to which colours the scene shows, fitted on ``train`` and scored on
+    ``held``, beside the majority answer of each colour. A probe far above the majority while the model answers at
+    it says the decoder, not the vision tower, is what has not learned."""
+    colours = sorted(COLORS)
+
+    def present(records: list[Record]) -> torch.Tensor:
+        return torch.tensor([[float(any(o["color"] == c for o in r.meta["scene"]["objects"])) for c in colours]
+                             for r in records])  # fmt: skip
+
+    x_train, x_held = (pooled_vision_features(model, processor, rs, device) for rs in (train, held))
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    x_train, x_held = (x_train - mean) / std, (x_held - mean) / std
+    y_train, y_held = present(train), present(held)
+    weight = torch.zeros(x_train.shape[1], len(colours), requires_grad=True)
+    bias = torch.zeros(len(colours), requires_grad=True)
+    optimizer = torch.optim.Adam([weight, bias], lr=1e-2)
+    with torch.enable_grad():
+        for _ in range(500):
+            logits = x_train @ weight + bias
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y_train) + 1e-3 * weight.square().sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        accuracy = ((x_held @ weight + bias > 0).float() == y_held).float().mean().item()
+    majority = torch.maximum(y_held.mean(0), 1 - y_held.mean(0)).mean().item()
+    return {"accuracy": round(accuracy, 4), "majority": round(majority, 4), "train": len(train), "held": len(held)}
+
+
+def answer_entropy(answers: list[str]) -> float:
+    """Entropy of the answers' distribution in nats: the cross-entropy of the best answer that ignores the image."""
+    counts = Counter(answers).values()
+    return round(-sum(c / len(answers) * math.log(c / len(answers)) for c in counts), 4)
 
 
 def by_kind(kinds: list[str], values: list) -> dict[str, list]:
@@ -190,11 +255,20 @@ def run_task(name: str, args: argparse.Namespace, root: Path) -> dict:
     kinds = [kind for _, _, kind in held]
     answers = by_kind(kinds, [a for _, a, _ in held_questions])
     baselines = {
-        k: {"n": len(a), "majority": Counter(a).most_common(1)[0][1] / len(a), "chance": 1 / len(set(a))}
+        k: {
+            "n": len(a),
+            "majority": Counter(a).most_common(1)[0][1] / len(a),
+            "chance": 1 / len(set(a)),
+            "blind_ce": answer_entropy(a),
+        }
         for k, a in answers.items()
     }
     all_answers = Counter(a for _, a, _ in held_questions)
     majority = sum(b["majority"] * b["n"] for b in baselines.values()) / len(held)
+    probe_scenes = ([r for r, _ in train[: args.probe]], [r for r, _, _ in held]) if args.probe else None
+    probe = {"before": colour_presence_probe(model, processor, *probe_scenes, device)} if probe_scenes else {}
+    if probe:
+        print(json.dumps({"task": name, "probe_before": probe["before"]}), flush=True)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     flat = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": flat, "weight_decay": 0.0}]
@@ -220,30 +294,41 @@ def run_task(name: str, args: argparse.Namespace, root: Path) -> dict:
         (out.loss_sum / out.num_loss_units).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+    if probe:
+        probe["after"] = colour_presence_probe(model, processor, *probe_scenes, device)
+        print(json.dumps({"task": name, "probe_after": probe["after"]}), flush=True)
     if args.save:
         save_pretrained(model.cpu(), args.save)
         processor.save(args.save)
-    return {"task": name, "majority": majority, "chance": 1 / len(all_answers), "kinds": baselines, "curve": curve}
+    blind_ce = round(sum(b["blind_ce"] * b["n"] for b in baselines.values()) / len(held), 4)  # kinds are asked apart
+    return {
+        "task": name,
+        "majority": majority,
+        "chance": 1 / len(all_answers),
+        "blind_ce": blind_ce,
+        "kinds": baselines,
+        "curve": curve,
+        "probe": probe,
+    }
 
 
 def format_table(results: list[dict]) -> str:
-    """One row per task, and one per question kind of a task that asks several (the best and the last check)."""
-    lines = ["| task | majority | chance | best held-out accuracy (step) | last | last top-answer share |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    """One row per task, and one per question kind of a task that asks several: the best and the last held-out
+    accuracy, the last check's top-answer share and first-token cross-entropy beside the blind one."""
+    lines = ["| task | majority | chance | best held-out accuracy (step) | last | last top-answer share "
+             "| last CE (blind) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
-        best = max(r["curve"], key=lambda c: c["accuracy"])
-        last = r["curve"][-1]
-        lines.append(
-            f"| {r['task']} | {r['majority']:.3f} | {r['chance']:.3f} | {best['accuracy']:.3f} ({best['step']}) "
-            f"| {last['accuracy']:.3f} | {last['top_pred_share']:.2f} |"
-        )
-        for kind, base in r["kinds"].items() if len(r["kinds"]) > 1 else ():
-            best = max(r["curve"], key=lambda c: c["kinds"][kind]["accuracy"])
-            k_best, k_last = best["kinds"][kind], last["kinds"][kind]
+        rows = [(r["task"], r, lambda c: c)]
+        if len(r["kinds"]) > 1:
+            rows += [(f"{r['task']}/{k} (n={b['n']})", b, lambda c, k=k: c["kinds"][k]) for k, b in r["kinds"].items()]
+        for label, base, point in rows:
+            best = max(r["curve"], key=lambda c: point(c)["accuracy"])
+            last = point(r["curve"][-1])
+            blind = base.get("blind_ce", r.get("blind_ce"))
             lines.append(
-                f"| {r['task']}/{kind} (n={base['n']}) | {base['majority']:.3f} | {base['chance']:.3f} "
-                f"| {k_best['accuracy']:.3f} ({best['step']}) | {k_last['accuracy']:.3f} "
-                f"| {k_last['top_pred_share']:.2f} |"
+                f"| {label} | {base['majority']:.3f} | {base['chance']:.3f} | {point(best)['accuracy']:.3f} "
+                f"({best['step']}) | {last['accuracy']:.3f} | {last['top_pred_share']:.2f} | {last['ce']:.3f} "
+                f"({blind:.3f}) |"
             )
     return "\n".join(lines)
 
@@ -269,6 +354,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "stands right before the answer")  # fmt: skip
     ap.add_argument("--held-out", type=int, default=HELD_OUT, help="held-out scenes per task")
     ap.add_argument("--warmup", type=int, default=30, help="steps of linear learning-rate warm-up")
+    ap.add_argument("--probe", type=int, default=0, help="before and after training, fit a linear colour-presence "
+                    "probe on the pooled vision features of this many training scenes "
+                    "(scored on the held-out ones)")  # fmt: skip
     ap.add_argument("--init", default="", help="start from this checkpoint instead of random tiny weights")
     ap.add_argument("--save", default="", help="write the trained model and processor here (the last task's)")
     ap.add_argument("--workers", type=int, default=1)

@@ -1,5 +1,6 @@
 """benchmarks/vision_learning.py: the questions say what the image shows, and the positive control is learned."""
 
+import argparse
 import json
 import random
 import subprocess
@@ -7,9 +8,23 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from benchmarks.vision_learning import TASKS, color1, echo, format_table, halves, main, presence, scenes
+from benchmarks.vision_learning import (
+    TASKS,
+    color1,
+    colour_presence_probe,
+    echo,
+    format_table,
+    halves,
+    main,
+    presence,
+    scenes,
+    synth_config,
+)
 from engine.data.render import COLORS
+from engine.models import from_pretrained, processor_from_pretrained
+from engine.models.tiny import create_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,3 +103,19 @@ def test_a_mixture_scores_each_part_on_its_own_scenes(tmp_path):
     for _ in range(4):
         question, answer, _ = echo(record, rng)
         assert f" {answer} or none?" in question and answer in COLORS
+
+
+@pytest.mark.slow
+def test_the_colour_probe_reads_the_vision_features_and_only_them(tmp_path):
+    """A linear probe finds which colours a close scene shows in the random tower's pooled features (well above the
+    majority), and finds nothing when the tower's output is constant."""
+    args = argparse.Namespace(framing="close", fov_deg=0.0, qtypes="")
+    cfg = synth_config("presence", args)
+    train, held = scenes(tmp_path, "train", cfg, 120, 7, 1), scenes(tmp_path, "held", cfg, 60, 8, 1)
+    checkpoint = create_tiny_checkpoint(tmp_path / "tiny", seed=0)
+    model, processor = from_pretrained(checkpoint), processor_from_pretrained(checkpoint)
+    seeing = colour_presence_probe(model, processor, train, held, torch.device("cpu"))
+    assert seeing["accuracy"] >= seeing["majority"] + 0.08, seeing
+    model.visual.forward = lambda pixels, grid: torch.ones(int(grid.prod(-1).sum()) // 4, 192)
+    blind = colour_presence_probe(model, processor, train, held, torch.device("cpu"))
+    assert blind["accuracy"] <= blind["majority"] + 0.02, blind
