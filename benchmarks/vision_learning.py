@@ -100,11 +100,12 @@ TASKS: dict[str, tuple[Question, SynthConfig]] = {
 
 
 def scenes(root: Path, name: str, cfg: SynthConfig, n: int, seed: int, workers: int) -> list[Record]:
-    """``n`` one-question records of distinct scenes (generated once into ``root/name``)."""
+    """``n`` one-question records of distinct scenes (generated into ``root/name``, again when it holds fewer)."""
     out = root / name
-    if not (out / "records.jsonl").is_file():
+    records = load_records(out / "records.jsonl", check_files="none")[0] if (out / "records.jsonl").is_file() else []
+    if len(records) < n:  # scene i of a seed does not depend on n: a larger set starts with the smaller one
         generate_dataset(out, n, seed, cfg, workers=workers)
-    records, _ = load_records(out / "records.jsonl", check_files="none")
+        records, _ = load_records(out / "records.jsonl", check_files="none")
     return records[:n]
 
 

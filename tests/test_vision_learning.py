@@ -119,3 +119,11 @@ def test_the_colour_probe_reads_the_vision_features_and_only_them(tmp_path):
     model.visual.forward = lambda pixels, grid: torch.ones(int(grid.prod(-1).sum()) // 4, 192)
     blind = colour_presence_probe(model, processor, train, held, torch.device("cpu"))
     assert blind["accuracy"] <= blind["majority"] + 0.02, blind
+
+
+def test_scenes_are_generated_again_when_more_are_asked(tmp_path):
+    cfg = TASKS["presence"][1]
+    few = scenes(tmp_path, "s", cfg, 2, 7, 1)
+    more = scenes(tmp_path, "s", cfg, 4, 7, 1)
+    assert len(few) == 2 and len(more) == 4
+    assert [r.id for r in more[:2]] == [r.id for r in few]
