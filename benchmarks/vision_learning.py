@@ -109,15 +109,34 @@ def scenes(root: Path, name: str, cfg: SynthConfig, n: int, seed: int, workers: 
     return records[:n]
 
 
-def example(processor, record: Record, question: str, answer: str, rgb: torch.Tensor, bare: bool = False) -> SFTExample:
+def example(
+    processor,
+    record: Record,
+    question: str,
+    answer: str,
+    rgb: torch.Tensor,
+    bare: bool = False,
+    follow_ups: list[tuple[str, str]] = (),
+) -> SFTExample:
     """The chat-templated record with ``question`` and the one-word ``answer`` as the only scored tokens; ``bare``
-    leaves the SIF instruction out of the user turn, so the question stands right before the answer."""
+    leaves the SIF instruction out of the user turn, so the question stands right before the answer.
+    ``follow_ups``: more (question, answer) turns about the same image, each answer scored too."""
     messages, images = sif_messages(dataclasses.replace(record, question=question), False, rgb, None, answer)
     if bare:
         messages[0]["content"][-1]["text"] = "\n" + question
+    for q, a in follow_ups:
+        messages += [{"role": "user", "content": [{"type": "text", "text": q}]}, {"role": "assistant", "content": a}]
     out = processor.apply_chat_template(messages, images)
     mask = scored_tokens(out["input_ids"], out["assistant_mask"], processor.tokenizer)
     return SFTExample(record.id, out["input_ids"], mask, out["pixel_values"], out["image_grid_thw"])
+
+
+def training_example(processor, record: Record, question: Question, rng: random.Random, args) -> SFTExample:
+    """One training conversation: ``args.turns`` questions of the task about one scene (the first in the SIF user
+    turn, the others as follow-up turns), every answer scored."""
+    first = question(record, rng)
+    follow_ups = [question(record, rng)[:2] for _ in range(args.turns - 1)]
+    return example(processor, record, *first, args.bare, follow_ups)
 
 
 def first_token_predictions(model, examples: list[SFTExample], device: torch.device) -> list[tuple[bool, int, float]]:
@@ -288,7 +307,7 @@ def run_task(name: str, args: argparse.Namespace, root: Path) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
         batch = [
-            example(processor, r, *question(r, rng), args.bare) for r, question in rng.sample(train, args.batch_size)
+            training_example(processor, r, question, rng, args) for r, question in rng.sample(train, args.batch_size)
         ]
         out = objective(model, collate_sft(batch, model.config, device))
         optimizer.zero_grad(set_to_none=True)
@@ -353,6 +372,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     f"{','.join(ONE_WORD_QTYPES)})")  # fmt: skip
     ap.add_argument("--bare", action="store_true", help="leave the SIF instruction out of the prompt: the question "
                     "stands right before the answer")  # fmt: skip
+    ap.add_argument("--turns", type=int, default=1, help="questions about each training scene in one conversation "
+                    "(follow-up turns; every answer scored, the first alone held out)")  # fmt: skip
     ap.add_argument("--held-out", type=int, default=HELD_OUT, help="held-out scenes per task")
     ap.add_argument("--warmup", type=int, default=30, help="steps of linear learning-rate warm-up")
     ap.add_argument("--probe", type=int, default=0, help="before and after training, fit a linear colour-presence "
