@@ -21,6 +21,7 @@ from benchmarks.vision_learning import (
     presence,
     scenes,
     synth_config,
+    training_example,
 )
 from engine.data.render import COLORS
 from engine.models import from_pretrained, processor_from_pretrained
@@ -127,3 +128,16 @@ def test_scenes_are_generated_again_when_more_are_asked(tmp_path):
     more = scenes(tmp_path, "s", cfg, 4, 7, 1)
     assert len(few) == 2 and len(more) == 4
     assert [r.id for r in more[:2]] == [r.id for r in few]
+
+
+def test_turns_ask_several_questions_about_one_scene_and_score_every_answer(tmp_path):
+    (record,) = scenes(tmp_path, "p", TASKS["presence"][1], 1, 7, 1)
+    processor = processor_from_pretrained(create_tiny_checkpoint(tmp_path / "tiny", seed=0))
+    args = argparse.Namespace(turns=3, bare=False)
+    ex = training_example(processor, record, presence, random.Random(0), args)
+    scored = processor.tokenizer.decode(ex.input_ids[ex.assistant_mask].tolist())
+    assert scored.count("<|im_end|>") == 3
+    colours = {o["color"] for o in record.meta["scene"]["objects"]}
+    text = processor.tokenizer.decode(ex.input_ids.tolist())
+    for question, answer in zip(text.split("Is there a ")[1:], scored.split("<|im_end|>")):
+        assert answer == ("yes" if question.split(" object")[0] in colours else "no")
