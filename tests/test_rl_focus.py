@@ -70,9 +70,27 @@ def test_view_budget_invalid_boxes_and_rgb_only() -> None:
     torch.testing.assert_close(first[1][:, 0, 0], torch.tensor([0.0, 1.0, 0.0]))
     assert hook([Request(0, 0, three + "<text>t</text>" + three[7:])]) == [None]  # budget spent
     assert len(hook([Request(0, 1, three)])[0]) == 2  # another sample has its own budget
-    bad = '<think><area>[{"bbox_2d":[0.6,0.0,0.2,0.5],"depth":0.1}]</area>'  # x2 < x1
-    assert hook([Request(0, 2, bad)]) == [None]
     assert hook.num_views == 4
+
+
+def test_an_area_without_a_valid_box_shows_the_whole_image() -> None:
+    """Crop-mode SFT always follows ``</area>`` with views; a degenerate or unreadable area gets the whole image, so
+    the policy is never left to sample the token after ``</area>`` that it was never trained to predict."""
+    img, depth = _quadrants(4, 4)
+    hook = CropFocusHook([img], [depth], crop_size=(2, 2), max_views=2)
+    degenerate = '<think><area>[{"bbox_2d":[0.6,0.0,0.2,0.5],"depth":0.1}]</area>'  # x2 < x1
+    unreadable = "<think><area>[{bbox</area> "
+    for sample, text in enumerate((degenerate, unreadable)):
+        (views,) = hook([Request(0, sample, text)])
+        rgb, depth_view = views
+        torch.testing.assert_close(rgb, img.permute(2, 0, 1).float()[:, ::2, ::2] / 255, atol=0.3, rtol=0)
+        assert rgb.shape == (3, 2, 2) and depth_view.shape == (2, 2, 3)
+        torch.testing.assert_close(rgb[:, 0, 1], torch.tensor([0.0, 1.0, 0.0]))  # top-right quadrant: green
+    assert hook([Request(0, 3, "no area yet")]) == [None]
+    assert hook.num_views == 2
+    spent = CropFocusHook([img], [depth], crop_size=(2, 2), max_views=1)
+    assert len(spent([Request(0, 0, AREA_TOP_RIGHT)])[0]) == 2
+    assert spent([Request(0, 0, AREA_TOP_RIGHT + "<text>t</text>" + degenerate[7:])]) == [None]  # budget spent
 
 
 def test_bad_inputs_are_named() -> None:

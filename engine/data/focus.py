@@ -5,9 +5,12 @@ decode step, batched over the whole rollout batch). The hook parses the boxes of
 (``sif_format.last_area_boxes``), crops RGB (and depth, when depth views are on) for *all* requesting samples in
 ONE ``engine.ops.crop_boxes`` call, and returns, per request, the list of images to splice in:
 for each box its RGB crop (float32 [3, h, w] in [0, 1]) followed, with depth views, by its depth crop coloured
-like the prompt's depth image (Spectral_r, uint8 [h, w, 3]). Requests whose area has no valid box get ``None``
-(no view; the format reward punishes the area). Each sample may receive at most ``max_views`` box views over its
-whole rollout; boxes beyond the budget are dropped in order.
+like the prompt's depth image (Spectral_r, uint8 [h, w, 3]). An area with no valid box (unreadable, or every box
+degenerate: x2 <= x1, out of [0, 1]) gets one view of the whole image instead: every ``</area>`` a crop-mode SFT
+trace shows is followed by views, so a policy handed none there would sample a token it was never trained to
+predict (in practice it ends the completion); the format reward still punishes the area. Each sample may receive at
+most ``max_views`` views over its whole rollout; views beyond the budget are dropped in order (``None`` once it is
+spent, as SFT traces show past their budget).
 
 The prompt images are kept at their decoded resolution (not the processor's resized one) so crops carry detail
 the model could not see; prompts of different sizes are zero-padded bottom/right into one stacked batch once per
@@ -23,8 +26,11 @@ from typing import Protocol
 import torch
 
 from engine.data.depth_colormap import spectral_r_palette
-from engine.data.sif_format import last_area_boxes
+from engine.data.sif_format import DepthBox, last_area_boxes
 from engine.ops import crop_boxes
+
+WHOLE_IMAGE = DepthBox(0.0, 0.0, 1.0, 1.0, 0.0)
+"""The view an area with no valid box gets (its depth is not used)."""
 
 
 class FocusRequestLike(Protocol):
@@ -106,12 +112,12 @@ class CropFocusHook:
         for r, req in enumerate(requests):
             key = (req.prompt_index, req.sample_index)
             budget = self.max_views - self.views_used.get(key, 0)
-            area = last_area_boxes(req.completion_text) if budget > 0 else None
-            if not area:
+            if budget <= 0 or not req.completion_text.rstrip().endswith("</area>"):
                 continue
+            area = [(b.x1, b.y1, b.x2, b.y2) for b in last_area_boxes(req.completion_text) or [WHOLE_IMAGE]]
             h, w = self.sizes[req.prompt_index]
-            for box in area[:budget]:
-                boxes.append([box.x1 * w, box.y1 * h, box.x2 * w, box.y2 * h])
+            for x1, y1, x2, y2 in area[:budget]:
+                boxes.append([x1 * w, y1 * h, x2 * w, y2 * h])
                 index.append(req.prompt_index)
                 owner.append(r)
             self.views_used[key] = self.views_used.get(key, 0) + min(len(area), budget)
