@@ -8,9 +8,9 @@ for each box its RGB crop (float32 [3, h, w] in [0, 1]) followed, with depth vie
 like the prompt's depth image (Spectral_r, uint8 [h, w, 3]). An area with no valid box (unreadable, or every box
 degenerate: x2 <= x1, out of [0, 1]) gets one view of the whole image instead: every ``</area>`` a crop-mode SFT
 trace shows is followed by views, so a policy handed none there would sample a token it was never trained to
-predict (in practice it ends the completion); the format reward still punishes the area. Each sample may receive at
-most ``max_views`` views over its whole rollout; views beyond the budget are dropped in order (``None`` once it is
-spent, as SFT traces show past their budget).
+predict; the format reward still punishes the area. Each sample may receive at most ``max_views`` views over its
+whole rollout; views beyond the budget are dropped in order (``None`` once it is spent, as SFT traces show past
+their budget).
 
 The prompt images are kept at their decoded resolution (not the processor's resized one) so crops carry detail
 the model could not see; prompts of different sizes are zero-padded bottom/right into one stacked batch once per
