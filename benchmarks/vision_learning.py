@@ -1,8 +1,10 @@
 """Does a model learn to look? Held-out learning curves of single-answer perception questions, from random weights.
 
-Each task asks one question per scene whose answer is in the image and nowhere else, trains the tiny default
-(``engine.models.tiny``, random weights) on the answer alone (SFT: chat template, image, question, one-word
-answer) and scores the first answer token greedily on held-out scenes, beside the majority answer:
+Each task asks one question per scene (``--turns K``: K, as follow-up turns), trains the tiny default
+(``engine.models.tiny``, random weights) on the answers alone (SFT: chat template, image, question, one-word
+answer) and scores the first answer token greedily on held-out scenes, beside the majority answer, with its
+cross-entropy beside the blind one (the answers' entropy). Apart from ``echo``, every answer is in the image and
+nowhere else:
 
 * ``halves`` (the positive control): a scene with its left or right half darkened to 40 %; "Which half of the
   image is darker?" → left / right. The signal covers half of the image tokens.
@@ -18,7 +20,9 @@ Scenes come from the generator (``engine.data.synth``, seed ``--seed`` for train
 seen with the camera of ``--framing`` (``engine.data.synth.FRAMINGS``). The model, the processor and the SFT
 objective are the engine's own, so a change that makes the tiny model see shows here first. ``--init`` starts
 from a checkpoint instead of random weights and ``--save`` writes the trained model, so that stages chain into a
-curriculum (each stage judged on its own held-out scenes).
+curriculum (each stage judged on its own held-out scenes); ``a+b`` trains a mixture. ``--probe N`` fits a linear
+probe from the pooled vision features to the colours each scene shows: when it reads them and the model's answers
+do not, the decoder is what has not learned.
 
     python -m benchmarks.vision_learning --tasks halves,presence,color1 --steps 2000 --device cuda
     python -m benchmarks.vision_learning --tasks color1 --fov-deg 22 --steps 300   # larger objects
