@@ -70,8 +70,13 @@ def halves(record: Record, rng: random.Random) -> tuple[str, str, torch.Tensor]:
     return "Which half of the image is darker, left or right?", answer, rgb
 
 
+def scene_colours(record: Record) -> set[str]:
+    """The colours of the objects the record's scene shows."""
+    return {o["color"] for o in record.meta["scene"]["objects"]}
+
+
 def presence(record: Record, rng: random.Random) -> tuple[str, str, torch.Tensor]:
-    present = sorted({o["color"] for o in record.meta["scene"]["objects"]})
+    present = sorted(scene_colours(record))
     want = rng.random() < 0.5
     colour = rng.choice(present if want else sorted(set(COLORS) - set(present)))
     return f"Is there a {colour} object in the image?", "yes" if want else "no", load_image(record.image)
@@ -182,10 +187,8 @@ def pooled_vision_features(model, processor, records: list[Record], device: torc
     model.eval()
     with torch.no_grad():
         for r in records:
-            out = processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}]}], [load_image(r.image)]
-            )
-            tokens = model.visual(out["pixel_values"].to(device), out["image_grid_thw"].to(device)).float()
+            pixel_values, grid = processor.preprocess_images([load_image(r.image)])
+            tokens = model.visual(pixel_values.to(device), grid.to(device)).float()
             rows.append(torch.cat([tokens.mean(0), tokens.amax(0)]).cpu())
     model.train()
     return torch.stack(rows)
@@ -199,8 +202,7 @@ def colour_presence_probe(model, processor, train: list[Record], held: list[Reco
     colours = sorted(COLORS)
 
     def present(records: list[Record]) -> torch.Tensor:
-        return torch.tensor([[float(any(o["color"] == c for o in r.meta["scene"]["objects"])) for c in colours]
-                             for r in records])  # fmt: skip
+        return torch.tensor([[float(c in scene_colours(r)) for c in colours] for r in records])
 
     x_train, x_held = (pooled_vision_features(model, processor, rs, device) for rs in (train, held))
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6

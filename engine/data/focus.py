@@ -114,10 +114,10 @@ class CropFocusHook:
             budget = self.max_views - self.views_used.get(key, 0)
             if budget <= 0 or not req.completion_text.rstrip().endswith("</area>"):
                 continue
-            area = [(b.x1, b.y1, b.x2, b.y2) for b in last_area_boxes(req.completion_text) or [WHOLE_IMAGE]]
+            area = last_area_boxes(req.completion_text) or [WHOLE_IMAGE]
             h, w = self.sizes[req.prompt_index]
-            for x1, y1, x2, y2 in area[:budget]:
-                boxes.append([x1 * w, y1 * h, x2 * w, y2 * h])
+            for box in area[:budget]:
+                boxes.append([box.x1 * w, box.y1 * h, box.x2 * w, box.y2 * h])
                 index.append(req.prompt_index)
                 owner.append(r)
             self.views_used[key] = self.views_used.get(key, 0) + min(len(area), budget)
