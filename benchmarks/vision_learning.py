@@ -252,6 +252,24 @@ def synth_config(name: str, args: argparse.Namespace) -> SynthConfig:
     return cfg
 
 
+def parameter_groups(model, weight_decay: float, vision_lr_scale: float) -> list[dict]:
+    """AdamW groups: matrices decay, vectors do not; the vision tower's learning rate is ``vision_lr_scale`` times
+    the decoder's (0 freezes it: its parameters leave the optimiser)."""
+    groups = []
+    for vision in (False, True):
+        scale = vision_lr_scale if vision else 1.0
+        named = [(n, p) for n, p in model.named_parameters() if n.startswith("visual.") == vision]
+        if scale == 0:
+            for _, p in named:
+                p.requires_grad_(False)
+            continue
+        groups += [
+            {"params": [p for _, p in named if p.ndim >= 2], "weight_decay": weight_decay, "lr_scale": scale},
+            {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale},
+        ]
+    return groups
+
+
 def scene_tag(name: str, cfg: SynthConfig) -> str:
     """A folder name that changes with every generator setting (generated scenes are cached by it)."""
     return f"{name}-{hashlib.sha1(repr(cfg).encode()).hexdigest()[:10]}"
@@ -295,10 +313,7 @@ def run_task(name: str, args: argparse.Namespace, root: Path) -> dict:
     probe = {"before": colour_presence_probe(model, processor, *probe_scenes, device)} if probe_scenes else {}
     if probe:
         print(json.dumps({"task": name, "probe_before": probe["before"]}), flush=True)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    flat = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": flat, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr)
+    optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay, args.vision_lr_scale), lr=args.lr)
     objective, rng, curve, t0 = SFTObjective(), random.Random(0), [], time.perf_counter()
     for step in range(args.steps + 1):
         if step % args.eval_every == 0:
@@ -311,7 +326,7 @@ def run_task(name: str, args: argparse.Namespace, root: Path) -> dict:
         if step == args.steps:
             break
         for group in optimizer.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+            group["lr"] = args.lr * group["lr_scale"] * min(1.0, (step + 1) / args.warmup)
         batch = [
             training_example(processor, r, question, rng, args) for r, question in rng.sample(train, args.batch_size)
         ]
@@ -366,8 +381,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--vision-lr-scale", type=float, default=1.0, help="the vision tower's learning rate as a "
+                    "multiple of --lr (0 freezes it)")  # fmt: skip
     ap.add_argument("--scenes", type=int, default=2000, help="training scenes per task")
     ap.add_argument("--seed", type=int, default=5000)
     ap.add_argument("--fov-deg", type=float, default=0.0, help="camera field of view (0: the generator's 60°; "

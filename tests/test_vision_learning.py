@@ -18,6 +18,7 @@ from benchmarks.vision_learning import (
     format_table,
     halves,
     main,
+    parameter_groups,
     presence,
     scenes,
     synth_config,
@@ -141,3 +142,15 @@ def test_turns_ask_several_questions_about_one_scene_and_score_every_answer(tmp_
     text = processor.tokenizer.decode(ex.input_ids.tolist())
     for question, answer in zip(text.split("Is there a ")[1:], scored.split("<|im_end|>")):
         assert answer == ("yes" if question.split(" object")[0] in colours else "no")
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.1, 1.0])
+def test_the_vision_tower_learns_at_its_own_rate_or_not_at_all(tmp_path, scale):
+    model = from_pretrained(create_tiny_checkpoint(tmp_path / "tiny", seed=0))
+    groups = parameter_groups(model, 0.1, scale)
+    in_groups = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    assert all(in_groups[id(p)] == 1.0 for p in model.model.parameters())
+    assert all(in_groups.get(id(p)) == (scale or None) for p in model.visual.parameters())
+    assert all(p.requires_grad == (scale > 0) for p in model.visual.parameters())
+    assert len(in_groups) == sum(1 for p in model.parameters() if p.requires_grad)
+    assert {g["weight_decay"] for g in groups if all(p.ndim < 2 for p in g["params"])} == {0.0}
