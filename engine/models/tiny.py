@@ -83,11 +83,9 @@ def init_weights(model: nn.Module, seed: int, std: float | None = None) -> None:
     conv, where ``std=None`` means 1/√fan_in of each (fan_in: every dimension but the first; an embedding's is
     the hidden size, so a token enters the residual stream at unit scale, like a normalised hidden state).
 
-    Fan-in scaling, not the 0.02 of large checkpoints: at hidden size 192, std 0.02 gives first-layer attention
-    logits of std 0.08 (fan-in: 1.0), so every head averages its whole context. From there the tiny decoder learns
-    questions that need one fact, but stays at chance on one that needs two together (is the query among the
-    listed words?), for 400 steps behind a 40-token preamble; from the fan-in init it learns it in about 100
-    (``tests/test_tiny_init.py``).
+    Fan-in scaling, not the 0.02 of large checkpoints: at hidden size 192, std 0.02 leaves every attention head
+    of the untrained model averaging its whole context, and a decoder this narrow then does not learn questions that
+    need two facts together (``tests/test_tiny_init.py``; ``benchmarks.init_learning`` measures both inits).
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
