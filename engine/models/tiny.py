@@ -99,15 +99,17 @@ def init_weights(model: nn.Module, seed: int, std: float | None = None) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
 
 
-def create_tiny_checkpoint(path: str | Path, seed: int = 0, config: ModelConfig | None = None) -> Path:
+def create_tiny_checkpoint(
+    path: str | Path, seed: int = 0, config: ModelConfig | None = None, init_std: float | None = None
+) -> Path:
     """Write config.json, model.safetensors, tokenizer.json and preprocessor_config.json of the tiny model, or of a
     model of ``config`` (another shape, e.g. for benchmarks; its special-token ids must be the tiny tokenizer's)
-    with random weights and the tiny tokenizer and processor."""
+    with random weights (:func:`init_weights`, ``init_std`` None: fan-in) and the tiny tokenizer and processor."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok = tiny_tokenizer()
     model = VLModel(config or tiny_config(tok))
-    init_weights(model, seed)
+    init_weights(model, seed, init_std)
     save_pretrained(model, path)
     Processor(tok, ImageConfig(min_pixels=56 * 56, max_pixels=TINY_MAX_PIXELS)).save(path)
     return path
