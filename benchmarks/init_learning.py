@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.models.model import VLModel
+from engine.models.packing import pack_sequences, packed_hidden
 from engine.models.tiny import init_weights, tiny_config
 
 VARIANTS = ("plain", "preamble", "mapped", "scattered")
@@ -56,13 +57,12 @@ def membership_questions(variant: str, rng: random.Random, n: int) -> tuple[list
     return sequences, torch.tensor(targets)
 
 
-def last_token_logits(model: VLModel, sequences: list[list[int]]) -> torch.Tensor:
-    """float32 [n, V]: the next-token logits after each sequence, all packed into one forward."""
-    lengths = [len(s) for s in sequences]
-    cu_seqlens = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
-    positions = torch.cat([torch.arange(n) for n in lengths]).expand(3, -1)
-    hidden = model(torch.tensor([t for s in sequences for t in s]), positions, cu_seqlens)
-    return hidden[cu_seqlens[1:].long() - 1] @ model.lm_head_weight.T
+def answer_logits(model: VLModel, sequences: list[list[int]], targets: torch.Tensor) -> torch.Tensor:
+    """float32 [n, V]: the logits predicting each sequence's answer ``targets[i]``, all packed into one forward
+    (``engine.models.packing``: the answer appended as the one scored token of its sequence)."""
+    with_answers = [torch.tensor(s + [int(t)]) for s, t in zip(sequences, targets)]
+    masks = [torch.arange(len(ids)) == len(ids) - 1 for ids in with_answers]
+    return packed_hidden(model, pack_sequences(with_answers, masks, model.config)) @ model.lm_head_weight.T
 
 
 def train(
@@ -79,14 +79,14 @@ def train(
     for step in range(steps + 1):
         if step % eval_every == 0 or step == steps:
             with torch.no_grad():
-                predicted = last_token_logits(model, held_sequences).argmax(-1)
+                predicted = answer_logits(model, held_sequences, held_targets).argmax(-1)
             curve.append((step, predicted.eq(held_targets).float().mean().item()))
         if step == steps:
             break
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 20)
         sequences, targets = membership_questions(variant, rng, batch_size)
-        loss = F.cross_entropy(last_token_logits(model, sequences), targets)
+        loss = F.cross_entropy(answer_logits(model, sequences, targets), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -54,6 +54,7 @@ from engine.models import from_pretrained, processor_from_pretrained
 from engine.models.loading import save_pretrained
 from engine.models.packing import packed_hidden
 from engine.models.tiny import create_tiny_checkpoint
+from engine.train.optim import param_groups
 from engine.train.sft import SFTExample, SFTObjective, collate_sft, scored_tokens
 
 Question = Callable[[Record, random.Random], tuple[str, str, torch.Tensor]]
@@ -253,20 +254,18 @@ def synth_config(name: str, args: argparse.Namespace) -> SynthConfig:
 
 
 def parameter_groups(model, weight_decay: float, vision_lr_scale: float) -> list[dict]:
-    """AdamW groups: matrices decay, vectors do not; the vision tower's learning rate is ``vision_lr_scale`` times
-    the decoder's (0 freezes it: its parameters leave the optimiser)."""
+    """The trainer's AdamW groups (``engine.train.optim.param_groups``: matrices decay, vectors do not), each split
+    into the decoder's part (``lr_scale`` 1) and the vision tower's (``lr_scale`` ``vision_lr_scale``; 0 freezes
+    the tower, so its parameters leave the optimiser)."""
+    if vision_lr_scale == 0:
+        model.visual.requires_grad_(False)
+    vision = {id(p) for p in model.visual.parameters()}
     groups = []
-    for vision in (False, True):
-        scale = vision_lr_scale if vision else 1.0
-        named = [(n, p) for n, p in model.named_parameters() if n.startswith("visual.") == vision]
-        if scale == 0:
-            for _, p in named:
-                p.requires_grad_(False)
-            continue
-        groups += [
-            {"params": [p for _, p in named if p.ndim >= 2], "weight_decay": weight_decay, "lr_scale": scale},
-            {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale},
-        ]
+    for group in param_groups(model, weight_decay):
+        for in_vision, scale in ((False, 1.0), (True, vision_lr_scale)):
+            params = [p for p in group["params"] if (id(p) in vision) == in_vision]
+            if params:
+                groups.append({**group, "params": params, "lr_scale": scale})
     return groups
 
 
