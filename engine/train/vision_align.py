@@ -1,0 +1,209 @@
+"""Vision-language alignment of a randomly initialised vision tower, from the generator's scene descriptions.
+
+A pretrained VLM starts from a vision tower whose tokens already say what they show; the tiny default starts from
+random weights, and its decoder then has to discover, through the SFT loss alone, which continuous patch features go
+with which words. It learns that for one-object scenes ("What color is the object?") but not for questions that
+match a word of the question against one object among several ("Is there a red object?": it stays at chance).
+Given image tokens that equal fixed vectors per colour it learns the same question in a few hundred steps
+(``benchmarks.vision_learning`` measures both).
+
+This stage gives the tower that property before any SFT: every image token regresses (mean squared error) onto the
+decoder's own input embedding of the words naming what its patch shows, ``e(colour) + e(shape)`` of the nearest
+object whose box holds the token's centre, else ``e(background)``, where ``e(w)`` is the mean embedding of the BPE
+pieces of " w". It is the feature-alignment stage of LLaVA-style training, with the synthetic scenes' exact labels
+in place of captions. Only the tower (patch embedding, blocks, merger) trains; the embeddings are read once.
+
+Labels come from ``record.meta["scene"]["objects"]`` (``engine.data.synth`` writes them: ``box``, ``color``,
+``shape``, ``center``); a record without them is refused with its id.
+
+    python -m engine.train.vision_align --data DIR --model CKPT --out ALIGNED --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from engine.data.images import load_image
+from engine.data.schema import Record, load_records
+from engine.models import VLModel, from_pretrained, processor_from_pretrained
+from engine.models.loading import save_pretrained
+from engine.models.processor import Processor
+
+BACKGROUND = "background"
+
+
+@dataclass
+class AlignConfig:
+    """AdamW on the vision tower alone: ``steps`` batches of ``batch_size`` images (drawn with ``seed``), linear
+    warm-up over ``warmup`` steps, then a constant ``lr``."""
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: int = 20
+    seed: int = 0
+
+
+def scene_objects(record: Record) -> list[dict]:
+    """The objects of the record's scene description (``meta.scene.objects``), each with box, colour, shape and
+    centre; ValueError naming the record when the description is missing or incomplete."""
+    objects = (record.meta or {}).get("scene", {}).get("objects")
+    if not isinstance(objects, list):
+        raise ValueError(f"record {record.id}: vision alignment needs meta.scene.objects (the generator's scene)")
+    for i, o in enumerate(objects):
+        missing = sorted({"box", "color", "shape", "center"} - set(o))
+        if missing:
+            raise ValueError(f"record {record.id}: meta.scene.objects[{i}] lacks {missing}")
+    return objects
+
+
+def token_words(objects: list[dict], grid_h: int, grid_w: int) -> list[str]:
+    """Per image token, row-major over its ``grid_h`` x ``grid_w`` grid: "colour shape" of the nearest object (view
+    depth ``center[2]``) whose box holds the token's centre, else ``BACKGROUND``."""
+    nearest_first = sorted(objects, key=lambda o: o["center"][2])
+    words = []
+    for i in range(grid_h):
+        y = (i + 0.5) / grid_h
+        for j in range(grid_w):
+            x = (j + 0.5) / grid_w
+            hit = next(
+                (o for o in nearest_first if o["box"][0] <= x <= o["box"][2] and o["box"][1] <= y <= o["box"][3]), None
+            )
+            words.append(f"{hit['color']} {hit['shape']}" if hit else BACKGROUND)
+    return words
+
+
+def phrase_embedding(phrase: str, embeddings: torch.Tensor, processor: Processor) -> torch.Tensor:
+    """float32 [D]: the sum over the phrase's words of the mean input embedding of the BPE pieces of " word"."""
+    rows = [embeddings[processor.tokenizer.encode(" " + w)].mean(0) for w in phrase.split()]
+    return torch.stack(rows).sum(0).float()
+
+
+class AlignmentTargets:
+    """Each record's image (uint8, loaded once) and its tokens' target embeddings float32 [tokens, D]."""
+
+    def __init__(self, records: list[Record], model: VLModel, processor: Processor) -> None:
+        self.processor = processor
+        embeddings = model.model.embed_tokens.weight.detach().float().cpu()
+        merge = processor.image.merge_size
+        self.phrases: dict[str, torch.Tensor] = {}
+        self.items: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for r in records:
+            objects = scene_objects(r)
+            rgb = load_image(r.image)
+            _, grid = processor.preprocess_images([rgb])
+            _, gh, gw = (int(v) for v in grid[0])
+            words = token_words(objects, gh // merge, gw // merge)
+            for w in set(words) - set(self.phrases):
+                self.phrases[w] = phrase_embedding(w, embeddings, processor)
+            self.items.append((rgb, torch.stack([self.phrases[w] for w in words])))
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """pixel_values [P, patch_dim], image_grid_thw [n, 3] and targets float32 [tokens, D] of ``indices``."""
+        pixel_values, grid = self.processor.preprocess_images([self.items[i][0] for i in indices])
+        return pixel_values, grid, torch.cat([self.items[i][1] for i in indices])
+
+
+def relative_error(features: torch.Tensor, targets: torch.Tensor) -> float:
+    """sum ||f - t||² / sum ||t||² over tokens: 0 aligned, 1 as far as predicting zeros."""
+    return float((features - targets).square().sum() / targets.square().sum())
+
+
+def phrase_accuracy(features: torch.Tensor, targets: torch.Tensor, phrases: torch.Tensor) -> float:
+    """Share of tokens whose nearest phrase embedding (of ``phrases`` [K, D]) is their own target's."""
+    own = torch.cdist(targets, phrases).argmin(-1)
+    return float((torch.cdist(features, phrases).argmin(-1) == own).float().mean())
+
+
+def align_vision_tower(
+    model: VLModel,
+    processor: Processor,
+    records: list[Record],
+    cfg: AlignConfig,
+    held_out: list[Record] = (),
+    progress: bool = True,
+) -> dict:
+    """Train ``model.visual`` in place on ``records`` (see the module docstring); returns the loss curve and, with
+    ``held_out``, the relative error and nearest-phrase accuracy of its tokens before and after."""
+    if not records:
+        raise ValueError("vision alignment: no training records")
+    device = next(model.visual.parameters()).device
+    train = AlignmentTargets(records, model, processor)
+    held = AlignmentTargets(list(held_out), model, processor) if held_out else None
+    phrases = torch.stack(list({**train.phrases, **(held.phrases if held else {})}.values())).to(device)
+
+    def score() -> dict:
+        with torch.no_grad():
+            pv, grid, t = held.batch(list(range(len(held.items))))
+            f = model.visual(pv.to(device), grid.to(device)).float()
+            t = t.to(device)
+            return {
+                "relative_error": round(relative_error(f, t), 4),
+                "accuracy": round(phrase_accuracy(f, t, phrases), 4),
+            }
+
+    report = {"held_out_before": score()} if held else {}
+    params = [p for p in model.visual.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng, losses, t0 = random.Random(cfg.seed), [], time.perf_counter()
+    steps = range(cfg.steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="vision alignment", unit="step")
+    for step in steps:
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        pv, grid, targets = train.batch(rng.sample(range(len(train.items)), min(cfg.batch_size, len(train.items))))
+        features = model.visual(pv.to(device), grid.to(device)).float()
+        loss = F.mse_loss(features, targets.to(device), reduction="none").sum(-1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    report.update(losses=losses, seconds=round(time.perf_counter() - t0, 1))
+    if held:
+        report["held_out_after"] = score()
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True, help="a folder with records.jsonl of generated scenes")
+    ap.add_argument("--model", required=True, help="the checkpoint whose vision tower to align")
+    ap.add_argument("--out", required=True, help="where to write the aligned checkpoint")
+    ap.add_argument("--held-out", type=int, default=64, help="the data's last N scenes, scored, not trained on")
+    for field, default in vars(AlignConfig()).items():
+        ap.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
+    args = ap.parse_args(argv)
+    records, _ = load_records(Path(args.data) / "records.jsonl", check_files="none")
+    scenes = list({r.image: r for r in records}.values())  # one record per image
+    if len(scenes) <= args.held_out:
+        raise SystemExit(f"{args.data}: {len(scenes)} scenes, need more than --held-out {args.held_out}")
+    train, held = scenes[: -args.held_out or None], scenes[len(scenes) - args.held_out :]
+    model, processor = from_pretrained(args.model), processor_from_pretrained(args.model)
+    cfg = AlignConfig(**{f: getattr(args, f) for f in vars(AlignConfig())})
+    report = align_vision_tower(model, processor, train, cfg, held)
+    save_pretrained(model, args.out)
+    processor.save(args.out)
+    k = max(1, len(report["losses"]) // 10)
+    first, last = sum(report["losses"][:k]) / k, sum(report["losses"][-k:]) / k
+    print(f"[align] {cfg.steps} steps on {len(train)} scenes, {report['seconds']} s: loss {first:.4f} -> {last:.4f}")
+    if held:
+        print(
+            f"[align] held-out {len(held)} scenes: before {report['held_out_before']}, after {report['held_out_after']}"
+        )
+    print(f"[align] wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

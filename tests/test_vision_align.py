@@ -1,0 +1,134 @@
+"""engine/train/vision_align.py: each image token's target names what its patch shows, and training reaches it."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from engine.data.schema import Record, load_records
+from engine.data.synth import SynthConfig, framed, generate_dataset
+from engine.models import from_pretrained, processor_from_pretrained
+from engine.models.tiny import create_tiny_checkpoint
+from engine.train.vision_align import (
+    BACKGROUND,
+    AlignConfig,
+    AlignmentTargets,
+    align_vision_tower,
+    main,
+    phrase_embedding,
+    scene_objects,
+    token_words,
+)
+
+
+def obj(colour, shape, box, z):
+    return {"color": colour, "shape": shape, "box": box, "center": [0.0, 0.0, z]}
+
+
+def test_token_words_name_the_nearest_object_at_each_token_centre():
+    """A 2 x 4 grid: token centres at x = 1/8, 3/8, 5/8, 7/8 and y = 1/4, 3/4. The far red cube spans the left
+    half, the near blue sphere the middle two columns of the top row: where they overlap, the sphere wins."""
+    objects = [obj("red", "cube", [0.0, 0.0, 0.5, 1.0], 9.0), obj("blue", "sphere", [0.3, 0.0, 0.7, 0.5], 4.0)]
+    assert token_words(objects, 2, 4) == [
+        "red cube", "blue sphere", "blue sphere", BACKGROUND,
+        "red cube", "red cube", BACKGROUND, BACKGROUND,
+    ]  # fmt: skip
+    assert token_words([], 1, 2) == [BACKGROUND, BACKGROUND]
+
+
+def test_records_without_a_scene_are_refused_by_id():
+    bare = Record(
+        id="rec-7", image="x.png", question="q", answer="a", answer_type="text", gt_boxes=[], width=8, height=8
+    )
+    with pytest.raises(ValueError, match="rec-7.*meta.scene.objects"):
+        scene_objects(bare)
+    partial = dataclasses.replace(bare, meta={"scene": {"objects": [{"box": [0, 0, 1, 1], "color": "red"}]}})
+    with pytest.raises(ValueError, match=r"rec-7: meta.scene.objects\[0\] lacks \['center', 'shape'\]"):
+        scene_objects(partial)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("align")
+    ckpt = create_tiny_checkpoint(root / "tiny", seed=0)
+    cfg = dataclasses.replace(framed(SynthConfig(), "close"), qtypes=("locate",), with_trace=False)
+    generate_dataset(root / "scenes", 40, 3, cfg)
+    records, _ = load_records(root / "scenes" / "records.jsonl", check_files="none")
+    return root, ckpt, records
+
+
+def test_phrase_targets_are_the_decoders_word_embeddings(tiny):
+    _, ckpt, records = tiny
+    model, processor = from_pretrained(ckpt), processor_from_pretrained(ckpt)
+    emb = model.model.embed_tokens.weight.detach()
+    red, cube = (emb[processor.tokenizer.encode(" " + w)].mean(0) for w in ("red", "cube"))
+    torch.testing.assert_close(phrase_embedding("red cube", emb, processor), red + cube)
+    targets = AlignmentTargets(records[:2], model, processor)
+    rgb, per_token = targets.items[0]
+    assert per_token.shape == (64, model.config.text.hidden_size)  # 224 x 224 -> 8 x 8 merged tokens
+    words = token_words(scene_objects(records[0]), 8, 8)
+    for k in (0, 27, 63):
+        torch.testing.assert_close(per_token[k], targets.phrases[words[k]])
+    assert any(w != BACKGROUND for w in words)
+
+
+def test_alignment_trains_the_tower_alone_and_reaches_held_out_targets(tiny):
+    _, ckpt, records = tiny
+    model, processor = from_pretrained(ckpt), processor_from_pretrained(ckpt)
+    decoder_before = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("visual.")}
+    tower_before = model.visual.merger.mlp[2].weight.detach().clone()
+    report = align_vision_tower(
+        model, processor, records[:32], AlignConfig(steps=40, batch_size=8), records[32:], progress=False
+    )
+    for n, p in model.named_parameters():
+        if n in decoder_before:
+            assert torch.equal(p, decoder_before[n]), n
+    assert not torch.equal(model.visual.merger.mlp[2].weight, tower_before)
+    before, after = report["held_out_before"], report["held_out_after"]
+    assert after["relative_error"] < before["relative_error"] / 50, (
+        report
+    )  # the untrained tower's tokens are ~9x too long
+    assert after["accuracy"] > before["accuracy"] + 0.3, report
+    assert len(report["losses"]) == 40 and report["losses"][-1] < report["losses"][0] / 10
+
+
+def test_cli_writes_a_loadable_aligned_checkpoint(tiny, capsys):
+    root, ckpt, _ = tiny
+    main(["--data", str(root / "scenes"), "--model", str(ckpt), "--out", str(root / "aligned"), "--steps", "2",
+          "--batch-size", "2", "--held-out", "4"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "[align] 2 steps on 36 scenes" in printed and "held-out 4 scenes" in printed
+    aligned = from_pretrained(root / "aligned")
+    original = from_pretrained(ckpt)
+    assert not torch.equal(aligned.visual.merger.mlp[2].weight, original.visual.merger.mlp[2].weight)
+    assert torch.equal(aligned.model.embed_tokens.weight, original.model.embed_tokens.weight)
+    with pytest.raises(SystemExit, match="need more than --held-out 40"):
+        main(["--data", str(root / "scenes"), "--model", str(ckpt), "--out", str(root / "x"), "--held-out", "40"])
+
+
+class MainRank:
+    is_main = True
+    device = torch.device("cpu")
+
+    def barrier(self) -> None:
+        pass
+
+
+def test_the_jobs_default_is_built_aligned_and_whole(tmp_path):
+    """resolve_checkpoint with an empty path: the tiny default with its tower aligned, in a folder named by the
+    alignment settings; a half-built folder left by a killed build is rebuilt, never used."""
+    from engine.config import ModelSection
+    from engine.recipes.policy import resolve_checkpoint
+
+    section = ModelSection(align_steps=2, align_scenes=4)
+    (tmp_path / "tiny-model-aligned2x4.partial").mkdir()  # a killed build's leftovers
+    (tmp_path / "tiny-model-aligned2x4.partial" / "config.json").write_text("{")
+    path = resolve_checkpoint(section, str(tmp_path), MainRank())
+    assert path == tmp_path / "tiny-model-aligned2x4" and not (tmp_path / "tiny-model-aligned2x4.partial").exists()
+    assert len((tmp_path / "data").iterdir().__next__().joinpath("records.jsonl").read_text().splitlines()) == 4
+    random_tower = resolve_checkpoint(ModelSection(align_steps=0), str(tmp_path), MainRank())
+    assert random_tower == tmp_path / "tiny-model"
+    aligned, unaligned = from_pretrained(path), from_pretrained(random_tower)
+    assert not torch.equal(aligned.visual.merger.mlp[2].weight, unaligned.visual.merger.mlp[2].weight)
+    assert torch.equal(aligned.model.embed_tokens.weight, unaligned.model.embed_tokens.weight)
+    assert resolve_checkpoint(section, str(tmp_path), MainRank()) == path  # built once
