@@ -56,6 +56,7 @@ from engine.models.packing import packed_hidden
 from engine.models.tiny import create_tiny_checkpoint
 from engine.train.optim import param_groups
 from engine.train.sft import SFTExample, SFTObjective, collate_sft, scored_tokens
+from engine.train.vision_align import phrase_embedding, scene_objects, token_words
 
 Question = Callable[[Record, random.Random], tuple[str, str, torch.Tensor]]
 """(record, rng) -> (question, answer, RGB uint8 [H, W, 3])."""
@@ -269,6 +270,37 @@ def parameter_groups(model, weight_decay: float, vision_lr_scale: float) -> list
     return groups
 
 
+class OracleTower(torch.nn.Module):
+    """Stands in for the vision tower (``--oracle-tower``): each image's tokens are its alignment targets
+    (``engine.train.vision_align``: the decoder's initial embeddings of the words naming what each token shows),
+    looked up by the image's pixel values. It bounds what a perfectly aligned tower can give the decoder."""
+
+    def __init__(self, model, processor) -> None:
+        super().__init__()
+        self.embeddings = model.model.embed_tokens.weight.detach().clone()
+        self.processor = processor
+        self.phrases: dict[str, torch.Tensor] = {}
+        self.by_pixels: dict[bytes, torch.Tensor] = {}
+
+    @staticmethod
+    def key(pixel_values: torch.Tensor) -> bytes:
+        return hashlib.sha1(pixel_values.detach().cpu().contiguous().numpy().tobytes()).digest()
+
+    def register(self, record: Record, example: SFTExample) -> SFTExample:
+        """Remember the tokens of ``example``'s image (the record's scene) and return the example."""
+        merge = self.processor.image.merge_size
+        _, gh, gw = (int(v) for v in example.image_grid_thw[0])
+        words = token_words(scene_objects(record), gh // merge, gw // merge)
+        for w in set(words) - set(self.phrases):
+            self.phrases[w] = phrase_embedding(w, self.embeddings, self.processor)
+        self.by_pixels[self.key(example.pixel_values)] = torch.stack([self.phrases[w] for w in words])
+        return example
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        chunks = pixel_values.split(grid_thw.prod(-1).tolist())
+        return torch.cat([self.by_pixels[self.key(c)] for c in chunks]).to(pixel_values.device)
+
+
 def scene_tag(name: str, cfg: SynthConfig) -> str:
     """A folder name that changes with every generator setting (generated scenes are cached by it)."""
     return f"{name}-{hashlib.sha1(repr(cfg).encode()).hexdigest()[:10]}"
@@ -290,10 +322,14 @@ def run_task(name: str, args: argparse.Namespace, root: Path) -> dict:
     start = Path(args.init) if args.init else create_tiny_checkpoint(root / "tiny", seed=0)
     model = from_pretrained(start).to(device)
     processor = processor_from_pretrained(start)
+    oracle = OracleTower(model, processor) if args.oracle_tower else None
+    if oracle is not None:
+        model.visual = oracle
+    register = oracle.register if oracle is not None else lambda record, e: e
     held_rng = random.Random(1)
     held_questions = [question(r, held_rng) for r, question, _ in held]
     held_examples = [
-        example(processor, r, q, a, rgb, args.bare) for (r, _, _), (q, a, rgb) in zip(held, held_questions)
+        register(r, example(processor, r, q, a, rgb, args.bare)) for (r, _, _), (q, a, rgb) in zip(held, held_questions)
     ]
     kinds = [kind for _, _, kind in held]
     answers = by_kind(kinds, [a for _, a, _ in held_questions])
@@ -314,10 +350,14 @@ def run_task(name: str, args: argparse.Namespace, root: Path) -> dict:
         print(json.dumps({"task": name, "probe_before": probe["before"]}), flush=True)
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay, args.vision_lr_scale), lr=args.lr)
     objective, rng, curve, t0 = SFTObjective(), random.Random(0), [], time.perf_counter()
+    train_losses: list[float] = []
     for step in range(args.steps + 1):
         if step % args.eval_every == 0:
             predictions = first_token_predictions(model, held_examples, device)
             point = {"step": step, **summarise(predictions), "seconds": round(time.perf_counter() - t0, 1)}
+            if train_losses:  # the training batches' mean loss since the last check, beside the held-out CE
+                point["train_ce"] = round(sum(train_losses) / len(train_losses), 4)
+                train_losses.clear()
             if len(baselines) > 1:
                 point["kinds"] = {k: summarise(p) for k, p in by_kind(kinds, predictions).items()}
             curve.append(point)
@@ -327,11 +367,14 @@ def run_task(name: str, args: argparse.Namespace, root: Path) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = args.lr * group["lr_scale"] * min(1.0, (step + 1) / args.warmup)
         batch = [
-            training_example(processor, r, question, rng, args) for r, question in rng.sample(train, args.batch_size)
+            register(r, training_example(processor, r, question, rng, args))
+            for r, question in rng.sample(train, args.batch_size)
         ]
         out = objective(model, collate_sft(batch, model.config, device))
         optimizer.zero_grad(set_to_none=True)
-        (out.loss_sum / out.num_loss_units).backward()
+        loss = out.loss_sum / out.num_loss_units
+        loss.backward()
+        train_losses.append(loss.item())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
     if probe:
@@ -401,6 +444,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--probe", type=int, default=0, help="before and after training, fit a linear colour-presence "
                     "probe on the pooled vision features of this many training scenes "
                     "(scored on the held-out ones)")  # fmt: skip
+    ap.add_argument("--oracle-tower", action="store_true", help="replace the vision tower by the decoder's "
+                    "embeddings of the words naming what each image token shows (OracleTower)")  # fmt: skip
     ap.add_argument("--init", default="", help="start from this checkpoint instead of random tiny weights")
     ap.add_argument("--save", default="", help="write the trained model and processor here (the last task's)")
     ap.add_argument("--workers", type=int, default=1)
@@ -411,6 +456,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     unknown = sorted({part for task in args.tasks.split(",") for part in task.split("+")} - set(TASKS))
     if unknown:
         raise SystemExit(f"unknown task(s) {unknown}; expected some of {sorted(TASKS)}")
+    if args.oracle_tower and (args.probe or args.save):
+        raise SystemExit("--oracle-tower has no vision tower to probe or save; leave out --probe and --save")
     unknown = sorted(set(filter(None, args.qtypes.split(","))) - set(ONE_WORD_QTYPES))
     if unknown:
         raise SystemExit(f"unknown --qtypes {unknown}; expected some of {list(ONE_WORD_QTYPES)}")

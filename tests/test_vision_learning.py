@@ -154,3 +154,26 @@ def test_the_vision_tower_learns_at_its_own_rate_or_not_at_all(tmp_path, scale):
     assert all(p.requires_grad == (scale > 0) for p in model.visual.parameters())
     assert len(in_groups) == sum(1 for p in model.parameters() if p.requires_grad)
     assert {g["weight_decay"] for g in groups if all(p.ndim < 2 for p in g["params"])} == {0.0}
+
+
+def test_the_oracle_tower_gives_each_image_token_its_alignment_target(tmp_path):
+    """``--oracle-tower``: the model's image tokens are the embeddings of the words naming what each token shows,
+    looked up by the pixels, so the decoder sees exactly the alignment targets; it cannot be probed or saved."""
+    from benchmarks.vision_learning import OracleTower, example
+    from engine.train.vision_align import AlignmentTargets
+
+    records = scenes(tmp_path, "p", synth_config("presence", argparse.Namespace(framing="close", fov_deg=0.0)), 2, 7, 1)
+    checkpoint = create_tiny_checkpoint(tmp_path / "tiny", seed=0)
+    model, processor = from_pretrained(checkpoint), processor_from_pretrained(checkpoint)
+    oracle = OracleTower(model, processor)
+    rng = random.Random(0)
+    examples = [oracle.register(r, example(processor, r, *presence(r, rng))) for r in records]
+    tokens = oracle(torch.cat([e.pixel_values for e in examples]), torch.cat([e.image_grid_thw for e in examples]))
+    expected = AlignmentTargets(records, model, processor)
+    torch.testing.assert_close(tokens, torch.cat([t for _, t in expected.items]))
+    (result,) = main(["--tasks", "presence", "--oracle-tower", "--steps", "1", "--eval-every", "1", "--batch-size",
+                      "2", "--scenes", "2", "--held-out", "2", "--framing", "close", "--data-dir", str(tmp_path),
+                      "--device", "cpu"])  # fmt: skip
+    assert len(result["curve"]) == 2
+    with pytest.raises(SystemExit, match="--oracle-tower has no vision tower"):
+        main(["--tasks", "presence", "--oracle-tower", "--probe", "4", "--data-dir", str(tmp_path)])
