@@ -346,6 +346,7 @@ def test_5_resume_reuses_a_finished_warm_up_and_resumes_an_unfinished_one(grpo_r
         "--train.progress_bar", "false", "--train.plot", "false",
         "--sft.train.output_dir", out, "--sft.train.max_steps", "2", "--sft.train.checkpoint_every", "1",
         "--sft.data.limit", "2", "--sft.train.progress_bar", "false", "--sft.train.plot", "false",
+        "--sft.model.align_steps", "0",
     ]  # fmt: skip
     grpo_recipe.main(argv)
     sft = tmp_path / "runs" / "sft-tiny"

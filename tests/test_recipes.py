@@ -35,6 +35,7 @@ def test_grpo_recipe_runs_sft_then_grpo_and_logs_rewards(recipes, tmp_path: Path
         "--data.limit", "4",
         "--sft.train.output_dir", out, "--sft.train.max_steps", "2", "--sft.train.micro_batch_size", "1",
         "--sft.data.limit", "2", "--sft.train.progress_bar", "false", "--sft.train.plot", "false",
+        "--sft.model.align_steps", "2", "--sft.model.align_scenes", "4",
         "--summary_window", "1", "--probe_prompts", "2", "--eval_limit", "2", "--eval.max_new_tokens", "8",
     ]  # fmt: skip
     result = grpo_sif.main(argv)
@@ -55,6 +56,8 @@ def test_grpo_recipe_runs_sft_then_grpo_and_logs_rewards(recipes, tmp_path: Path
     assert (tmp_path / "runs/grpo-tiny/hf/model.safetensors").is_file()
     printed = capsys.readouterr().out
     assert "[sft] 2 steps" in printed and "reward/total" in printed
+    assert "[align] tiny vision tower: 2 steps on 4 scenes" in printed  # the default's tower is aligned first
+    assert (tmp_path / "runs/tiny-model-aligned2x4/model.safetensors").is_file()
     probe = json.loads((tmp_path / "runs/grpo-tiny/probe.json").read_text())
     assert (probe["prompts"], probe["samples"]) == (2, 2)
     for when in ("before", "after"):

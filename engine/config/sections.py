@@ -12,10 +12,17 @@ class ModelSection:
 
     ``dtype``: storage of the loaded weights. Trainable parameters are always fp32 masters (FSDP2 computes in bf16
     on CUDA, see engine.distributed.parallel); ``bfloat16`` keeps a frozen LoRA base in bf16 (half the memory).
+
+    ``align_steps``, ``align_scenes``: when the tiny default is created, its random vision tower is first aligned
+    to the decoder's word embeddings (``engine.train.vision_align``) for ``align_steps`` batches on
+    ``align_scenes`` generated scenes (rendered once under the output folder's ``data/``); 0 steps leaves it
+    random. Ignored with a ``path``.
     """
 
     path: str = ""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    align_steps: int = 300
+    align_scenes: int = 600
 
 
 @dataclass

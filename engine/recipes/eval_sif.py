@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(cfg: EvalRecipeConfig, env: DistEnv) -> dict:
     """Evaluate in an initialised process group; rank 0 prints the table and writes eval.json and eval.png."""
-    checkpoint = resolve_checkpoint(cfg.model.path, cfg.output_dir, env)
+    checkpoint = resolve_checkpoint(cfg.model, cfg.output_dir, env)
     # the checkpoint's dtype (bf16 exports) on GPU; fp32 on the CPU, where bf16 matmuls are slow and less exact
     dtype = None if env.device.type == "cuda" else torch.float32
     model = from_pretrained(checkpoint, dtype=dtype, device=env.device).eval()

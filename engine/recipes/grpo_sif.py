@@ -95,7 +95,7 @@ def run(cfg: GRPORecipeConfig, env: DistEnv) -> TrainResult:
         if cfg.rl.focus_mode == "crop":  # warm up on the sequences a crop-mode policy generates
             cfg.sft.views = SFTViews("crop", cfg.rl.max_views, cfg.rl.crop_size, cfg.rl.depth_views)
         cfg.model.path = str(sft_sif.warm_up(cfg.sft, env, resume=cfg.train.resume))  # --resume reaches it
-    checkpoint = resolve_checkpoint(cfg.model.path, cfg.train.output_dir, env)
+    checkpoint = resolve_checkpoint(cfg.model, cfg.train.output_dir, env)
     # sharded from the start on the training device (each rank reads only its shards' slices of the checkpoint)
     model, processor = load_policy(checkpoint, cfg.model, cfg.lora, cfg.data, cfg.train.seed, env, cfg.train)
     reference = None

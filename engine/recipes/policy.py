@@ -3,6 +3,7 @@ frozen reference of full fine-tuning, and the export hook that writes the proces
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from engine.config import ConfigError, DataConfig, LoRAConfig, ModelSection, TrainConfig
+from engine.data.schema import load_records
+from engine.data.synth import SynthSplit, ensure_split
 from engine.distributed import DistEnv, parallelize
 from engine.models import (
     Processor,
@@ -19,21 +22,58 @@ from engine.models import (
     from_pretrained,
     processor_from_pretrained,
 )
+from engine.models.loading import save_pretrained
 from engine.train.lora import apply_lora, freeze_vision_tower
 from engine.train.sharded import build_sharded_model, sharded_frozen_copy
+from engine.train.vision_align import AlignConfig, align_vision_tower
 
 TINY_DIRNAME = "tiny-model"
+ALIGN_SEED = 900
+"""Seed of the vision-alignment scenes: apart from the bundled splits' and the recipes' generated ones."""
 
 
-def resolve_checkpoint(path: str, output_dir: str, env: DistEnv) -> Path:
-    """``path``, or (empty) the tiny embedded default, written once by rank 0 under ``output_dir``."""
-    if path:
-        if not Path(path).is_dir():
-            raise ConfigError(f"model.path {path!r} is not a checkpoint folder")
-        return Path(path)
-    tiny = Path(output_dir) / TINY_DIRNAME
+def tiny_dirname(model_cfg: ModelSection) -> str:
+    """The tiny default's folder name, one per alignment setting (a changed setting builds a new one)."""
+    if model_cfg.align_steps <= 0:
+        return TINY_DIRNAME
+    return f"{TINY_DIRNAME}-aligned{model_cfg.align_steps}x{model_cfg.align_scenes}"
+
+
+def create_default_checkpoint(
+    path: Path, model_cfg: ModelSection, output_dir: str, device: torch.device | str = "cpu"
+) -> None:
+    """Write the tiny default to ``path``: random weights, then (``align_steps`` > 0) its vision tower aligned on
+    generated scenes, on ``device``. Built in a sibling folder and renamed when complete, so a killed build is
+    redone."""
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    create_tiny_checkpoint(partial, seed=0)
+    if model_cfg.align_steps > 0:
+        split = SynthSplit(records=model_cfg.align_scenes, seed=ALIGN_SEED, per_scene=1, qtypes="locate")
+        scenes = ensure_split(Path(output_dir) / "data", split)
+        records, _ = load_records(scenes / "records.jsonl", check_files="none")
+        model, processor = from_pretrained(partial).to(device), processor_from_pretrained(partial)
+        report = align_vision_tower(model, processor, records, AlignConfig(steps=model_cfg.align_steps))
+        losses = report["losses"]
+        print(
+            f"[align] tiny vision tower: {len(losses)} steps on {len(records)} scenes in {report['seconds']} s, "
+            f"loss {losses[0]:.3f} -> {losses[-1]:.3f}",
+            flush=True,
+        )
+        save_pretrained(model.cpu(), partial)
+    shutil.rmtree(path, ignore_errors=True)
+    partial.rename(path)
+
+
+def resolve_checkpoint(model_cfg: ModelSection, output_dir: str, env: DistEnv) -> Path:
+    """``model_cfg.path``, or (empty) the tiny embedded default, written once by rank 0 under ``output_dir``."""
+    if model_cfg.path:
+        if not Path(model_cfg.path).is_dir():
+            raise ConfigError(f"model.path {model_cfg.path!r} is not a checkpoint folder")
+        return Path(model_cfg.path)
+    tiny = Path(output_dir) / tiny_dirname(model_cfg)
     if env.is_main and not (tiny / "config.json").is_file():
-        create_tiny_checkpoint(tiny, seed=0)
+        create_default_checkpoint(tiny, model_cfg, output_dir, env.device)
     env.barrier()
     return tiny
 

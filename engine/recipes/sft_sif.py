@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
 
 def run(cfg: SFTRecipeConfig, env: DistEnv) -> TrainResult:
     """Train with a loaded config in an initialised process group; returns the Trainer's result."""
-    checkpoint = resolve_checkpoint(cfg.model.path, cfg.train.output_dir, env)
+    checkpoint = resolve_checkpoint(cfg.model, cfg.train.output_dir, env)
     model, processor = load_policy(checkpoint, cfg.model, cfg.lora, cfg.data, cfg.train.seed, env, cfg.train)
 
     path = cfg.data.path
