@@ -123,7 +123,9 @@ def test_the_jobs_default_is_built_aligned_and_whole(tmp_path):
     section = ModelSection(align_steps=2, align_scenes=4)
     (tmp_path / "tiny-model-aligned2x4.partial").mkdir()  # a killed build's leftovers
     (tmp_path / "tiny-model-aligned2x4.partial" / "config.json").write_text("{")
+    threads = torch.get_num_threads()
     path = resolve_checkpoint(section, str(tmp_path), MainRank())
+    assert torch.get_num_threads() == threads  # the build uses every core, then gives the rank its threads back
     assert path == tmp_path / "tiny-model-aligned2x4" and not (tmp_path / "tiny-model-aligned2x4.partial").exists()
     assert len((tmp_path / "data").iterdir().__next__().joinpath("records.jsonl").read_text().splitlines()) == 4
     random_tower = resolve_checkpoint(ModelSection(align_steps=0), str(tmp_path), MainRank())

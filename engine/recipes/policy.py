@@ -3,6 +3,7 @@ frozen reference of full fine-tuning, and the export hook that writes the proces
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -53,7 +54,12 @@ def create_default_checkpoint(
         scenes = ensure_split(Path(output_dir) / "data", split)
         records, _ = load_records(scenes / "records.jsonl", check_files="none")
         model, processor = from_pretrained(partial).to(device), processor_from_pretrained(partial)
-        report = align_vision_tower(model, processor, records, AlignConfig(steps=model_cfg.align_steps))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(os.cpu_count() or threads)  # the other ranks wait at the barrier meanwhile
+        try:
+            report = align_vision_tower(model, processor, records, AlignConfig(steps=model_cfg.align_steps))
+        finally:
+            torch.set_num_threads(threads)
         losses = report["losses"]
         print(
             f"[align] tiny vision tower: {len(losses)} steps on {len(records)} scenes in {report['seconds']} s, "
