@@ -92,6 +92,15 @@ def test_alignment_trains_the_tower_alone_and_reaches_held_out_targets(tiny):
     assert len(report["losses"]) == 40 and report["losses"][-1] < report["losses"][0] / 10
 
 
+def test_a_non_finite_loss_stops_the_alignment_at_its_step(tiny):
+    _, ckpt, records = tiny
+    model, processor = from_pretrained(ckpt), processor_from_pretrained(ckpt)
+    with torch.no_grad():
+        model.visual.merger.mlp[2].bias[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="vision alignment: loss nan at step 0"):
+        align_vision_tower(model, processor, records[:4], AlignConfig(steps=3, batch_size=2), progress=False)
+
+
 def test_cli_writes_a_loadable_aligned_checkpoint(tiny, capsys):
     root, ckpt, _ = tiny
     main(["--data", str(root / "scenes"), "--model", str(ckpt), "--out", str(root / "aligned"), "--steps", "2",

@@ -22,8 +22,10 @@ Labels come from ``record.meta["scene"]["objects"]`` (``engine.data.synth`` writ
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,11 +130,12 @@ def align_vision_tower(
     processor: Processor,
     records: list[Record],
     cfg: AlignConfig,
-    held_out: list[Record] = (),
+    held_out: Sequence[Record] = (),
     progress: bool = True,
 ) -> dict:
     """Train ``model.visual`` in place on ``records`` (see the module docstring); returns the loss curve and, with
-    ``held_out``, the relative error and nearest-phrase accuracy of its tokens before and after."""
+    ``held_out``, the relative error and nearest-phrase accuracy of its tokens before and after. A non-finite loss
+    stops it with FloatingPointError naming the step (the tower is then not worth saving)."""
     if not records:
         raise ValueError("vision alignment: no training records")
     device = next(model.visual.parameters()).device
@@ -165,6 +168,8 @@ def align_vision_tower(
         pv, grid, targets = train.batch(rng.sample(range(len(train.items)), min(cfg.batch_size, len(train.items))))
         features = model.visual(pv.to(device), grid.to(device)).float()
         loss = F.mse_loss(features, targets.to(device), reduction="none").sum(-1).mean()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"vision alignment: loss {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
