@@ -56,7 +56,7 @@ from engine.models.packing import packed_hidden
 from engine.models.tiny import create_tiny_checkpoint
 from engine.train.optim import param_groups
 from engine.train.sft import SFTExample, SFTObjective, collate_sft, scored_tokens
-from engine.train.vision_align import phrase_embedding, scene_objects, token_words
+from engine.train.vision_align import PhraseTargets
 
 Question = Callable[[Record, random.Random], tuple[str, str, torch.Tensor]]
 """(record, rng) -> (question, answer, RGB uint8 [H, W, 3])."""
@@ -277,9 +277,7 @@ class OracleTower(torch.nn.Module):
 
     def __init__(self, model, processor) -> None:
         super().__init__()
-        self.embeddings = model.model.embed_tokens.weight.detach().clone()
-        self.processor = processor
-        self.phrases: dict[str, torch.Tensor] = {}
+        self.targets = PhraseTargets(model.model.embed_tokens.weight.detach().clone(), processor)
         self.by_pixels: dict[bytes, torch.Tensor] = {}
 
     @staticmethod
@@ -288,12 +286,9 @@ class OracleTower(torch.nn.Module):
 
     def register(self, record: Record, example: SFTExample) -> SFTExample:
         """Remember the tokens of ``example``'s image (the record's scene) and return the example."""
-        merge = self.processor.image.merge_size
+        merge = self.targets.processor.image.merge_size
         _, gh, gw = (int(v) for v in example.image_grid_thw[0])
-        words = token_words(scene_objects(record), gh // merge, gw // merge)
-        for w in set(words) - set(self.phrases):
-            self.phrases[w] = phrase_embedding(w, self.embeddings, self.processor)
-        self.by_pixels[self.key(example.pixel_values)] = torch.stack([self.phrases[w] for w in words])
+        self.by_pixels[self.key(example.pixel_values)] = self.targets(record, gh // merge, gw // merge)
         return example
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:

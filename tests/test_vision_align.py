@@ -85,9 +85,8 @@ def test_alignment_trains_the_tower_alone_and_reaches_held_out_targets(tiny):
             assert torch.equal(p, decoder_before[n]), n
     assert not torch.equal(model.visual.merger.mlp[2].weight, tower_before)
     before, after = report["held_out_before"], report["held_out_after"]
-    assert after["relative_error"] < before["relative_error"] / 50, (
-        report
-    )  # the untrained tower's tokens are ~9x too long
+    # the untrained tower's tokens are ~9x too long
+    assert after["relative_error"] < before["relative_error"] / 50, report
     assert after["accuracy"] > before["accuracy"] + 0.3, report
     assert len(report["losses"]) == 40 and report["losses"][-1] < report["losses"][0] / 10
 

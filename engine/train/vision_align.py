@@ -89,24 +89,38 @@ def phrase_embedding(phrase: str, embeddings: torch.Tensor, processor: Processor
     return torch.stack(rows).sum(0).float()
 
 
+class PhraseTargets:
+    """The target of every image token of a record: its phrase's embedding, each phrase computed once."""
+
+    def __init__(self, embeddings: torch.Tensor, processor: Processor) -> None:
+        self.embeddings = embeddings
+        self.processor = processor
+        self.phrases: dict[str, torch.Tensor] = {}
+
+    def __call__(self, record: Record, grid_h: int, grid_w: int) -> torch.Tensor:
+        """float32 [grid_h * grid_w, D]: the record's image tokens, row-major over their ``grid_h`` x ``grid_w``
+        grid."""
+        words = token_words(scene_objects(record), grid_h, grid_w)
+        for w in set(words) - set(self.phrases):
+            self.phrases[w] = phrase_embedding(w, self.embeddings, self.processor)
+        return torch.stack([self.phrases[w] for w in words])
+
+
 class AlignmentTargets:
     """Each record's image (uint8, loaded once) and its tokens' target embeddings float32 [tokens, D]."""
 
     def __init__(self, records: list[Record], model: VLModel, processor: Processor) -> None:
         self.processor = processor
-        embeddings = model.model.embed_tokens.weight.detach().float().cpu()
-        merge = processor.image.merge_size
-        self.phrases: dict[str, torch.Tensor] = {}
+        self.targets = PhraseTargets(model.model.embed_tokens.weight.detach().float().cpu(), processor)
         self.items: list[tuple[torch.Tensor, torch.Tensor]] = []
         for r in records:
-            objects = scene_objects(r)
             rgb = load_image(r.image)
-            _, grid = processor.preprocess_images([rgb])
-            _, gh, gw = (int(v) for v in grid[0])
-            words = token_words(objects, gh // merge, gw // merge)
-            for w in set(words) - set(self.phrases):
-                self.phrases[w] = phrase_embedding(w, embeddings, processor)
-            self.items.append((rgb, torch.stack([self.phrases[w] for w in words])))
+            height, width = processor.target_size(rgb.shape[0], rgb.shape[1])  # the size the processor resizes to
+            self.items.append((rgb, self.targets(r, height // processor.factor, width // processor.factor)))
+
+    @property
+    def phrases(self) -> dict[str, torch.Tensor]:
+        return self.targets.phrases
 
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """pixel_values [P, patch_dim], image_grid_thw [n, 3] and targets float32 [tokens, D] of ``indices``."""
