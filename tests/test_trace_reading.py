@@ -1,0 +1,81 @@
+"""benchmarks/trace_reading.py: the parts of a reference trace, their tokens, and the teacher-forced table."""
+
+import math
+
+import pytest
+import torch
+
+from benchmarks.trace_reading import PARTS, main, part_hits, part_spans, table, token_offsets
+from engine.data.schema import Record
+from engine.models import from_pretrained, processor_from_pretrained
+from engine.models.tiny import create_tiny_checkpoint
+from engine.recipes.splits import load_split
+
+RESPONSE = (
+    '<think><area>[{"bbox_2d":[0.0,0.0,1.0,1.0],"depth":0.354}]</area><text>Find the blue sphere and the red '
+    'sphere.</text><area>[{"bbox_2d":[0.383,0.316,0.505,0.447],"depth":0.26}]</area><text>y 0.38 vs 0.28: '
+    "below.</text></think><answer>below</answer>"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = create_tiny_checkpoint(tmp_path_factory.mktemp("tr") / "tiny", seed=0)
+    return from_pretrained(path).eval(), processor_from_pretrained(path), path
+
+
+def test_part_spans_pick_the_named_objects_the_numbers_the_opener_and_the_answer():
+    spans = part_spans(RESPONSE)
+    text = {part: [RESPONSE[a:b] for a, b in s] for part, s in spans.items()}
+    assert text["names"] == ["blue sphere", "red sphere"]
+    assert text["boxes"] == ["0.0", "0.0", "1.0", "1.0", "0.354", "0.383", "0.316", "0.505", "0.447", "0.26"]
+    assert text["opener"] == ["y"]
+    assert text["answer"] == ["below"]
+    assert part_spans("<answer>A</answer>") == {"names": [], "boxes": [], "opener": [], "answer": [(8, 9)]}
+
+
+def test_token_offsets_tile_the_decoded_string(tiny):
+    _, processor, _ = tiny
+    ids = processor.tokenizer.encode(RESPONSE)
+    offsets = token_offsets(ids, processor)
+    assert offsets[0][0] == 0 and offsets[-1][1] == len(RESPONSE)
+    assert all(a[1] == b[0] for a, b in zip(offsets, offsets[1:]))
+    assert "".join(RESPONSE[a:b] for a, b in offsets) == RESPONSE
+
+
+def test_part_hits_score_every_token_of_every_part(tiny):
+    model, processor, _ = tiny
+    record = next(r for r in load_split("", "heldout") if r.qtype == "above_below")
+    with torch.no_grad():
+        hits = part_hits(model, processor, record)
+    ids = processor.tokenizer.encode(record.response())
+    offsets = token_offsets(ids, processor)
+    for part, spans in part_spans(record.response()).items():
+        expected = sum(1 for s, e in spans for a, b in offsets if a < e and b > s)
+        assert len(hits[part]) == expected > 0, part
+        assert all(isinstance(h, bool) for h in hits[part])
+
+
+def test_table_pools_tokens_per_kind_and_overall():
+    records = [Record("a", "x.png", "q", "A", "choice", (), 8, 8, qtype="k1"),
+               Record("b", "x.png", "q", "A", "choice", (), 8, 8, qtype="k2")]  # fmt: skip
+    hits = [
+        {"names": [True, False], "boxes": [True], "opener": [True], "answer": []},
+        {"names": [True, True], "boxes": [False, False, False], "opener": [False], "answer": [True]},
+    ]
+    rows = table(records, hits)
+    assert list(rows) == ["k1", "k2", "all"]
+    assert rows["k1"]["names"] == 0.5 and math.isnan(rows["k1"]["answer"])
+    assert rows["all"]["names"] == 0.75 and rows["all"]["boxes"] == 0.25 and rows["all"]["opener"] == 0.5
+    assert rows["all"]["answer"] == 1.0
+
+
+def test_cli_prints_both_tables(tiny, tmp_path, capsys):
+    _, _, path = tiny
+    out = main([str(path), "--limit", "3", "--swap", "--json", str(tmp_path / "t.json")])
+    assert set(out) == {"own image", "another image"}
+    for rows in out.values():
+        assert all(0.0 <= rows["all"][p] <= 1.0 for p in PARTS)
+    printed = capsys.readouterr().out
+    assert "own image" in printed and "another image" in printed and "| all | 3 |" in printed
+    assert (tmp_path / "t.json").is_file()
