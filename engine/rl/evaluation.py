@@ -14,7 +14,11 @@ malformed answer counts as wrong, the format reward, the grounding IoU of the la
 * ``image_gap``: how much the model relies on the image, in nats per scored token: the teacher-forced
   cross-entropy of each record's reference trace under another record's picture minus under its own
   (:func:`image_reliance`). About 0 means the model's traces do not depend on what the image shows: its answers
-  can then be no better than the majority answer, whatever the reward, and the report warns.
+  can then be no better than the majority answer, whatever the reward, and the report warns;
+* ``reference_tokens``: in the same teacher-forced pass, the share of the reference trace's tokens that are the
+  model's greedy next token, per part (``engine.rl.trace_reading``): the objects named in the first text (copied
+  from the question), the box numbers, the last text's opener (the question's kind) and the answer. It says where
+  the model's own traces leave the question.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -40,7 +44,7 @@ from engine.rl.iou import box_set_iou
 from engine.rl.prompts import build_prompt
 from engine.rl.rewards import answer_score, format_reward, score_completions
 from engine.rl.rollout import generate_rollouts
-from engine.train.sft import SFTObjective, collate_sft, sft_example
+from engine.rl.trace_reading import PARTS, pooled_accuracy, score_reference
 
 BOX_CORRECT_IOU = 0.5
 NO_ANSWER = "<none>"
@@ -110,28 +114,30 @@ def evaluate_records(model: nn.Module, processor: Processor, records: Sequence[R
                     "depth": float(rewards.terms["depth"][i]),
                     "ce_own_image": None if reliance[i] is None else reliance[i][0],
                     "ce_other_image": None if reliance[i] is None else reliance[i][1],
+                    "reference_hits": None if reliance[i] is None else reliance[i].part_hits,
                     "completion": batch.texts[i],
                 }
             )
     return rows
 
 
-def trace_cross_entropy(model: nn.Module, processor: Processor, record: Record, with_depth: bool) -> float:
-    """Mean teacher-forced cross-entropy (nats) per scored token of ``record``'s reference trace and answer."""
-    example = sft_example(record, processor, with_depth=with_depth, max_seq_len=1 << 30)
-    device = model.lm_head_weight.device
-    out = SFTObjective()(model, collate_sft([example], model.config, device))
-    return float(out.loss_sum) / max(1, int(out.num_loss_units))
+class Reliance(NamedTuple):
+    """One record's teacher-forced reference trace: CE (nats per token) under its own image and under another
+    record's, and per part of the trace [greedy hits, tokens] under its own (``engine.rl.trace_reading``)."""
+
+    own: float
+    other: float
+    part_hits: dict[str, list[int]]
 
 
 def image_reliance(
     model: nn.Module, processor: Processor, records: Sequence[Record], with_depth: bool
-) -> list[tuple[float, float] | None]:
-    """Per record, (CE under its own image, CE under another's): the other picture is the next record's in
-    ``records`` (cyclically) that shows a different image file, depth included; None for a record without a
-    trace, without such a partner, or whose media cannot be decoded. Call under ``no_grad``."""
+) -> list[Reliance | None]:
+    """Per record, its :class:`Reliance`: the other picture is the next record's in ``records`` (cyclically) that
+    shows a different image file, depth included; None for a record without a trace, without such a partner, or
+    whose media cannot be decoded. Call under ``no_grad``."""
     records = list(records)
-    out: list[tuple[float, float] | None] = []
+    out: list[Reliance | None] = []
     for i, record in enumerate(records):
         after = records[i + 1 :] + records[:i]
         partner = next((r for r in after if r.image != record.image), None)
@@ -140,12 +146,12 @@ def image_reliance(
             continue
         swapped = replace(record, image=partner.image, depth=partner.depth, depth_image=partner.depth_image)
         try:
-            own = trace_cross_entropy(model, processor, record, with_depth)
-            other = trace_cross_entropy(model, processor, swapped, with_depth)
+            own = score_reference(model, processor, record, with_depth)
+            other = score_reference(model, processor, swapped, with_depth, parts=False)
         except MediaError:
             out.append(None)
             continue
-        out.append((own, other))
+        out.append(Reliance(own.cross_entropy, other.cross_entropy, own.part_hits))
     return out
 
 
@@ -218,14 +224,15 @@ def type_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def _reliance(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """``image_gap`` (mean CE under another image minus under the own one) and ``ce_own_image`` over the rows
-    that have both; None when none has."""
+    """``image_gap`` (mean CE under another image minus under the own one), ``ce_own_image`` and
+    ``reference_tokens`` (token accuracy per trace part) over the rows that have them; None when none has."""
     pairs = [(r["ce_own_image"], r["ce_other_image"]) for r in rows if r.get("ce_own_image") is not None]
     if not pairs:
-        return {"image_gap": None, "ce_own_image": None}
+        return {"image_gap": None, "ce_own_image": None, "reference_tokens": None}
     return {
         "image_gap": sum(other - own for own, other in pairs) / len(pairs),
         "ce_own_image": sum(own for own, _ in pairs) / len(pairs),
+        "reference_tokens": pooled_accuracy([r.get("reference_hits") for r in rows]),
     }
 
 
@@ -283,6 +290,10 @@ def format_summary(summary: Mapping[str, Any], title: str) -> str:
             f"  image reliance (img): the reference traces cost {summary['image_gap']:+.4f} nats/token more under "
             f"another record's image (own image {summary['ce_own_image']:.3f})",
         )
+        tokens = summary.get("reference_tokens") or {}
+        if any(v is not None for v in tokens.values()):
+            cells = "  ".join(f"{p} {'-' if tokens.get(p) is None else format(tokens[p], '.2f')}" for p in PARTS)
+            lines.insert(3, f"  reference traces, teacher-forced token accuracy by part: {cells}")
         if summary["image_gap"] < IMAGE_BLIND_GAP:
             lines.append(
                 f"  WARNING: the model does not use the image (image gap {summary['image_gap']:+.4f} < "

@@ -1,15 +1,18 @@
-"""benchmarks/trace_reading.py: the parts of a reference trace, their tokens, and the teacher-forced table."""
+"""engine.rl.trace_reading and benchmarks/trace_reading.py: the parts of a reference trace, their tokens, the
+teacher-forced scores, and the per-kind table."""
 
 import math
 
 import pytest
 import torch
 
-from benchmarks.trace_reading import PARTS, main, part_hits, part_spans, table, token_offsets
+from benchmarks.trace_reading import main, table
 from engine.data.schema import Record
 from engine.models import from_pretrained, processor_from_pretrained
 from engine.models.tiny import create_tiny_checkpoint
 from engine.recipes.splits import load_split
+from engine.rl.trace_reading import PARTS, part_spans, pooled_accuracy, score_reference, token_offsets
+from engine.train.sft import sft_example
 
 RESPONSE = (
     '<think><area>[{"bbox_2d":[0.0,0.0,1.0,1.0],"depth":0.354}]</area><text>Find the blue sphere and the red '
@@ -43,25 +46,48 @@ def test_token_offsets_tile_the_decoded_string(tiny):
     assert "".join(RESPONSE[a:b] for a, b in offsets) == RESPONSE
 
 
-def test_part_hits_score_every_token_of_every_part(tiny):
+def test_score_reference_scores_every_token_of_every_part(tiny):
     model, processor, _ = tiny
     record = next(r for r in load_split("", "heldout") if r.qtype == "above_below")
     with torch.no_grad():
-        hits = part_hits(model, processor, record)
+        score = score_reference(model, processor, record, with_depth=False)
+        blind = score_reference(model, processor, record, with_depth=False, parts=False)
     ids = processor.tokenizer.encode(record.response())
     offsets = token_offsets(ids, processor)
     for part, spans in part_spans(record.response()).items():
         expected = sum(1 for s, e in spans for a, b in offsets if a < e and b > s)
-        assert len(hits[part]) == expected > 0, part
-        assert all(isinstance(h, bool) for h in hits[part])
+        hits, total = score.part_hits[part]
+        assert total == expected > 0 and 0 <= hits <= total, part
+    assert blind.cross_entropy == pytest.approx(score.cross_entropy) and blind.part_hits["answer"] == [0, 0]
+
+
+def test_a_model_that_predicts_the_reference_scores_one(tiny, monkeypatch):
+    """The greedy comparison can fail and succeed: logits that put all mass on the reference token score 1.0 on
+    every part, and near-zero cross-entropy."""
+    model, processor, _ = tiny
+    record = next(r for r in load_split("", "heldout") if r.qtype == "left_right")
+    example = sft_example(record, processor, with_depth=False, max_seq_len=1 << 30)
+    targets = example.input_ids[example.assistant_mask]
+    vocab = model.lm_head_weight.shape[0]
+
+    def oracle_hidden(model, packed):  # one-hot rows through an identity head
+        return torch.nn.functional.one_hot(targets, vocab).float() * 50.0
+
+    monkeypatch.setattr("engine.rl.trace_reading.packed_hidden", oracle_hidden)
+    monkeypatch.setattr(type(model), "lm_head_weight", property(lambda self: torch.eye(vocab)))
+    with torch.no_grad():
+        score = score_reference(model, processor, record, with_depth=False)
+    assert all(h == t > 0 for h, t in score.part_hits.values())
+    assert score.cross_entropy < 1e-6
+    assert pooled_accuracy([score.part_hits, None]) == {p: 1.0 for p in PARTS}
 
 
 def test_table_pools_tokens_per_kind_and_overall():
     records = [Record("a", "x.png", "q", "A", "choice", (), 8, 8, qtype="k1"),
                Record("b", "x.png", "q", "A", "choice", (), 8, 8, qtype="k2")]  # fmt: skip
     hits = [
-        {"names": [True, False], "boxes": [True], "opener": [True], "answer": []},
-        {"names": [True, True], "boxes": [False, False, False], "opener": [False], "answer": [True]},
+        {"names": [1, 2], "boxes": [1, 1], "opener": [1, 1], "answer": [0, 0]},
+        {"names": [2, 2], "boxes": [0, 3], "opener": [0, 1], "answer": [1, 1]},
     ]
     rows = table(records, hits)
     assert list(rows) == ["k1", "k2", "all"]
