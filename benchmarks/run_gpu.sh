@@ -4,7 +4,8 @@
 # into DEST (default benchmarks/results/<date>-<gpu>-<commit>/).
 #
 #   bash benchmarks/run_gpu.sh [DEST] [STEP...]    STEP: build tests kernels sweep grpo crop crop-v2 e2e model
-#                                                    train compile profile decode-async vision vision-close (default: all)
+#                                                    train compile profile decode-async vision vision-close reading
+#                                                    (default: all)
 #
 # build: the extension in place (SIF_CUDA_ARCH, default 9.0). tests: `pytest -m gpu`. kernels / sweep: the log-prob
 # and loss kernels beside Liger-Kernel's, and their launch-parameter sweep. grpo: the grpo_loss_from_logits
@@ -20,6 +21,8 @@
 # curves of perception questions from random weights (benchmarks/vision_learning.py). vision-close: the same at the
 # close framing for the questions that stay at a constant answer on CPU (presence, the generator's own questions,
 # and presence trained beside its two halves, echo and color1), long enough to see whether and when they leave it.
+# reading: the tiny SFT recipe on 24 000 generated traces (6 000 steps of 4), 12x what the CPU runs saw, then
+# benchmarks/trace_reading.py on its export: does the model start to copy the question's objects into its trace?
 # Each step runs under its own time limit, so one that hangs costs its limit and the rest still run.
 # SIF_DECODE (graph | graph_async | static | eager, default graph) picks the rollout decode of the profile and
 # train steps;
@@ -33,7 +36,7 @@ gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '
 export SIF_COMMIT=${SIF_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 dest=${1:-benchmarks/results/$(date -u +%Y-%m-%d)-${gpu}-${SIF_COMMIT}}
 shift || true
-steps=${*:-build tests kernels sweep grpo crop crop-v2 e2e model train compile profile decode-async vision vision-close}
+steps=${*:-build tests kernels sweep grpo crop crop-v2 e2e model train compile profile decode-async vision vision-close reading}
 decode=${SIF_DECODE:-graph}
 mkdir -p "$dest"
 export PYTHONUNBUFFERED=1
@@ -98,6 +101,11 @@ for s in $steps; do
         vision-close) step vision-close 540 python -m benchmarks.vision_learning --device cuda --framing close \
             --tasks presence,echo+color1+presence,ask --steps 3000 --eval-every 250 --workers 8 \
             --json "$dest/vision_learning_close.json" ;;
+        reading)
+            step reading 540 torchrun --nproc_per_node=1 recipes/sft_sif.py --train.output_dir /tmp/sif-reading \
+                --synth.records 24000 --synth.workers 12 --train.max_steps 6000 --train.micro_batch_size 4
+            step reading-parts 180 python -m benchmarks.trace_reading /tmp/sif-reading/sft-tiny/hf --swap \
+                --json "$dest/trace_reading.json" ;;
         *) echo "unknown step $s" >&2; exit 2 ;;
     esac
 done
