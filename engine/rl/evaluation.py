@@ -112,8 +112,8 @@ def evaluate_records(model: nn.Module, processor: Processor, records: Sequence[R
                     "format": format_reward(parsed),
                     "iou": iou,
                     "depth": float(rewards.terms["depth"][i]),
-                    "ce_own_image": None if reliance[i] is None else reliance[i][0],
-                    "ce_other_image": None if reliance[i] is None else reliance[i][1],
+                    "ce_own_image": None if reliance[i] is None else reliance[i].own,
+                    "ce_other_image": None if reliance[i] is None else reliance[i].other,
                     "reference_hits": None if reliance[i] is None else reliance[i].part_hits,
                     "completion": batch.texts[i],
                 }
