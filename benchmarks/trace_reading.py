@@ -53,9 +53,14 @@ def table(records: Sequence[Record], hits: Sequence[dict[str, list[int]]]) -> di
 
 
 def swapped(records: Sequence[Record]) -> list[Record]:
-    """Each record with the next record's picture (the reference trace then describes another scene)."""
+    """Each record with the picture (and depth) of the next record that shows another image file, as the
+    evaluation's image gap pairs them; a record with no such partner keeps its own."""
     records = list(records)
-    return [replace(r, image=records[(i + 1) % len(records)].image) for i, r in enumerate(records)]
+    out = []
+    for i, r in enumerate(records):
+        partner = next((p for p in records[i + 1 :] + records[:i] if p.image != r.image), r)
+        out.append(replace(r, image=partner.image, depth=partner.depth, depth_image=partner.depth_image))
+    return out
 
 
 def format_table(rows: dict[str, dict[str, float]], counts: dict[str, int]) -> str:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from benchmarks.trace_reading import main, table
+from benchmarks.trace_reading import main, swapped, table
 from engine.data.schema import Record
 from engine.models import from_pretrained, processor_from_pretrained
 from engine.models.tiny import create_tiny_checkpoint
@@ -105,3 +105,13 @@ def test_cli_prints_both_tables(tiny, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "own image" in printed and "another image" in printed and "| all | 3 |" in printed
     assert (tmp_path / "t.json").is_file()
+
+
+def test_swapped_pictures_come_from_another_scene():
+    """Bundled records come two per scene: the swap skips a neighbour that shows the same picture."""
+    records = load_split("", "heldout", 6)
+    assert records[0].image == records[1].image  # two questions of one scene
+    for before, after in zip(records, swapped(records)):
+        assert after.image != before.image and after.question == before.question and after.trace == before.trace
+    alone = records[:1]
+    assert swapped(alone)[0].image == alone[0].image
