@@ -27,13 +27,13 @@ import argparse
 import json
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
 
 from engine.data.schema import Record
 from engine.models import from_pretrained, processor_from_pretrained
 from engine.recipes.splits import load_split
+from engine.rl.evaluation import with_other_pictures
 from engine.rl.trace_reading import PARTS, score_reference
 
 
@@ -53,14 +53,9 @@ def table(records: Sequence[Record], hits: Sequence[dict[str, list[int]]]) -> di
 
 
 def swapped(records: Sequence[Record]) -> list[Record]:
-    """Each record with the picture (and depth) of the next record that shows another image file, as the
-    evaluation's image gap pairs them; a record with no such partner keeps its own."""
-    records = list(records)
-    out = []
-    for i, r in enumerate(records):
-        partner = next((p for p in records[i + 1 :] + records[:i] if p.image != r.image), r)
-        out.append(replace(r, image=partner.image, depth=partner.depth, depth_image=partner.depth_image))
-    return out
+    """Each record with another scene's picture, paired as the evaluation's image gap pairs them
+    (``engine.rl.evaluation.with_other_pictures``); a record with no such partner keeps its own."""
+    return [other or record for record, other in zip(records, with_other_pictures(records))]
 
 
 def format_table(rows: dict[str, dict[str, float]], counts: dict[str, int]) -> str:

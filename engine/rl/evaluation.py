@@ -121,6 +121,21 @@ def evaluate_records(model: nn.Module, processor: Processor, records: Sequence[R
     return rows
 
 
+def with_other_pictures(records: Sequence[Record]) -> list[Record | None]:
+    """Each record with the picture (and depth) of the next record in ``records`` (cyclically) that shows a
+    different image file; None where no record does."""
+    records = list(records)
+    out: list[Record | None] = []
+    for i, record in enumerate(records):
+        partner = next((r for r in records[i + 1 :] + records[:i] if r.image != record.image), None)
+        out.append(
+            None
+            if partner is None
+            else replace(record, image=partner.image, depth=partner.depth, depth_image=partner.depth_image)
+        )
+    return out
+
+
 class Reliance(NamedTuple):
     """One record's teacher-forced reference trace: CE (nats per token) under its own image and under another
     record's, and per part of the trace [greedy hits, tokens] under its own (``engine.rl.trace_reading``)."""
@@ -136,15 +151,11 @@ def image_reliance(
     """Per record, its :class:`Reliance`: the other picture is the next record's in ``records`` (cyclically) that
     shows a different image file, depth included; None for a record without a trace, without such a partner, or
     whose media cannot be decoded. Call under ``no_grad``."""
-    records = list(records)
     out: list[Reliance | None] = []
-    for i, record in enumerate(records):
-        after = records[i + 1 :] + records[:i]
-        partner = next((r for r in after if r.image != record.image), None)
-        if not record.trace or partner is None:
+    for record, swapped in zip(records, with_other_pictures(records)):
+        if not record.trace or swapped is None:
             out.append(None)
             continue
-        swapped = replace(record, image=partner.image, depth=partner.depth, depth_image=partner.depth_image)
         try:
             own = score_reference(model, processor, record, with_depth)
             other = score_reference(model, processor, swapped, with_depth, parts=False)
