@@ -5,8 +5,10 @@ question kind (``engine.rl.trace_reading``; the held-out evaluation prints the p
 record's reference trace is scored in one forward pass (its prompt and the reference response), and the greedy
 prediction of every assistant token is compared with the reference token, grouped by the part of the trace:
 
-* ``names``: the object phrases of the first ``<text>`` ("Find the blue sphere and the red sphere."): the
-  objects the question names, to be copied from it;
+* ``names``: the object phrases of the first ``<text>`` ("Find the blue sphere and the red sphere.") that the
+  question names, to be copied from it;
+* ``seen``: the object phrases of the first ``<text>`` that the question does not name (the colour asked by an
+  attribute question, the objects a counting question counts): from the image;
 * ``boxes``: the numbers inside ``<area>…</area>`` (box coordinates and depths: from the image);
 * ``opener``: the first token of the last ``<text>``, which names the question's kind ("y …" for above/below,
   "x …" for left/right, "… found." for counting): it needs the question read;
@@ -19,6 +21,7 @@ follow its conclusions. The same table under another record's image (``--swap``)
 
     python -m benchmarks.trace_reading runs/sft-tiny/hf                  # the bundled held-out split
     python -m benchmarks.trace_reading runs/sft-tiny/hf --data SPLIT --limit 100 --swap
+    python -m benchmarks.trace_reading runs/cvt-crop/hf --focus-mode crop      # a crop-mode policy, with its views
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 from engine.data.schema import Record
 from engine.models import from_pretrained, processor_from_pretrained
 from engine.recipes.splits import load_split
-from engine.rl.evaluation import with_other_pictures
+from engine.rl.evaluation import EvalConfig, with_other_pictures
 from engine.rl.trace_reading import PARTS, score_reference
 
 
@@ -44,8 +47,8 @@ def table(records: Sequence[Record], hits: Sequence[dict[str, list[int]]]) -> di
     for record, h in zip(records, hits):
         for kind in (record.qtype or "unknown", "all"):
             for part in PARTS:
-                pooled[kind][part][0] += h[part][0]
-                pooled[kind][part][1] += h[part][1]
+                pooled[kind][part][0] += h.get(part, (0, 0))[0]
+                pooled[kind][part][1] += h.get(part, (0, 0))[1]
     return {
         kind: {p: (v[p][0] / v[p][1] if v[p][1] else float("nan")) for p in PARTS}
         for kind, v in sorted(pooled.items(), key=lambda kv: (kv[0] == "all", kv[0]))
@@ -72,7 +75,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--limit", type=int, default=0, help="score only the first N records (0: all)")
     ap.add_argument("--swap", action="store_true", help="also score every trace under another record's image")
     ap.add_argument("--json", default="", help="also write the tables here")
+    ap.add_argument(
+        "--focus-mode",
+        choices=("text", "crop"),
+        default="text",
+        help="the mode the model was trained in: crop shows the depth image in the prompt and each area's crops",
+    )
     args = ap.parse_args(argv)
+    views = EvalConfig(focus_mode=args.focus_mode).sft_views()
     records = [r for r in load_split(args.data, "heldout", args.limit) if r.trace]
     if not records:
         raise SystemExit(f"{args.data or 'the bundled held-out split'}: no records with a reference trace")
@@ -83,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = {}
     with torch.no_grad():
         for name, recs in [("own image", records)] + ([("another image", swapped(records))] if args.swap else []):
-            out[name] = table(recs, [score_reference(model, processor, r, with_depth=False).part_hits for r in recs])
+            hits = [score_reference(model, processor, r, views is not None, views=views).part_hits for r in recs]
+            out[name] = table(recs, hits)
             print(f"teacher-forced token accuracy, {name} ({args.model}):\n{format_table(out[name], counts)}\n")
     if args.json:
         with open(args.json, "w") as f:

@@ -118,15 +118,16 @@ def test_reference_token_accuracy_is_pooled_over_tokens_and_printed() -> None:
     rows = _rows()
     for k, r in enumerate(rows):
         r["ce_own_image"] = r["ce_other_image"] = 1.0
-        r["reference_hits"] = {"names": [k % 2, 1], "boxes": [3, 4], "opener": [1, 1], "answer": [0, 2]}
+        r["reference_hits"] = {"names": [k % 2, 1], "seen": [0, 0], "boxes": [3, 4], "opener": [1, 1], "answer": [0, 2]}
     rows[0]["reference_hits"] = None  # a record without a partner image: left out
     summary = summarise(rows)
     scored = rows[1:]
     assert summary["reference_tokens"] == {
         "names": pytest.approx(sum(k % 2 for k in range(1, len(rows))) / len(scored)),
+        "seen": None,
         "boxes": 0.75,
         "opener": 1.0,
         "answer": 0.0,
     }
     assert "teacher-forced token accuracy by part: names" in format_summary(summary, "t")
-    assert "boxes 0.75" in format_summary(summary, "t")
+    assert "seen -  boxes 0.75" in format_summary(summary, "t")

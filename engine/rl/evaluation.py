@@ -45,6 +45,7 @@ from engine.rl.prompts import build_prompt
 from engine.rl.rewards import answer_score, format_reward, score_completions
 from engine.rl.rollout import generate_rollouts
 from engine.rl.trace_reading import PARTS, pooled_accuracy, score_reference
+from engine.train.sft import SFTViews
 
 BOX_CORRECT_IOU = 0.5
 NO_ANSWER = "<none>"
@@ -69,6 +70,12 @@ class EvalConfig:
     crop_size: int = 112
     depth_views: bool = True
 
+    def sft_views(self) -> SFTViews | None:
+        """How the reference traces are shown when scored teacher-forced: with this mode's crop views, or None."""
+        if self.focus_mode == "text":
+            return None
+        return SFTViews("crop", self.max_views, self.crop_size, self.depth_views)
+
     def rl_config(self) -> RLConfig:
         return RLConfig(
             temperature=self.temperature,
@@ -91,7 +98,9 @@ def evaluate_records(model: nn.Module, processor: Processor, records: Sequence[R
         prompts = [build_prompt(r, processor, with_depth=rl.depth_in_prompt) for r in chunk]
         with torch.no_grad():
             batch = generate_rollouts(model, processor, prompts, rl, num_samples=1)
-            reliance = image_reliance(model, processor, [p.record for p in prompts], with_depth=rl.depth_in_prompt)
+            reliance = image_reliance(
+                model, processor, [p.record for p in prompts], with_depth=rl.depth_in_prompt, views=cfg.sft_views()
+            )
         rewards = score_completions(batch.texts, batch.prompt_index, [p.target for p in prompts])
         for i, (p, parsed) in enumerate(zip(prompts, rewards.parsed)):
             record = p.record
@@ -146,19 +155,23 @@ class Reliance(NamedTuple):
 
 
 def image_reliance(
-    model: nn.Module, processor: Processor, records: Sequence[Record], with_depth: bool
+    model: nn.Module,
+    processor: Processor,
+    records: Sequence[Record],
+    with_depth: bool,
+    views: SFTViews | None = None,
 ) -> list[Reliance | None]:
     """Per record, its :class:`Reliance`: the other picture is the next record's in ``records`` (cyclically) that
-    shows a different image file, depth included; None for a record without a trace, without such a partner, or
-    whose media cannot be decoded. Call under ``no_grad``."""
+    shows a different image file, depth included (in crop mode, ``views``, the crops are cut from it too); None for
+    a record without a trace, without such a partner, or whose media cannot be decoded. Call under ``no_grad``."""
     out: list[Reliance | None] = []
     for record, swapped in zip(records, with_other_pictures(records)):
         if not record.trace or swapped is None:
             out.append(None)
             continue
         try:
-            own = score_reference(model, processor, record, with_depth)
-            other = score_reference(model, processor, swapped, with_depth, parts=False)
+            own = score_reference(model, processor, record, with_depth, views=views)
+            other = score_reference(model, processor, swapped, with_depth, parts=False, views=views)
         except MediaError:
             out.append(None)
             continue
