@@ -1,4 +1,4 @@
-"""Small shared helpers for the benchmarks: timing, peak memory, environment stamp, markdown table, JSON output,
+"""Small shared helpers for the benchmarks: timing, peak memory, environment stamp, markdown tables, JSON output,
 and the 0.5B-class model shape with a random checkpoint of it.
 
 Peak memory on CUDA comes from the caching allocator's counters; on CPU from the peak RSS (VmHWM) of a fresh
@@ -123,6 +123,17 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> 
             fmt(row.get(k)) if isinstance(row.get(k), float) or row.get(k) is None else str(row[k]) for k, _ in columns
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def curve_table(headers: tuple[str, str], rows: Sequence[tuple[str, str, Sequence[tuple[int, float]], float]]) -> str:
+    """Learning curves as a markdown table: one line per ``(label, label, [(step, accuracy)], seconds)``, one column
+    per step of the first curve."""
+    steps = [s for s, _ in rows[0][2]]
+    lines = [f"| {headers[0]} | {headers[1]} | " + " | ".join(str(s) for s in steps) + " | seconds |"]
+    lines.append("|---|---|" + "---|" * (len(steps) + 1))
+    for a, b, curve, seconds in rows:
+        lines.append(f"| {a} | {b} | " + " | ".join(f"{acc:.2f}" for _, acc in curve) + f" | {seconds:.0f} |")
     return "\n".join(lines)
 
 

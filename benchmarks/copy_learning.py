@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.common import curve_table
 from engine.data import bundled_dataset_dir
 from engine.data.schema import load_records
 from engine.data.sif_format import SIF_INSTRUCTION
@@ -220,12 +221,8 @@ def main(argv: list[str] | None = None) -> None:
             curve = train(build, draw, held_out, args.steps, args.eval_every, args.lr, args.batch_size)
             rows.append((task, name, curve, time.perf_counter() - t0))
             print(f"{task} {name}: " + " ".join(f"{s}:{a:.2f}" for s, a in curve), flush=True)
-    steps = [s for s, _ in rows[0][2]]
     print(f"held-out token accuracy by step (batch {args.batch_size}, lr {args.lr:g})")
-    print("| task | model | " + " | ".join(str(s) for s in steps) + " | seconds |")
-    print("|---|---|" + "---|" * (len(steps) + 1))
-    for task, name, curve, seconds in rows:
-        print(f"| {task} | {name} | " + " | ".join(f"{a:.2f}" for _, a in curve) + f" | {seconds:.0f} |")
+    print(curve_table(("task", "model"), rows))
 
 
 if __name__ == "__main__":

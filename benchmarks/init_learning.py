@@ -25,6 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import curve_table
 from engine.models.model import VLModel
 from engine.models.packing import pack_sequences, packed_hidden
 from engine.models.tiny import init_weights, tiny_config
@@ -110,11 +111,7 @@ def main(argv: list[str] | None = None) -> None:
             curve = train(None if init == "fan-in" else float(init), variant, args.steps, args.eval_every)
             rows.append((init, variant, curve, time.perf_counter() - t0))
             print(f"{init} {variant}: " + " ".join(f"{s}:{a:.2f}" for s, a in curve), flush=True)
-    steps = [s for s, _ in rows[0][2]]
-    print("| init | variant | " + " | ".join(str(s) for s in steps) + " | seconds |")
-    print("|---|---|" + "---|" * (len(steps) + 1))
-    for init, variant, curve, seconds in rows:
-        print(f"| {init} | {variant} | " + " | ".join(f"{a:.2f}" for _, a in curve) + f" | {seconds:.0f} |")
+    print(curve_table(("init", "variant"), rows))
 
 
 if __name__ == "__main__":

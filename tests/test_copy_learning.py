@@ -4,7 +4,7 @@ object words the question gives (not the colour an attribute trace reads from th
 import json
 import random
 
-from benchmarks.copy_learning import engine_model, induction_examples, names_examples, train
+from benchmarks.copy_learning import engine_model, induction_examples, main, names_examples, train
 from engine.models.tiny import tiny_tokenizer
 
 
@@ -51,3 +51,10 @@ def test_names_scores_the_objects_the_question_names(tmp_path) -> None:
 def test_names_leaves_out_an_object_read_from_the_image(tmp_path) -> None:
     question = "What color is the cube that is farthest from the camera?"
     assert _scored_words(tmp_path, question, "Find the cyan cube.", False) == []
+
+
+def test_cli_prints_a_curve_table(capsys) -> None:
+    main(["--tasks", "names", "--steps", "2", "--eval-every", "1", "--no-peer"])
+    out = capsys.readouterr().out
+    assert "| task | model | 0 | 1 | 2 | seconds |" in out
+    assert "| names | ours | " in out
