@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/run_gpu.sh [DEST] [STEP...]    STEP: build tests kernels sweep grpo crop crop-v2 e2e model
 #                                                    train compile profile decode-async vision vision-close reading
+#                                                    crop-vs-text
 #                                                    (default: all)
 #
 # build: the extension in place (SIF_CUDA_ARCH, default 9.0). tests: `pytest -m gpu`. kernels / sweep: the log-prob
@@ -23,6 +24,8 @@
 # and presence trained beside its two halves, echo and color1), long enough to see whether and when they leave it.
 # reading: the tiny SFT recipe on 24 000 generated traces (6 000 steps of 4), 12x what the CPU runs saw, then
 # benchmarks/trace_reading.py on its export: does the model start to copy the question's objects into its trace?
+# crop-vs-text: the longer preset (recipes/configs/grpo_tiny_long.toml) in both focusing modes from the same start,
+# then benchmarks/crop_vs_text.py (held-out accuracy per question kind of the two, eval.json and eval.png into dest).
 # Each step runs under its own time limit, so one that hangs costs its limit and the rest still run.
 # SIF_DECODE (graph | graph_async | static | eager, default graph) picks the rollout decode of the profile and
 # train steps;
@@ -36,7 +39,7 @@ gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '
 export SIF_COMMIT=${SIF_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 dest=${1:-benchmarks/results/$(date -u +%Y-%m-%d)-${gpu}-${SIF_COMMIT}}
 shift || true
-steps=${*:-build tests kernels sweep grpo crop crop-v2 e2e model train compile profile decode-async vision vision-close reading}
+steps=${*:-build tests kernels sweep grpo crop crop-v2 e2e model train compile profile decode-async vision vision-close reading crop-vs-text}
 decode=${SIF_DECODE:-graph}
 mkdir -p "$dest"
 export PYTHONUNBUFFERED=1
@@ -106,6 +109,15 @@ for s in $steps; do
                 --synth.records 24000 --synth.workers 12 --train.max_steps 6000 --train.micro_batch_size 4
             step reading-parts 180 python -m benchmarks.trace_reading /tmp/sif-reading/sft-tiny/hf --swap \
                 --json "$dest/trace_reading.json" ;;
+        crop-vs-text)
+            for mode in text crop; do
+                step "long-$mode" 540 torchrun --nproc_per_node=1 recipes/grpo_sif.py \
+                    --config recipes/configs/grpo_tiny_long.toml --train.output_dir /tmp/sif-long \
+                    --sft.train.output_dir /tmp/sif-long --rl.focus_mode "$mode" --train.run_name "long-$mode" \
+                    --sft.train.run_name "long-$mode-sft" --sft.synth.workers 12 --synth.workers 12
+            done
+            step crop-vs-text 60 python -m benchmarks.crop_vs_text /tmp/sif-long/long-text /tmp/sif-long/long-crop \
+                --out "$dest/crop_vs_text" ;;
         *) echo "unknown step $s" >&2; exit 2 ;;
     esac
 done
