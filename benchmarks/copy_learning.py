@@ -21,8 +21,8 @@ Both models start from ``engine.models.tiny.init_weights`` (fan-in), train with 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import random
-import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,14 +39,13 @@ from engine.models.model import VLModel
 from engine.models.packing import pack_sequences, packed_hidden
 from engine.models.processor import DEFAULT_SYSTEM
 from engine.models.tiny import init_weights, tiny_config, tiny_tokenizer
+from engine.rl.trace_reading import part_spans
 
 TASKS = ("induction", "names", "names-prompt")
 RANDOM_IDS = (100, 400)  # ordinary BPE ids of the tiny vocabulary, no special tokens
 BACKGROUND_IDS = (440, 448)  # the stand-ins of image tokens in names-prompt
 RANDOM_LENGTH = 48
-OBJECT = re.compile(r"\bthe ([a-z]+ [a-z]+)")
-FIRST_TEXT = re.compile(r"<text>(.*?)</text>", re.S)
-OPENING_AREA = re.compile(r"^<think><area>.*?</area>", re.S)
+TEXT_OPEN, TEXT_CLOSE = "<text>", "</text>"
 
 Example = tuple[list[int], list[bool]]  # token ids, scored flags
 
@@ -63,7 +62,8 @@ def induction_examples(rng: random.Random, n: int) -> list[Example]:
 
 def names_examples(records_path: Path, with_prompt: bool, seed: int = 0) -> list[Example]:
     """One example per record of ``records_path`` with a trace: the tokens of its question, instruction and first
-    text, the first text's object words scored (by character span) where the question names the same object."""
+    text, the first text's ``names`` scored (``engine.rl.trace_reading.part_spans``: the object phrases the
+    question names, by character span)."""
     tok = tiny_tokenizer().tok
     rng = random.Random(seed)
     records, _ = load_records(records_path, check_files="none")
@@ -72,25 +72,22 @@ def names_examples(records_path: Path, with_prompt: bool, seed: int = 0) -> list
         if not record.trace:
             continue
         response = record.response()
-        first = FIRST_TEXT.search(response)
-        if first is None:
+        spans = part_spans(response, record.question)
+        start = response.find(TEXT_OPEN) + len(TEXT_OPEN)  # the first text; the object phrases lie inside it
+        if start < len(TEXT_OPEN):
             continue
+        end = response.index(TEXT_CLOSE, start)
         prefix: list[int] = []
         if with_prompt:
-            image = [BACKGROUND_IDS[0] + rng.randrange(8) for _ in range(64)]
+            image = [BACKGROUND_IDS[0] + rng.randrange(8) for _ in range(64)]  # drawn for every first text
             prefix = tok.encode(f"system\n{DEFAULT_SYSTEM}\nuser\n").ids + image
-            opening = OPENING_AREA.match(response)
-            head = f"{record.question}{SIF_INSTRUCTION}\nassistant\n" + (opening.group(0) if opening else "") + "<text>"
+            head = f"{record.question}{SIF_INSTRUCTION}\nassistant\n" + response[:start]
         else:
             head = f"{record.question}\n"
-        text = head + first.group(1)
-        spans = [
-            (len(head) + m.start(1), len(head) + m.end(1))
-            for m in OBJECT.finditer(first.group(1))
-            if m.group(1) in record.question
-        ]
-        encoding = tok.encode(text)
-        scored = [False] * len(prefix) + [any(a < e and b > s for s, e in spans) for a, b in encoding.offsets]
+        shift = len(head) - start
+        encoding = tok.encode(head + response[start:end])
+        scored = [False] * len(prefix)
+        scored += [any(a < e + shift and b > s + shift for s, e in spans["names"]) for a, b in encoding.offsets]
         if any(scored) and not scored[0]:
             out.append((prefix + encoding.ids, scored))
     return out
@@ -110,12 +107,10 @@ def engine_model() -> tuple[nn.Module, Callable[[Sequence[Example]], tuple[torch
     return model, scored_logits
 
 
-def peer_model() -> tuple[nn.Module, Callable[[Sequence[Example]], tuple[torch.Tensor, torch.Tensor]]] | None:
-    """transformers' Qwen2ForCausalLM of the tiny decoder's shape and init, or None without transformers."""
-    try:
-        from transformers import Qwen2Config, Qwen2ForCausalLM
-    except ImportError:
-        return None
+def peer_model() -> tuple[nn.Module, Callable[[Sequence[Example]], tuple[torch.Tensor, torch.Tensor]]]:
+    """transformers' Qwen2ForCausalLM of the tiny decoder's shape and init (needs transformers)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
     text = tiny_config().text
     model = Qwen2ForCausalLM(
         Qwen2Config(
@@ -209,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"unknown task(s) {unknown}; expected some of {list(TASKS)}")
     models: dict[str, Callable] = {"ours": engine_model}
     if not args.no_peer:
-        if peer_model() is None:
+        if importlib.util.find_spec("transformers") is None:
             print("transformers is not importable: the peer column is left out")
         else:
             models["transformers"] = peer_model

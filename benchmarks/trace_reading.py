@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
         help="the mode the model was trained in: crop shows the depth image in the prompt and each area's crops",
     )
     args = ap.parse_args(argv)
-    views = EvalConfig(focus_mode=args.focus_mode).sft_views()
+    mode = EvalConfig(focus_mode=args.focus_mode)
+    views, with_depth = mode.sft_views(), mode.rl_config().depth_in_prompt
     records = [r for r in load_split(args.data, "heldout", args.limit) if r.trace]
     if not records:
         raise SystemExit(f"{args.data or 'the bundled held-out split'}: no records with a reference trace")
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {}
     with torch.no_grad():
         for name, recs in [("own image", records)] + ([("another image", swapped(records))] if args.swap else []):
-            hits = [score_reference(model, processor, r, views is not None, views=views).part_hits for r in recs]
+            hits = [score_reference(model, processor, r, with_depth, views=views).part_hits for r in recs]
             out[name] = table(recs, hits)
             print(f"teacher-forced token accuracy, {name} ({args.model}):\n{format_table(out[name], counts)}\n")
     if args.json:

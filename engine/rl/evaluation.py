@@ -16,9 +16,10 @@ malformed answer counts as wrong, the format reward, the grounding IoU of the la
   (:func:`image_reliance`). About 0 means the model's traces do not depend on what the image shows: its answers
   can then be no better than the majority answer, whatever the reward, and the report warns;
 * ``reference_tokens``: in the same teacher-forced pass, the share of the reference trace's tokens that are the
-  model's greedy next token, per part (``engine.rl.trace_reading``): the objects named in the first text (copied
-  from the question), the box numbers, the last text's opener (the question's kind) and the answer. It says where
-  the model's own traces leave the question.
+  model's greedy next token, per part (``engine.rl.trace_reading``): the objects of the first text that the
+  question names (copied from it) and those it does not (read from the image), the box numbers, the last text's
+  opener (the question's kind) and the answer, each trace shown as the mode's SFT shows it (crop mode: with its
+  views). It says where the model's own traces leave the question.
 """
 
 from __future__ import annotations
