@@ -13,12 +13,16 @@ nowhere else:
 * ``color1``: one-object scenes, "What color is the object?" → one of 8 colours.
 * ``echo`` (the question path's control): "Which colour does this question name, {colour} or none?" → that
   colour. The answer is in the question, not the image: it measures how soon the answer reads the question.
+* ``side``: "Is the {colour} {shape} in the left or the right half of the image?" → left / right, by the box
+  centre of an object no other shares the name of. The answer is *where* a named object is, which image tokens
+  can only say through their positions (the tower's features say what a patch shows, not where it is).
 * ``ask``: the generator's own questions (``--qtypes``, default every kind with a one-word answer) answered
   directly, without the SIF trace; accuracy is reported per question kind beside that kind's majority answer.
 
 Scenes come from the generator (``engine.data.synth``, seed ``--seed`` for training, ``--seed + 1`` held out),
 seen with the camera of ``--framing`` (``engine.data.synth.FRAMINGS``). The model, the processor and the SFT
-objective are the engine's own, so a change that makes the tiny model see shows here first. ``--init`` starts
+objective are the engine's own, so a change that makes the tiny model see shows here first; ``--rope-theta``
+changes the random decoder's rotary base (``engine.models.tiny.TINY_ROPE_THETA``). ``--init`` starts
 from a checkpoint instead of random weights and ``--save`` writes the trained model, so that stages chain into a
 curriculum (each stage judged on its own held-out scenes); ``a+b`` trains a mixture. ``--probe N`` fits a linear
 probe from the pooled vision features to the colours each scene shows: when it reads them and the model's answers
@@ -27,6 +31,7 @@ do not, the decoder is what has not learned.
     python -m benchmarks.vision_learning --tasks halves,presence,color1 --steps 2000 --device cuda
     python -m benchmarks.vision_learning --tasks color1 --fov-deg 22 --steps 300   # larger objects
     python -m benchmarks.vision_learning --tasks ask --framing close --init stage1 --save stage2
+    python -m benchmarks.vision_learning --tasks side --framing close --oracle-tower --bare --rope-theta 10000
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from engine.data.synth import FRAMINGS, SynthConfig, framed, generate_dataset
 from engine.models import from_pretrained, processor_from_pretrained
 from engine.models.loading import save_pretrained
 from engine.models.packing import packed_hidden
-from engine.models.tiny import create_tiny_checkpoint
+from engine.models.tiny import create_tiny_checkpoint, tiny_config
 from engine.train.optim import param_groups
 from engine.train.sft import SFTExample, SFTObjective, collate_sft, scored_tokens
 from engine.train.vision_align import PhraseTargets
@@ -94,6 +99,22 @@ def echo(record: Record, rng: random.Random) -> tuple[str, str, torch.Tensor]:
     return f"Which colour does this question name, {colour} or none?", colour, load_image(record.image)
 
 
+def side(record: Record, rng: random.Random) -> tuple[str, str, torch.Tensor]:
+    """Which half of the image holds one named object (the wanted side drawn first, so both answers are about as
+    likely); objects whose box centre lies within 0.08 of the middle, or whose colour and shape another object
+    shares, are not asked about."""
+    objects = record.meta["scene"]["objects"]
+    names = Counter((o["color"], o["shape"]) for o in objects)
+    centre = {id(o): (o["box"][0] + o["box"][2]) / 2 for o in objects}
+    askable = [o for o in objects if names[o["color"], o["shape"]] == 1 and abs(centre[id(o)] - 0.5) >= 0.08]
+    want_left = rng.random() < 0.5
+    wanted = [o for o in askable if (centre[id(o)] < 0.5) == want_left] or askable or objects
+    obj = rng.choice(wanted)
+    answer = "left" if centre[id(obj)] < 0.5 else "right"
+    question = f"Is the {obj['color']} {obj['shape']} in the left or the right half of the image?"
+    return question, answer, load_image(record.image)
+
+
 def ask(record: Record, rng: random.Random) -> tuple[str, str, torch.Tensor]:
     return record.question, record.answer, load_image(record.image)
 
@@ -106,6 +127,7 @@ TASKS: dict[str, tuple[Question, SynthConfig]] = {
     "presence": (presence, SynthConfig(qtypes=("locate",), with_trace=False)),
     "color1": (color1, SynthConfig(min_objects=1, max_objects=1, qtypes=("locate",), with_trace=False)),
     "echo": (echo, SynthConfig(qtypes=("locate",), with_trace=False)),
+    "side": (side, SynthConfig(qtypes=("locate",), with_trace=False)),
     "ask": (ask, SynthConfig(qtypes=ONE_WORD_QTYPES, with_trace=False)),
 }
 
@@ -296,6 +318,15 @@ class OracleTower(torch.nn.Module):
         return torch.cat([self.by_pixels[self.key(c)] for c in chunks]).to(pixel_values.device)
 
 
+def tiny_start(root: Path, rope_theta: float) -> Path:
+    """The random tiny default (seed 0), with the decoder's rotary base ``rope_theta`` (0: the default's)."""
+    if not rope_theta:
+        return create_tiny_checkpoint(root / "tiny", seed=0)
+    config = tiny_config()
+    config.text.rope_theta = rope_theta
+    return create_tiny_checkpoint(root / f"tiny-theta{rope_theta:g}", seed=0, config=config)
+
+
 def scene_tag(name: str, cfg: SynthConfig) -> str:
     """A folder name that changes with every generator setting (generated scenes are cached by it)."""
     return f"{name}-{hashlib.sha1(repr(cfg).encode()).hexdigest()[:10]}"
@@ -314,7 +345,7 @@ def run_task(name: str, args: argparse.Namespace, root: Path) -> dict:
             held.append((r, question, r.qtype if part == "ask" else part))
     device = torch.device(args.device)
     torch.manual_seed(0)
-    start = Path(args.init) if args.init else create_tiny_checkpoint(root / "tiny", seed=0)
+    start = Path(args.init) if args.init else tiny_start(root, args.rope_theta)
     model = from_pretrained(start).to(device)
     processor = processor_from_pretrained(start)
     oracle = OracleTower(model, processor) if args.oracle_tower else None
@@ -441,6 +472,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "(scored on the held-out ones)")  # fmt: skip
     ap.add_argument("--oracle-tower", action="store_true", help="replace the vision tower by the decoder's "
                     "embeddings of the words naming what each image token shows (OracleTower)")  # fmt: skip
+    ap.add_argument("--rope-theta", type=float, default=0.0, help="the random tiny decoder's rotary base (0: the "
+                    "default's)")  # fmt: skip
     ap.add_argument("--init", default="", help="start from this checkpoint instead of random tiny weights")
     ap.add_argument("--save", default="", help="write the trained model and processor here (the last task's)")
     ap.add_argument("--workers", type=int, default=1)

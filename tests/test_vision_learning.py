@@ -21,7 +21,9 @@ from benchmarks.vision_learning import (
     parameter_groups,
     presence,
     scenes,
+    side,
     synth_config,
+    tiny_start,
     training_example,
 )
 from engine.data.render import COLORS
@@ -53,6 +55,28 @@ def test_questions_are_answered_by_the_image(scene_records):
         _, answer, rgb = halves(record, rng)
         left, right = rgb[:, : rgb.shape[1] // 2].float().mean(), rgb[:, rgb.shape[1] // 2 :].float().mean()
         assert (left < right) == (answer == "left")
+
+
+def test_side_names_one_object_and_answers_by_its_box_centre(scene_records):
+    rng = random.Random(0)
+    answers = []
+    for record in scene_records["side"]:
+        objects = record.meta["scene"]["objects"]
+        for _ in range(4):
+            question, answer, _ = side(record, rng)
+            named = [o for o in objects if f"the {o['color']} {o['shape']} in" in question]
+            assert len(named) == 1, question
+            assert answer == ("left" if (named[0]["box"][0] + named[0]["box"][2]) / 2 < 0.5 else "right")
+            answers.append(answer)
+    assert set(answers) == {"left", "right"}
+
+
+def test_rope_theta_changes_only_the_decoder_rotary_base(tmp_path):
+    default = from_pretrained(tiny_start(tmp_path, 0)).config
+    changed = from_pretrained(tiny_start(tmp_path, 2.5)).config
+    assert changed.text.rope_theta == 2.5 != default.text.rope_theta
+    changed.text.rope_theta = default.text.rope_theta
+    assert changed == default
 
 
 @pytest.mark.slow
