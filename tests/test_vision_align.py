@@ -142,3 +142,21 @@ def test_the_jobs_default_is_built_aligned_and_whole(tmp_path):
     assert not torch.equal(aligned.visual.merger.mlp[2].weight, unaligned.visual.merger.mlp[2].weight)
     assert torch.equal(aligned.model.embed_tokens.weight, unaligned.model.embed_tokens.weight)
     assert resolve_checkpoint(section, str(tmp_path), MainRank()) == path  # built once
+
+
+def test_a_default_built_with_another_config_is_built_again(tmp_path, capsys):
+    """A runs/ folder kept from an older version (here: the decoder's earlier rotary base) is not trained on."""
+    import json
+
+    from engine.config import ModelSection
+    from engine.recipes.policy import resolve_checkpoint
+
+    section = ModelSection(align_steps=0)
+    path = resolve_checkpoint(section, str(tmp_path), MainRank())
+    raw = json.loads((path / "config.json").read_text())
+    current = raw["rope_theta"]
+    raw["rope_theta"] = 10000.0
+    (path / "config.json").write_text(json.dumps(raw))
+    assert resolve_checkpoint(section, str(tmp_path), MainRank()) == path
+    assert "another configuration" in capsys.readouterr().out
+    assert from_pretrained(path).config.text.rope_theta == current

@@ -23,7 +23,9 @@ from engine.models import (
     from_pretrained,
     processor_from_pretrained,
 )
+from engine.models.config import load_model_config
 from engine.models.loading import save_pretrained
+from engine.models.tiny import tiny_config
 from engine.train.lora import apply_lora, freeze_vision_tower
 from engine.train.sharded import build_sharded_model, sharded_frozen_copy
 from engine.train.vision_align import AlignConfig, align_vision_tower
@@ -71,6 +73,17 @@ def create_default_checkpoint(
     partial.rename(path)
 
 
+def default_is_current(path: Path) -> bool:
+    """Whether ``path`` holds a complete tiny default of this version's ``tiny_config`` (a folder an older version
+    built, e.g. with another rotary base, is rebuilt, not silently trained on)."""
+    if not (path / "config.json").is_file():
+        return False
+    if load_model_config(path) == tiny_config():
+        return True
+    print(f"[model] {path} holds a tiny default of another configuration; building it again", flush=True)
+    return False
+
+
 def resolve_checkpoint(model_cfg: ModelSection, output_dir: str, env: DistEnv) -> Path:
     """``model_cfg.path``, or (empty) the tiny embedded default, written once by rank 0 under ``output_dir``."""
     if model_cfg.path:
@@ -78,7 +91,7 @@ def resolve_checkpoint(model_cfg: ModelSection, output_dir: str, env: DistEnv) -
             raise ConfigError(f"model.path {model_cfg.path!r} is not a checkpoint folder")
         return Path(model_cfg.path)
     tiny = Path(output_dir) / tiny_dirname(model_cfg)
-    if env.is_main and not (tiny / "config.json").is_file():
+    if env.is_main and not default_is_current(tiny):
         create_default_checkpoint(tiny, model_cfg, output_dir, env.device)
     env.barrier()
     return tiny
