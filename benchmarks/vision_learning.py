@@ -102,7 +102,7 @@ def echo(record: Record, rng: random.Random) -> tuple[str, str, torch.Tensor]:
 def side(record: Record, rng: random.Random) -> tuple[str, str, torch.Tensor]:
     """Which half of the image holds one named object (the wanted side drawn first, so both answers are about as
     likely); objects whose box centre lies within 0.08 of the middle, or whose colour and shape another object
-    shares, are not asked about."""
+    shares, are asked about only when the scene has no other to ask about."""
     objects = record.meta["scene"]["objects"]
     names = Counter((o["color"], o["shape"]) for o in objects)
     centre = {id(o): (o["box"][0] + o["box"][2]) / 2 for o in objects}

@@ -28,7 +28,7 @@ TINY_ROPE_THETA = 5.0
 ``mrope_section`` chunk): with 16 frequencies and base 10 000 they turn by at most 0.022 rad across the 8 columns of
 a 224-px image, so no head can tell a left object from a right one. Base 5 turns them by 1.5–2.6 rad across the
 grid (and the height axis by 2.8–4.7), still unambiguous for the lowest; text positions then repeat every ~28 tokens
-in the slowest pair, which attention by content does not need."""
+in the slowest pair (``benchmarks/results/2026-12-07-cpu-rope-theta`` measures both sides)."""
 
 
 def tiny_tokenizer() -> Tokenizer:
