@@ -37,21 +37,19 @@ from engine.data.schema import Record
 from engine.models import from_pretrained, processor_from_pretrained
 from engine.recipes.splits import load_split
 from engine.rl.evaluation import EvalConfig, with_other_pictures
-from engine.rl.trace_reading import PARTS, score_reference
+from engine.rl.trace_reading import PARTS, pooled_accuracy, score_reference
 
 
 def table(records: Sequence[Record], hits: Sequence[dict[str, list[int]]]) -> dict[str, dict[str, float]]:
     """Token accuracy per question kind and part from each record's [hits, tokens] (``all`` pools the kinds);
     NaN where a kind has no such tokens."""
-    pooled: dict[str, dict[str, list[int]]] = defaultdict(lambda: {p: [0, 0] for p in PARTS})
+    by_kind: dict[str, list[dict[str, list[int]]]] = defaultdict(list)
     for record, h in zip(records, hits):
         for kind in (record.qtype or "unknown", "all"):
-            for part in PARTS:
-                pooled[kind][part][0] += h.get(part, (0, 0))[0]
-                pooled[kind][part][1] += h.get(part, (0, 0))[1]
+            by_kind[kind].append(h)
     return {
-        kind: {p: (v[p][0] / v[p][1] if v[p][1] else float("nan")) for p in PARTS}
-        for kind, v in sorted(pooled.items(), key=lambda kv: (kv[0] == "all", kv[0]))
+        kind: {p: float("nan") if a is None else a for p, a in pooled_accuracy(group).items()}
+        for kind, group in sorted(by_kind.items(), key=lambda kv: (kv[0] == "all", kv[0]))
     }
 
 
