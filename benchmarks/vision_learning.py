@@ -105,12 +105,15 @@ def side(record: Record, rng: random.Random) -> tuple[str, str, torch.Tensor]:
     shares, are asked about only when the scene has no other to ask about."""
     objects = record.meta["scene"]["objects"]
     names = Counter((o["color"], o["shape"]) for o in objects)
-    centre = {id(o): (o["box"][0] + o["box"][2]) / 2 for o in objects}
-    askable = [o for o in objects if names[o["color"], o["shape"]] == 1 and abs(centre[id(o)] - 0.5) >= 0.08]
+
+    def centre(o: dict) -> float:
+        return (o["box"][0] + o["box"][2]) / 2
+
+    askable = [o for o in objects if names[o["color"], o["shape"]] == 1 and abs(centre(o) - 0.5) >= 0.08]
     want_left = rng.random() < 0.5
-    wanted = [o for o in askable if (centre[id(o)] < 0.5) == want_left] or askable or objects
+    wanted = [o for o in askable if (centre(o) < 0.5) == want_left] or askable or objects
     obj = rng.choice(wanted)
-    answer = "left" if centre[id(obj)] < 0.5 else "right"
+    answer = "left" if centre(obj) < 0.5 else "right"
     question = f"Is the {obj['color']} {obj['shape']} in the left or the right half of the image?"
     return question, answer, load_image(record.image)
 
