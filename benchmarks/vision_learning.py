@@ -300,9 +300,9 @@ class OracleTower(torch.nn.Module):
     (``engine.train.vision_align``: the decoder's initial embeddings of the words naming what each token shows),
     looked up by the image's pixel values. It bounds what a perfectly aligned tower can give the decoder."""
 
-    def __init__(self, model, processor) -> None:
+    def __init__(self, model, processor, position_weight: float = 0.0) -> None:
         super().__init__()
-        self.targets = PhraseTargets(model.model.embed_tokens.weight.detach().clone(), processor)
+        self.targets = PhraseTargets(model.model.embed_tokens.weight.detach().clone(), processor, position_weight)
         self.by_pixels: dict[bytes, torch.Tensor] = {}
 
     @staticmethod
@@ -351,7 +351,7 @@ def run_task(name: str, args: argparse.Namespace, root: Path) -> dict:
     start = Path(args.init) if args.init else tiny_start(root, args.rope_theta)
     model = from_pretrained(start).to(device)
     processor = processor_from_pretrained(start)
-    oracle = OracleTower(model, processor) if args.oracle_tower else None
+    oracle = OracleTower(model, processor, args.oracle_position) if args.oracle_tower else None
     if oracle is not None:
         model.visual = oracle
     register = oracle.register if oracle is not None else lambda record, e: e
@@ -475,6 +475,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "(scored on the held-out ones)")  # fmt: skip
     ap.add_argument("--oracle-tower", action="store_true", help="replace the vision tower by the decoder's "
                     "embeddings of the words naming what each image token shows (OracleTower)")  # fmt: skip
+    ap.add_argument(
+        "--oracle-position",
+        type=float,
+        default=0.0,
+        help="with --oracle-tower: add this weight x "
+        "engine.train.vision_align.position_code (where each token is) to the oracle's tokens",
+    )
     ap.add_argument("--rope-theta", type=float, default=0.0, help="the random tiny decoder's rotary base (0: the "
                     "default's)")  # fmt: skip
     ap.add_argument("--init", default="", help="start from this checkpoint instead of random tiny weights")

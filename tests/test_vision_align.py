@@ -13,9 +13,11 @@ from engine.train.vision_align import (
     BACKGROUND,
     AlignConfig,
     AlignmentTargets,
+    PhraseTargets,
     align_vision_tower,
     main,
     phrase_embedding,
+    position_code,
     scene_objects,
     token_words,
 )
@@ -36,6 +38,18 @@ def test_token_words_name_the_nearest_object_at_each_token_centre():
     assert token_words([], 1, 2) == [BACKGROUND, BACKGROUND]
 
 
+def test_an_object_between_token_centres_gets_the_cell_its_centre_is_in():
+    """A 4 x 4 grid (centres at 1/8, 3/8, ...): a green cone of box [0.26, 0.52, 0.36, 0.62] holds no token centre;
+    its centre (0.31, 0.57) lies in cell (row 2, column 1). A nearer object over that cell keeps it."""
+    cone = obj("green", "cone", [0.26, 0.52, 0.36, 0.62], 9.0)
+    words = token_words([cone], 4, 4)
+    assert words[2 * 4 + 1] == "green cone" and words.count("green cone") == 1
+    wall = obj("gray", "cube", [0.25, 0.5, 0.5, 0.75], 3.0)
+    assert "green cone" not in token_words([cone, wall], 4, 4)
+    edge = obj("red", "sphere", [0.97, 0.97, 1.0, 1.0], 5.0)  # centre on the last cell, not past it
+    assert token_words([edge], 4, 4)[-1] == "red sphere"
+
+
 def test_records_without_a_scene_are_refused_by_id():
     bare = Record(
         id="rec-7", image="x.png", question="q", answer="a", answer_type="text", gt_boxes=[], width=8, height=8
@@ -45,6 +59,20 @@ def test_records_without_a_scene_are_refused_by_id():
     partial = dataclasses.replace(bare, meta={"scene": {"objects": [{"box": [0, 0, 1, 1], "color": "red"}]}})
     with pytest.raises(ValueError, match=r"rec-7: meta.scene.objects\[0\] lacks \['center', 'shape'\]"):
         scene_objects(partial)
+
+
+def test_position_code_tells_every_cell_apart_at_unit_norm():
+    code = position_code(8, 8, 192)
+    assert code.shape == (64, 192)
+    torch.testing.assert_close(code.norm(dim=1), torch.ones(64))
+    distances = torch.cdist(code, code) + torch.eye(64) * 10
+    assert distances.min() > 0.2  # neighbours differ; no two cells share a code
+    grid = code.view(8, 8, 192)  # a column part plus a row part: moving right changes it alike in every row
+    step_right = grid[:, 5] - grid[:, 2]
+    torch.testing.assert_close(step_right, step_right[:1].expand(8, -1))
+    assert step_right[0].norm() > 0.5
+    with pytest.raises(ValueError, match="16 features do not fit 8 dimensions"):
+        position_code(2, 2, 8)
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +98,8 @@ def test_phrase_targets_are_the_decoders_word_embeddings(tiny):
     for k in (0, 27, 63):
         torch.testing.assert_close(per_token[k], targets.phrases[words[k]])
     assert any(w != BACKGROUND for w in words)
+    placed = PhraseTargets(emb, processor, position_weight=0.5)(records[0], 8, 8)
+    torch.testing.assert_close(placed - per_token, 0.5 * position_code(8, 8, per_token.shape[1]))
 
 
 def test_alignment_trains_the_tower_alone_and_reaches_held_out_targets(tiny):
