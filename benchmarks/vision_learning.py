@@ -265,11 +265,13 @@ def by_kind(kinds: list[str], values: list) -> dict[str, list]:
     return groups
 
 
-def synth_config(name: str, args: argparse.Namespace) -> SynthConfig:
-    """The task's generator settings under the command line's framing, field of view and question kinds."""
+def synth_config(name: str, args: argparse.Namespace, framing: str = "") -> SynthConfig:
+    """The task's generator settings under ``framing`` (default: the command line's), the command line's field of
+    view and question kinds."""
     cfg = TASKS[name][1]
-    if args.framing != "default":
-        cfg = framed(cfg, args.framing)
+    framing = framing or args.framing
+    if framing != "default":
+        cfg = framed(cfg, framing)
     if name == "color1":  # one object, whatever the framing
         cfg = dataclasses.replace(cfg, min_objects=1, max_objects=1)
     if args.fov_deg:
@@ -337,15 +339,17 @@ def scene_tag(name: str, cfg: SynthConfig) -> str:
 
 def run_task(name: str, args: argparse.Namespace, root: Path) -> dict:
     """Train one task, or a mixture ``a+b+...`` (each batch drawn from the union of the parts' scenes, every part
-    scored on its own held-out scenes), and return its baselines and held-out curve."""
+    scored on its own held-out scenes), and return its baselines and held-out curve. A part ``task@framing`` sees
+    its scenes under that framing (``side@close+side``: the same question on large and on small objects)."""
     train: list[tuple[Record, Question]] = []
     held: list[tuple[Record, Question, str]] = []
     for part in name.split("+"):
-        question, synth_cfg = TASKS[part][0], synth_config(part, args)
-        tag = scene_tag(part, synth_cfg)
+        task, _, framing = part.partition("@")
+        question, synth_cfg = TASKS[task][0], synth_config(task, args, framing)
+        tag = scene_tag(task, synth_cfg)
         train += [(r, question) for r in scenes(root, f"{tag}-train", synth_cfg, args.scenes, args.seed, args.workers)]
         for r in scenes(root, f"{tag}-held", synth_cfg, args.held_out, args.seed + 1, args.workers):
-            held.append((r, question, r.qtype if part == "ask" else part))
+            held.append((r, question, r.qtype if task == "ask" else part))
     device = torch.device(args.device)
     torch.manual_seed(0)
     start = Path(args.init) if args.init else tiny_start(root, args.rope_theta)
@@ -448,7 +452,7 @@ def format_table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", default="halves,presence,color1", help=f"comma-separated, of {sorted(TASKS)}; "
-                    "a+b trains a mixture of a and b")  # fmt: skip
+                    "a+b trains a mixture of a and b; task@framing picks that part's framing")  # fmt: skip
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -491,9 +495,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--data-dir", default="", help="where scenes are generated (default: a temporary folder)")
     ap.add_argument("--json", default="", help="also write the curves here")
     args = ap.parse_args(argv)
-    unknown = sorted({part for task in args.tasks.split(",") for part in task.split("+")} - set(TASKS))
+    parts = [part.partition("@") for task in args.tasks.split(",") for part in task.split("+")]
+    unknown = sorted({task for task, _, _ in parts} - set(TASKS))
+    unknown += sorted({f"@{framing}" for _, _, framing in parts if framing} - {f"@{f}" for f in FRAMINGS})
     if unknown:
-        raise SystemExit(f"unknown task(s) {unknown}; expected some of {sorted(TASKS)}")
+        raise SystemExit(
+            f"unknown task(s) {unknown}; expected some of {sorted(TASKS)}, each optionally @ one of {sorted(FRAMINGS)}"
+        )
     if args.oracle_tower and (args.probe or args.save):
         raise SystemExit("--oracle-tower has no vision tower to probe or save; leave out --probe and --save")
     unknown = sorted(set(filter(None, args.qtypes.split(","))) - set(ONE_WORD_QTYPES))

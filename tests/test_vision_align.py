@@ -15,6 +15,7 @@ from engine.train.vision_align import (
     AlignmentTargets,
     PhraseTargets,
     align_vision_tower,
+    cell_accuracy,
     main,
     phrase_embedding,
     position_code,
@@ -119,6 +120,27 @@ def test_alignment_trains_the_tower_alone_and_reaches_held_out_targets(tiny):
     assert after["relative_error"] < before["relative_error"] / 50, report
     assert after["accuracy"] > before["accuracy"] + 0.3, report
     assert len(report["losses"]) == 40 and report["losses"][-1] < report["losses"][0] / 10
+
+
+def test_cell_accuracy_finds_each_tokens_cell_from_its_position_part():
+    codes = torch.cat([position_code(2, 3, 64), position_code(4, 4, 64)])
+    assert cell_accuracy(0.7 * codes, [(2, 3), (4, 4)], 0.7) == 1.0
+    swapped = torch.cat([codes[:6].flip(0), codes[6:]])  # the first image's six tokens all in the wrong cell
+    assert cell_accuracy(0.7 * swapped, [(2, 3), (4, 4)], 0.7) == pytest.approx(16 / 22)
+
+
+def test_alignment_with_a_position_code_reports_where_the_tokens_are(tiny):
+    _, ckpt, records = tiny
+    model, processor = from_pretrained(ckpt), processor_from_pretrained(ckpt)
+    cfg = AlignConfig(steps=30, batch_size=8, position_weight=1.0)
+    report = align_vision_tower(model, processor, records[:32], cfg, records[32:], progress=False)
+    before, after = report["held_out_before"], report["held_out_after"]
+    assert set(after) == {"relative_error", "accuracy", "cell_accuracy"}
+    # the phrase part is scored with the code taken off; learning the cells takes hundreds of steps (measured in
+    # benchmarks/results/2026-12-07-cpu-finding-objects), more than this test runs
+    assert after["accuracy"] > before["accuracy"] + 0.3, report
+    assert after["relative_error"] < before["relative_error"] / 20, report
+    assert 0.0 <= after["cell_accuracy"] <= 1.0
 
 
 def test_a_non_finite_loss_stops_the_alignment_at_its_step(tiny):

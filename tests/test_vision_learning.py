@@ -20,6 +20,7 @@ from benchmarks.vision_learning import (
     main,
     parameter_groups,
     presence,
+    scene_tag,
     scenes,
     side,
     synth_config,
@@ -178,6 +179,20 @@ def test_the_vision_tower_learns_at_its_own_rate_or_not_at_all(tmp_path, scale):
     assert all(p.requires_grad == (scale > 0) for p in model.visual.parameters())
     assert len(in_groups) == sum(1 for p in model.parameters() if p.requires_grad)
     assert {g["weight_decay"] for g in groups if all(p.ndim < 2 for p in g["params"])} == {0.0}
+
+
+def test_a_part_at_another_framing_sees_its_own_scenes(tmp_path):
+    """``side@close+side``: one model, the close part's scenes generated under the close framing (2-3 objects), the
+    other's under the command line's default (3-6), each scored apart; an unknown framing is refused by name."""
+    (result,) = main(["--tasks", "side@close+side", "--steps", "1", "--eval-every", "1", "--batch-size", "2",
+                      "--scenes", "3", "--held-out", "4", "--data-dir", str(tmp_path), "--device", "cpu"])  # fmt: skip
+    assert set(result["kinds"]) == {"side@close", "side"}
+    close, default = (synth_config("side", argparse.Namespace(framing=f, fov_deg=0.0)) for f in ("close", "default"))
+    assert (close.max_objects, default.max_objects) == (3, 6)
+    folders = sorted(d.name for d in tmp_path.iterdir() if d.name.startswith("side-"))
+    assert folders == sorted(f"{scene_tag('side', c)}-{s}" for c in (close, default) for s in ("held", "train"))
+    with pytest.raises(SystemExit, match=r"\['@far'\].*each optionally @ one of \['close', 'default'\]"):
+        main(["--tasks", "side@far", "--data-dir", str(tmp_path)])
 
 
 def test_the_oracle_tower_gives_each_image_token_its_alignment_target(tmp_path):

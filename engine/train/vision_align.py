@@ -44,7 +44,8 @@ BACKGROUND = "background"
 @dataclass
 class AlignConfig:
     """AdamW on the vision tower alone: ``steps`` batches of ``batch_size`` images (drawn with ``seed``), linear
-    warm-up over ``warmup`` steps, then a constant ``lr``."""
+    warm-up over ``warmup`` steps, then a constant ``lr``; ``position_weight`` x :func:`position_code` is added to
+    every target (0: what each token shows, not where)."""
 
     steps: int = 300
     batch_size: int = 16
@@ -52,6 +53,7 @@ class AlignConfig:
     weight_decay: float = 0.05
     warmup: int = 20
     seed: int = 0
+    position_weight: float = 0.0
 
 
 def scene_objects(record: Record) -> list[dict]:
@@ -157,14 +159,18 @@ class PhraseTargets:
 class AlignmentTargets:
     """Each record's image (uint8, loaded once) and its tokens' target embeddings float32 [tokens, D]."""
 
-    def __init__(self, records: list[Record], model: VLModel, processor: Processor) -> None:
+    def __init__(
+        self, records: list[Record], model: VLModel, processor: Processor, position_weight: float = 0.0
+    ) -> None:
         self.processor = processor
-        self.targets = PhraseTargets(model.model.embed_tokens.weight.detach().float().cpu(), processor)
+        self.targets = PhraseTargets(model.model.embed_tokens.weight.detach().float().cpu(), processor, position_weight)
         self.items: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.grids: list[tuple[int, int]] = []  # each image's token grid (rows, columns)
         for r in records:
             rgb = load_image(r.image)
             height, width = processor.target_size(rgb.shape[0], rgb.shape[1])  # the size the processor resizes to
-            self.items.append((rgb, self.targets(r, height // processor.factor, width // processor.factor)))
+            self.grids.append((height // processor.factor, width // processor.factor))
+            self.items.append((rgb, self.targets(r, *self.grids[-1])))
 
     @property
     def phrases(self) -> dict[str, torch.Tensor]:
@@ -187,6 +193,18 @@ def phrase_accuracy(features: torch.Tensor, targets: torch.Tensor, phrases: torc
     return float((torch.cdist(features, phrases).argmin(-1) == own).float().mean())
 
 
+def cell_accuracy(positions: torch.Tensor, grids: list[tuple[int, int]], weight: float) -> float:
+    """Share of tokens whose nearest ``weight`` x :func:`position_code` of their image's grid is their own cell's;
+    ``positions`` [tokens, D] are the features less the tokens' phrase embeddings, images in ``grids`` order."""
+    hits, start = 0, 0
+    for h, w in grids:
+        codes = weight * position_code(h, w, positions.shape[1]).to(positions.device)
+        nearest = torch.cdist(positions[start : start + h * w], codes).argmin(-1)
+        hits += int((nearest == torch.arange(h * w, device=positions.device)).sum())
+        start += h * w
+    return hits / max(start, 1)
+
+
 def align_vision_tower(
     model: VLModel,
     processor: Processor,
@@ -201,8 +219,8 @@ def align_vision_tower(
     if not records:
         raise ValueError("vision alignment: no training records")
     device = next(model.visual.parameters()).device
-    train = AlignmentTargets(records, model, processor)
-    held = AlignmentTargets(list(held_out), model, processor) if held_out else None
+    train = AlignmentTargets(records, model, processor, cfg.position_weight)
+    held = AlignmentTargets(list(held_out), model, processor, cfg.position_weight) if held_out else None
     phrases = torch.stack(list({**train.phrases, **(held.phrases if held else {})}.values())).to(device)
 
     def score() -> dict:
@@ -210,9 +228,17 @@ def align_vision_tower(
             pv, grid, t = held.batch(list(range(len(held.items))))
             f = model.visual(pv.to(device), grid.to(device)).float()
             t = t.to(device)
+            if not cfg.position_weight:
+                return {
+                    "relative_error": round(relative_error(f, t), 4),
+                    "accuracy": round(phrase_accuracy(f, t, phrases), 4),
+                }
+            codes = torch.cat([position_code(h, w, t.shape[1]) for h, w in held.grids])
+            placed = cfg.position_weight * codes.to(device)
             return {
                 "relative_error": round(relative_error(f, t), 4),
-                "accuracy": round(phrase_accuracy(f, t, phrases), 4),
+                "accuracy": round(phrase_accuracy(f - placed, t - placed, phrases), 4),
+                "cell_accuracy": round(cell_accuracy(f - (t - placed), held.grids, cfg.position_weight), 4),
             }
 
     report = {"held_out_before": score()} if held else {}
