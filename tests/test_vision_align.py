@@ -194,6 +194,11 @@ def test_the_jobs_default_is_built_aligned_and_whole(tmp_path):
     assert not torch.equal(aligned.visual.merger.mlp[2].weight, unaligned.visual.merger.mlp[2].weight)
     assert torch.equal(aligned.model.embed_tokens.weight, unaligned.model.embed_tokens.weight)
     assert resolve_checkpoint(section, str(tmp_path), MainRank()) == path  # built once
+    placed = resolve_checkpoint(
+        ModelSection(align_steps=2, align_scenes=4, align_position_weight=1.0), str(tmp_path), MainRank()
+    )
+    assert placed == tmp_path / "tiny-model-aligned2x4-position1"  # its own folder: taught where tokens are as well
+    assert not torch.equal(from_pretrained(placed).visual.merger.mlp[2].weight, aligned.visual.merger.mlp[2].weight)
 
 
 def test_a_default_built_with_another_config_is_built_again(tmp_path, capsys):

@@ -16,13 +16,15 @@ class ModelSection:
     ``align_steps``, ``align_scenes``: when the tiny default is created, its random vision tower is first aligned
     to the decoder's word embeddings (``engine.train.vision_align``) for ``align_steps`` batches on
     ``align_scenes`` generated scenes (rendered once under the output folder's ``data/``); 0 steps leaves it
-    random. Ignored with a ``path``.
+    random. ``align_position_weight`` > 0 also teaches each image token where it is (that weight times
+    ``engine.train.vision_align.position_code`` of its cell, added to its target). Ignored with a ``path``.
     """
 
     path: str = ""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     align_steps: int = 300
     align_scenes: int = 600
+    align_position_weight: float = 0.0
 
 
 @dataclass

@@ -39,7 +39,8 @@ def tiny_dirname(model_cfg: ModelSection) -> str:
     """The tiny default's folder name, one per alignment setting (a changed setting builds a new one)."""
     if model_cfg.align_steps <= 0:
         return TINY_DIRNAME
-    return f"{TINY_DIRNAME}-aligned{model_cfg.align_steps}x{model_cfg.align_scenes}"
+    placed = f"-position{model_cfg.align_position_weight:g}" if model_cfg.align_position_weight else ""
+    return f"{TINY_DIRNAME}-aligned{model_cfg.align_steps}x{model_cfg.align_scenes}{placed}"
 
 
 def create_default_checkpoint(
@@ -59,7 +60,8 @@ def create_default_checkpoint(
         threads = torch.get_num_threads()
         torch.set_num_threads(os.cpu_count() or threads)  # the other ranks wait at the barrier meanwhile
         try:
-            report = align_vision_tower(model, processor, records, AlignConfig(steps=model_cfg.align_steps))
+            cfg = AlignConfig(steps=model_cfg.align_steps, position_weight=model_cfg.align_position_weight)
+            report = align_vision_tower(model, processor, records, cfg)
         finally:
             torch.set_num_threads(threads)
         losses = report["losses"]
