@@ -12,6 +12,8 @@ decoder's own input embedding of the words naming what its patch shows, ``e(colo
 object there (``token_words``), else ``e(background)``, where ``e(w)`` is the mean embedding of the BPE
 pieces of " w". It is the feature-alignment stage of LLaVA-style training, with the synthetic scenes' exact labels
 in place of captions. Only the tower (patch embedding, blocks, merger) trains; the embeddings are read once.
+With ``position_weight`` > 0 each target also holds a fixed code of the token's cell (:func:`position_code`), so
+that the tokens say where they are as well as what they show.
 
 Labels come from ``record.meta["scene"]["objects"]`` (``engine.data.synth`` writes them: ``box``, ``color``,
 ``shape``, ``center``); a record without them is refused with its id.
@@ -117,7 +119,7 @@ def position_code(grid_h: int, grid_w: int, dim: int, frequencies: int = POSITIO
     RoPE moves an image token's position into attention *scores* only; a head that finds "the red cube" by its
     content returns what the cube looks like, not where it is. With this code in its tokens the same head returns
     the position too. ``benchmarks.vision_learning --oracle-tower --oracle-position W`` measures what that is worth
-    to the decoder; the job's alignment leaves it out (``PhraseTargets.position_weight`` 0)."""
+    to the decoder; the recipes' alignment adds it with ``model.align_position_weight`` (default 0: left out)."""
     if 4 * frequencies > dim:
         raise ValueError(f"position code: {4 * frequencies} features do not fit {dim} dimensions")
     ys = (torch.arange(grid_h, dtype=torch.float64) + 0.5) / grid_h
