@@ -15,6 +15,7 @@ from engine.train.vision_align import (
     AlignmentTargets,
     PhraseTargets,
     align_vision_tower,
+    balanced_mean,
     cell_accuracy,
     main,
     phrase_embedding,
@@ -129,13 +130,31 @@ def test_cell_accuracy_finds_each_tokens_cell_from_its_position_part():
     assert cell_accuracy(0.7 * swapped, [(2, 3), (4, 4)], 0.7) == pytest.approx(16 / 22)
 
 
+def test_balanced_mean_weighs_the_object_tokens_as_much_as_the_background():
+    errors = torch.tensor([1.0, 1.0, 1.0, 5.0])
+    background = torch.tensor([True, True, True, False])
+    assert float(balanced_mean(errors, background)) == pytest.approx(3.0)  # plain mean: 2.0
+    assert float(balanced_mean(errors, torch.ones(4, dtype=torch.bool))) == pytest.approx(2.0)
+    assert float(balanced_mean(errors, torch.zeros(4, dtype=torch.bool))) == pytest.approx(2.0)
+
+
+def test_balanced_alignment_scores_the_object_tokens_apart(tiny):
+    _, ckpt, records = tiny
+    model, processor = from_pretrained(ckpt), processor_from_pretrained(ckpt)
+    cfg = AlignConfig(steps=2, batch_size=4, balanced=True)
+    report = align_vision_tower(model, processor, records[:8], cfg, records[32:], progress=False)
+    held = AlignmentTargets(records[32:], model, processor)
+    assert 0 < int((~held.background(list(range(len(held.items))))).sum()) < 64 * len(held.items)
+    assert set(report["held_out_after"]) == {"relative_error", "accuracy", "object_accuracy"}
+
+
 def test_alignment_with_a_position_code_reports_where_the_tokens_are(tiny):
     _, ckpt, records = tiny
     model, processor = from_pretrained(ckpt), processor_from_pretrained(ckpt)
     cfg = AlignConfig(steps=30, batch_size=8, position_weight=1.0)
     report = align_vision_tower(model, processor, records[:32], cfg, records[32:], progress=False)
     before, after = report["held_out_before"], report["held_out_after"]
-    assert set(after) == {"relative_error", "accuracy", "cell_accuracy"}
+    assert set(after) == {"relative_error", "accuracy", "object_accuracy", "cell_accuracy"}
     # the phrase part is scored with the code taken off; learning the cells takes hundreds of steps (measured in
     # benchmarks/results/2026-12-07-cpu-finding-objects), more than this test runs
     assert after["accuracy"] > before["accuracy"] + 0.3, report
