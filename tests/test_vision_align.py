@@ -197,7 +197,7 @@ def test_the_jobs_default_is_built_aligned_and_whole(tmp_path):
     """resolve_checkpoint with an empty path: the tiny default with its tower aligned, in a folder named by the
     alignment settings; a half-built folder left by a killed build is rebuilt, never used."""
     from engine.config import ModelSection
-    from engine.recipes.policy import resolve_checkpoint
+    from engine.recipes.policy import resolve_checkpoint, tiny_dirname
 
     section = ModelSection(align_steps=2, align_scenes=4)
     (tmp_path / "tiny-model-aligned2x4.partial").mkdir()  # a killed build's leftovers
@@ -217,6 +217,8 @@ def test_the_jobs_default_is_built_aligned_and_whole(tmp_path):
         ModelSection(align_steps=2, align_scenes=4, align_position_weight=1.0), str(tmp_path), MainRank()
     )
     assert placed == tmp_path / "tiny-model-aligned2x4-position1"  # its own folder: taught where tokens are as well
+    tuned = ModelSection(align_steps=2, align_scenes=4, align_lr=3e-3, align_balanced=True)
+    assert tiny_dirname(tuned) == "tiny-model-aligned2x4-lr0.003-balanced"
     assert not torch.equal(from_pretrained(placed).visual.merger.mlp[2].weight, aligned.visual.merger.mlp[2].weight)
 
 

@@ -17,7 +17,9 @@ class ModelSection:
     to the decoder's word embeddings (``engine.train.vision_align``) for ``align_steps`` batches on
     ``align_scenes`` generated scenes (rendered once under the output folder's ``data/``); 0 steps leaves it
     random. ``align_position_weight`` > 0 also teaches each image token where it is (that weight times
-    ``engine.train.vision_align.position_code`` of its cell, added to its target). Ignored with a ``path``.
+    ``engine.train.vision_align.position_code`` of its cell, added to its target). ``align_lr`` is the alignment's
+    learning rate; ``align_balanced`` weighs the tokens that show an object as much as the background ones.
+    Ignored with a ``path``.
     """
 
     path: str = ""
@@ -25,6 +27,8 @@ class ModelSection:
     align_steps: int = 300
     align_scenes: int = 600
     align_position_weight: float = 0.0
+    align_lr: float = 1e-3
+    align_balanced: bool = False
 
 
 @dataclass

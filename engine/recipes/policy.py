@@ -40,7 +40,9 @@ def tiny_dirname(model_cfg: ModelSection) -> str:
     if model_cfg.align_steps <= 0:
         return TINY_DIRNAME
     placed = f"-position{model_cfg.align_position_weight:g}" if model_cfg.align_position_weight else ""
-    return f"{TINY_DIRNAME}-aligned{model_cfg.align_steps}x{model_cfg.align_scenes}{placed}"
+    lr = f"-lr{model_cfg.align_lr:g}" if model_cfg.align_lr != ModelSection.align_lr else ""
+    balanced = "-balanced" if model_cfg.align_balanced else ""
+    return f"{TINY_DIRNAME}-aligned{model_cfg.align_steps}x{model_cfg.align_scenes}{placed}{lr}{balanced}"
 
 
 def create_default_checkpoint(
@@ -60,7 +62,12 @@ def create_default_checkpoint(
         threads = torch.get_num_threads()
         torch.set_num_threads(os.cpu_count() or threads)  # the other ranks wait at the barrier meanwhile
         try:
-            cfg = AlignConfig(steps=model_cfg.align_steps, position_weight=model_cfg.align_position_weight)
+            cfg = AlignConfig(
+                steps=model_cfg.align_steps,
+                lr=model_cfg.align_lr,
+                position_weight=model_cfg.align_position_weight,
+                balanced=model_cfg.align_balanced,
+            )
             report = align_vision_tower(model, processor, records, cfg)
         finally:
             torch.set_num_threads(threads)
