@@ -24,6 +24,7 @@ Labels come from ``record.meta["scene"]["objects"]`` (``engine.data.synth`` writ
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import random
 import time
@@ -113,10 +114,12 @@ POSITION_FREQUENCIES = 4
 """Frequencies of :func:`position_code` per axis: periods of 2, 1, 2/3 and 1/2 of the view."""
 
 
+@functools.lru_cache(maxsize=64)
 def position_code(grid_h: int, grid_w: int, dim: int, frequencies: int = POSITION_FREQUENCIES) -> torch.Tensor:
     """float32 [grid_h * grid_w, dim], row-major: a fixed 2-D sinusoidal code of each token's centre (x, y in [0, 1]
     of the view), cos/sin(π m x) and cos/sin(π m y) for m = 1..``frequencies``, mapped into ``dim`` by fixed
     orthonormal columns (seed 0) and scaled to unit norm, about one word embedding's norm at the tiny init.
+    Computed once per grid and shared: callers must not write into it.
 
     RoPE moves an image token's position into attention *scores* only; a head that finds "the red cube" by its
     content returns what the cube looks like, not where it is. With this code in its tokens the same head returns
@@ -151,7 +154,10 @@ class PhraseTargets:
     def __call__(self, record: Record, grid_h: int, grid_w: int) -> torch.Tensor:
         """float32 [grid_h * grid_w, D]: the record's image tokens, row-major over their ``grid_h`` x ``grid_w``
         grid."""
-        words = token_words(scene_objects(record), grid_h, grid_w)
+        return self.of_words(token_words(scene_objects(record), grid_h, grid_w), grid_h, grid_w)
+
+    def of_words(self, words: list[str], grid_h: int, grid_w: int) -> torch.Tensor:
+        """float32 [grid_h * grid_w, D]: the targets of tokens labelled ``words`` (:func:`token_words`)."""
         for w in set(words) - set(self.phrases):
             self.phrases[w] = phrase_embedding(w, self.embeddings, self.processor)
         targets = torch.stack([self.phrases[w] for w in words])
@@ -175,8 +181,8 @@ class AlignmentTargets:
             rgb = load_image(r.image)
             height, width = processor.target_size(rgb.shape[0], rgb.shape[1])  # the size the processor resizes to
             self.grids.append((height // processor.factor, width // processor.factor))
-            self.items.append((rgb, self.targets(r, *self.grids[-1])))
             words = token_words(scene_objects(r), *self.grids[-1])
+            self.items.append((rgb, self.targets.of_words(words, *self.grids[-1])))
             self.backgrounds.append(torch.tensor([w == BACKGROUND for w in words]))
 
     def background(self, indices: list[int]) -> torch.Tensor:
