@@ -326,6 +326,31 @@ def test_close_framing_makes_objects_larger_and_is_named_by_the_split():
     assert median_area(close) > 4 * median_area(default)
     assert all(2 <= len(s.objects) <= 3 for s in close)
     assert SynthSplit(records=4, framing="close").folder_name() != SynthSplit(records=4).folder_name()
-    assert SynthSplit(records=4).config() == SynthConfig(questions_per_scene=2)
+    assert SynthSplit(records=4).config() == (SynthConfig(questions_per_scene=2),)
     with pytest.raises(ValueError, match="framing 'wide'"):
         SynthSplit(records=4, framing="wide").config()
+
+
+def test_a_framing_mixture_takes_turns_scene_by_scene(tmp_path):
+    """``close+default`` renders scene i with the (i mod 2)-th framing: the same scene ids as either framing alone,
+    each scene identical to the one its framing alone would make, and its own folder name."""
+    from engine.data.synth import SynthConfig, SynthSplit, ensure_split, framed, framed_mixture, make_scene
+
+    split = SynthSplit(records=4, seed=7, per_scene=1, qtypes="locate", workers=1, framing="close+default")
+    assert split.folder_name() not in {
+        SynthSplit(records=4, seed=7, per_scene=1, qtypes="locate").folder_name(),
+        SynthSplit(records=4, seed=7, per_scene=1, qtypes="locate", framing="close").folder_name(),
+    }
+    out = ensure_split(tmp_path, split)
+    records, _ = load_records(out / "records.jsonl")
+    assert [r.id for r in records] == [f"s7-{i:06d}-locate" for i in range(4)]
+    base = SynthConfig(questions_per_scene=1, qtypes=("locate",))
+    for i, r in enumerate(records):
+        expected = make_scene(7, i, framed(base, "close" if i % 2 == 0 else "default"))
+        assert [o["box"] for o in r.meta["scene"]["objects"]] == [o.box for o in expected.objects]
+    with pytest.raises(ValueError, match="empty name"):
+        framed_mixture(base, "close+")
+    with pytest.raises(ValueError, match="framing 'wide'"):
+        framed_mixture(base, "close+wide")
+    with pytest.raises(ValueError, match="questions_per_scene"):
+        generate_dataset(tmp_path / "bad", 2, 0, (base, SynthConfig(questions_per_scene=2)))

@@ -8,7 +8,8 @@ Scenes: 3–6 objects (sphere, cube with a yaw, upright cylinder; eight named co
 unique in a scene) stand on a tiled floor under a sky, 3–11 m away, seen by a pinhole camera 2 m above the floor,
 pitched down 24°, 60° field of view, rendered by engine.data.render (numpy ray casting, z-buffer, Lambert
 shading, fog). Every object must be inside the frame and at least 35 % visible. The ``close`` framing
-(``FRAMINGS``, ``--framing close``) shows 2–3 larger objects 3–6 m away under a 30° field of view.
+(``FRAMINGS``, ``--framing close``) shows 2–3 larger objects 3–6 m away under a 30° field of view; a mixture
+(``--framing close+default``) takes the framings in turn, scene by scene.
 
 Depth: view-space z of the first hit (sky: the far plane ``z_far``), min–max normalised over the image, so
 0 = nearest pixel, 1 = far plane. The colour-mapped image is ``depth_to_spectral_r`` of that map.
@@ -217,24 +218,33 @@ def _render_and_write(args: tuple[int, int, SynthConfig, str]) -> list[dict[str,
 
 
 def generate_dataset(
-    out: str | Path, n: int, seed: int, cfg: SynthConfig = SynthConfig(), workers: int = 1
+    out: str | Path,
+    n: int,
+    seed: int,
+    cfg: SynthConfig | tuple[SynthConfig, ...] = SynthConfig(),
+    workers: int = 1,
 ) -> list[dict[str, Any]]:
-    """Render scenes 0, 1, ... of ``seed`` until ``n`` records exist; write files and ``records.jsonl``."""
+    """Render scenes 0, 1, ... of ``seed`` until ``n`` records exist; write files and ``records.jsonl``.
+    ``cfg`` may be a tuple of configs (``framed_mixture``): scene ``i`` is made with ``cfg[i % len(cfg)]``."""
+    cycle = cfg if isinstance(cfg, tuple) else (cfg,)
+    if not cycle or len({c.questions_per_scene for c in cycle}) != 1:
+        raise ValueError("generate_dataset: give one config, or a non-empty tuple with one questions_per_scene")
+    per_scene = cycle[0].questions_per_scene
     out = Path(out)
     for sub in ("images", "depth", "depth_color"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
-    per_batch = max(1, math.ceil(n / max(1, cfg.questions_per_scene)))
+    per_batch = max(1, math.ceil(n / max(1, per_scene)))
     next_index = 0
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
         while len(records) < n:
-            jobs = [(seed, i, cfg, str(out)) for i in range(next_index, next_index + per_batch)]
+            jobs = [(seed, i, cycle[i % len(cycle)], str(out)) for i in range(next_index, next_index + per_batch)]
             next_index += per_batch
             results = pool.imap(_render_and_write, jobs, chunksize=4) if pool else map(_render_and_write, jobs)
             for recs in results:
                 records.extend(recs)
-            per_batch = max(1, math.ceil((n - len(records)) / max(1, cfg.questions_per_scene)))
+            per_batch = max(1, math.ceil((n - len(records)) / max(1, per_scene)))
     finally:
         if pool is not None:
             pool.close()
@@ -267,11 +277,22 @@ def framed(cfg: SynthConfig, framing: str) -> SynthConfig:
     return replace(cfg, **FRAMINGS[framing])
 
 
+def framed_mixture(cfg: SynthConfig, framings: str) -> tuple[SynthConfig, ...]:
+    """``cfg`` under each of the ``+``-joined framings (``"close+default"``), in that order: scene ``i`` of a
+    dataset made from the tuple uses entry ``i % len``. Large objects beside small ones give a blind model's search
+    its first gradient while the small ones train the same circuit."""
+    names = framings.split("+")
+    if not all(names):
+        raise ValueError(f"framing {framings!r}: empty name; use names of {sorted(FRAMINGS)} joined by '+'")
+    return tuple(framed(cfg, name) for name in names)
+
+
 @dataclass
 class SynthSplit:
     """A generated split for a recipe: ``records`` questions (``per_scene`` per scene) of scenes ``0, 1, ...`` of
     ``seed``, of the kinds in ``qtypes`` (comma-separated; a kind named k times is tried k times as often),
-    rendered by ``workers`` processes, seen with the camera and objects of ``framing`` (``FRAMINGS``).
+    rendered by ``workers`` processes, seen with the camera and objects of ``framing`` (``FRAMINGS``; several
+    joined by ``+`` take turns scene by scene, ``framed_mixture``).
     ``records = 0``: none (the recipe uses its ``data.path`` or the bundled set).
     """
 
@@ -282,12 +303,12 @@ class SynthSplit:
     workers: int = 2
     framing: str = "default"
 
-    def config(self) -> SynthConfig:
+    def config(self) -> tuple[SynthConfig, ...]:
         kinds = tuple(q for q in self.qtypes.split(",") if q)
         unknown = sorted(set(kinds) - set(QTYPES + CURRICULUM_QTYPES))
         if unknown or not kinds:
             raise ValueError(f"synth.qtypes {self.qtypes!r}: unknown kinds {unknown}; use {QTYPES + CURRICULUM_QTYPES}")
-        return framed(SynthConfig(questions_per_scene=self.per_scene, qtypes=kinds), self.framing)
+        return framed_mixture(SynthConfig(questions_per_scene=self.per_scene, qtypes=kinds), self.framing)
 
     def folder_name(self) -> str:
         mix = hashlib.sha1(self.qtypes.encode()).hexdigest()[:8]
@@ -332,7 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distractor-prob", type=float, default=0.5)
     p.add_argument("--no-trace", action="store_true")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--framing", default="default", choices=sorted(FRAMINGS), help="camera and object settings")
+    p.add_argument(
+        "--framing",
+        default="default",
+        help=f"camera and object settings, one of {sorted(FRAMINGS)} or several joined by '+' (scene by scene)",
+    )
     a = p.parse_args(argv)
     if a.bundled:
         generate_bundled(Path(__file__).resolve().parent / "bundled", workers=a.workers)
@@ -351,7 +376,11 @@ def main(argv: list[str] | None = None) -> int:
         with_trace=not a.no_trace,
         distractor_prob=a.distractor_prob,
     )
-    records = generate_dataset(a.out, a.n, a.seed, framed(cfg, a.framing), workers=a.workers)
+    try:
+        cfgs = framed_mixture(cfg, a.framing)
+    except ValueError as e:
+        p.error(str(e))
+    records = generate_dataset(a.out, a.n, a.seed, cfgs, workers=a.workers)
     print(f"wrote {len(records)} records to {Path(a.out) / 'records.jsonl'}")
     return 0
 
