@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/run_gpu.sh [DEST] [STEP...]    STEP: build tests kernels sweep grpo crop crop-v2 e2e model
 #                                                    train compile profile decode-async vision vision-close reading
-#                                                    crop-vs-text
+#                                                    crop-vs-text finding
 #                                                    (default: all)
 #
 # build: the extension in place (SIF_CUDA_ARCH, default 9.0). tests: `pytest -m gpu`. kernels / sweep: the log-prob
@@ -26,6 +26,9 @@
 # benchmarks/trace_reading.py on its export: does the model start to copy the question's objects into its trace?
 # crop-vs-text: the longer preset (recipes/configs/grpo_tiny_long.toml) in both focusing modes from the same start,
 # then benchmarks/crop_vs_text.py (held-out accuracy per question kind of the two, eval.json and eval.png into dest).
+# finding: a tower aligned (balanced, with the position code) on 8 000 scenes of both framings, then "which half holds
+# the red cube?" through it, frozen, on both framings for 4 000 steps: are the default framing's small objects found
+# with 5x the questions that did not find them on CPU?
 # Each step runs under its own time limit, so one that hangs costs its limit and the rest still run.
 # SIF_DECODE (graph | graph_async | static | eager, default graph) picks the rollout decode of the profile and
 # train steps;
@@ -39,7 +42,7 @@ gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '
 export SIF_COMMIT=${SIF_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 dest=${1:-benchmarks/results/$(date -u +%Y-%m-%d)-${gpu}-${SIF_COMMIT}}
 shift || true
-steps=${*:-build tests kernels sweep grpo crop crop-v2 e2e model train compile profile decode-async vision vision-close reading crop-vs-text}
+steps=${*:-build tests kernels sweep grpo crop crop-v2 e2e model train compile profile decode-async vision vision-close reading crop-vs-text finding}
 decode=${SIF_DECODE:-graph}
 mkdir -p "$dest"
 export PYTHONUNBUFFERED=1
@@ -118,6 +121,16 @@ for s in $steps; do
             done
             step crop-vs-text 60 python -m benchmarks.crop_vs_text /tmp/sif-long/long-text /tmp/sif-long/long-crop \
                 --out "$dest/crop_vs_text" ;;
+        finding)
+            step finding-scenes 180 python -m engine.data.synth --out /tmp/sif-finding/scenes --n 8000 --seed 902 \
+                --workers 12 --framing close+default
+            step finding-tiny 60 python -m engine.models.tiny /tmp/sif-finding/tiny
+            step finding-align 300 python -m engine.train.vision_align --data /tmp/sif-finding/scenes \
+                --model /tmp/sif-finding/tiny --out /tmp/sif-finding/tower --steps 4000 --balanced --lr 0.003 \
+                --position-weight 1 --device cuda
+            step finding 480 python -m benchmarks.vision_learning --device cuda --tasks side@close+side --bare \
+                --steps 4000 --eval-every 250 --scenes 4000 --workers 8 --init /tmp/sif-finding/tower --vision-lr-scale 0 \
+                --json "$dest/finding.json" ;;
         *) echo "unknown step $s" >&2; exit 2 ;;
     esac
 done

@@ -120,3 +120,17 @@ def test_unsupported_config(tmp_path, tiny, change, match):
     with pytest.raises(ModelConfigError, match=match) as err:
         from_pretrained(write_variant(tiny, tmp_path / "cfg", tensors(tiny), cfg))
     assert "config.json" in str(err.value)
+
+
+def test_tiny_cli_writes_the_seeded_random_default(tmp_path, capsys):
+    """``python -m engine.models.tiny OUT --seed S`` writes the same weights as ``create_tiny_checkpoint(seed=S)``,
+    and another seed other weights."""
+    from engine.models.tiny import main as tiny_main
+
+    tiny_main([str(tmp_path / "cli"), "--seed", "3"])
+    assert f"[tiny] wrote {tmp_path / 'cli'}" in capsys.readouterr().out
+    create_tiny_checkpoint(tmp_path / "api", seed=3)
+    create_tiny_checkpoint(tmp_path / "other", seed=4)
+    cli, api, other = (from_pretrained(tmp_path / n).state_dict() for n in ("cli", "api", "other"))
+    assert all(torch.equal(cli[k], api[k]) for k in api)
+    assert not torch.equal(cli["model.embed_tokens.weight"], other["model.embed_tokens.weight"])

@@ -171,10 +171,11 @@ def test_a_non_finite_loss_stops_the_alignment_at_its_step(tiny):
         align_vision_tower(model, processor, records[:4], AlignConfig(steps=3, batch_size=2), progress=False)
 
 
-def test_cli_writes_a_loadable_aligned_checkpoint(tiny, capsys):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_cli_writes_a_loadable_aligned_checkpoint(tiny, capsys, device):
     root, ckpt, _ = tiny
     main(["--data", str(root / "scenes"), "--model", str(ckpt), "--out", str(root / "aligned"), "--steps", "2",
-          "--batch-size", "2", "--held-out", "4"])  # fmt: skip
+          "--batch-size", "2", "--held-out", "4", "--device", device])  # fmt: skip
     printed = capsys.readouterr().out
     assert "[align] 2 steps on 36 scenes" in printed and "held-out 4 scenes" in printed
     aligned = from_pretrained(root / "aligned")

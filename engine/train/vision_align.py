@@ -302,6 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", required=True, help="the checkpoint whose vision tower to align")
     ap.add_argument("--out", required=True, help="where to write the aligned checkpoint")
     ap.add_argument("--held-out", type=int, default=64, help="the data's last N scenes, scored, not trained on")
+    ap.add_argument("--device", default="cpu", help="where the tower trains (cpu, cuda)")
     for field, default in vars(AlignConfig()).items():
         if isinstance(default, bool):
             ap.add_argument(f"--{field.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=default)
@@ -313,10 +314,10 @@ def main(argv: list[str] | None = None) -> dict:
     if len(scenes) <= args.held_out:
         raise SystemExit(f"{args.data}: {len(scenes)} scenes, need more than --held-out {args.held_out}")
     train, held = scenes[: -args.held_out or None], scenes[len(scenes) - args.held_out :]
-    model, processor = from_pretrained(args.model), processor_from_pretrained(args.model)
+    model, processor = from_pretrained(args.model).to(args.device), processor_from_pretrained(args.model)
     cfg = AlignConfig(**{f: getattr(args, f) for f in vars(AlignConfig())})
     report = align_vision_tower(model, processor, train, cfg, held)
-    save_pretrained(model, args.out)
+    save_pretrained(model.cpu(), args.out)
     processor.save(args.out)
     k = max(1, len(report["losses"]) // 10)
     first, last = sum(report["losses"][:k]) / k, sum(report["losses"][-k:]) / k
