@@ -124,7 +124,7 @@ for s in $steps; do
         finding)
             step finding-scenes 180 python -m engine.data.synth --out /tmp/sif-finding/scenes --n 8000 --seed 902 \
                 --workers 12 --framing close+default
-            step finding-tiny 60 python -m engine.models.tiny /tmp/sif-finding/tiny
+            step finding-tiny 60 python -m engine.models.create_tiny /tmp/sif-finding/tiny
             step finding-align 300 python -m engine.train.vision_align --data /tmp/sif-finding/scenes \
                 --model /tmp/sif-finding/tiny --out /tmp/sif-finding/tower --steps 4000 --balanced --lr 0.003 \
                 --position-weight 1 --device cuda

@@ -123,9 +123,9 @@ def test_unsupported_config(tmp_path, tiny, change, match):
 
 
 def test_tiny_cli_writes_the_seeded_random_default(tmp_path, capsys):
-    """``python -m engine.models.tiny OUT --seed S`` writes the same weights as ``create_tiny_checkpoint(seed=S)``,
+    """``python -m engine.models.create_tiny OUT --seed S`` writes the weights of ``create_tiny_checkpoint(seed=S)``,
     and another seed other weights."""
-    from engine.models.tiny import main as tiny_main
+    from engine.models.create_tiny import main as tiny_main
 
     tiny_main([str(tmp_path / "cli"), "--seed", "3"])
     assert f"[tiny] wrote {tmp_path / 'cli'}" in capsys.readouterr().out

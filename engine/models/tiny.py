@@ -7,13 +7,11 @@ pre-tokenisation, trained on the bundled training split's prompts and traces: SI
 and brings the question within ~100 tokens of the answer. Weights are drawn from a seeded generator and the BPE
 training is deterministic, so the same seed gives byte-identical checkpoints. Nothing is downloaded.
 
-``python -m engine.models.tiny OUT [--seed S]`` writes the random tiny default to ``OUT`` (the start of
-``engine.train.vision_align`` and the recipes' tiny default before its alignment).
+``python -m engine.models.create_tiny OUT [--seed S]`` writes the random tiny default to a folder.
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -123,17 +121,3 @@ def create_tiny_checkpoint(
     save_pretrained(model, path)
     Processor(tok, ImageConfig(min_pixels=56 * 56, max_pixels=TINY_MAX_PIXELS)).save(path)
     return path
-
-
-def main(argv: list[str] | None = None) -> Path:
-    ap = argparse.ArgumentParser(prog="python -m engine.models.tiny", description="Write the random tiny default.")
-    ap.add_argument("out", help="the checkpoint folder to write")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    args = ap.parse_args(argv)
-    path = create_tiny_checkpoint(args.out, seed=args.seed)
-    print(f"[tiny] wrote {path}")
-    return path
-
-
-if __name__ == "__main__":
-    main()
