@@ -59,7 +59,7 @@ from engine.models import from_pretrained, processor_from_pretrained
 from engine.models.loading import save_pretrained
 from engine.models.packing import packed_hidden
 from engine.models.tiny import create_tiny_checkpoint, tiny_config
-from engine.train.optim import param_groups
+from engine.train.optim import WarmupDecay, param_groups
 from engine.train.sft import SFTExample, SFTObjective, collate_sft, scored_tokens
 from engine.train.vision_align import PhraseTargets
 
@@ -281,6 +281,14 @@ def synth_config(name: str, args: argparse.Namespace, framing: str = "") -> Synt
     return cfg
 
 
+def lr_multiplier(step: int, args: argparse.Namespace) -> float:
+    """The learning rate of ``step`` as a multiple of ``--lr``: linear warm-up over ``--warmup`` steps, then flat
+    (``--schedule constant``) or decayed to ``--min-lr-ratio`` at ``--steps`` (``cosine``, ``linear``)."""
+    if step < args.warmup:
+        return (step + 1) / args.warmup
+    return WarmupDecay(args.steps, args.warmup, args.schedule, args.min_lr_ratio)(step)
+
+
 def parameter_groups(model, weight_decay: float, vision_lr_scale: float) -> list[dict]:
     """The trainer's AdamW groups (``engine.train.optim.param_groups``: matrices decay, vectors do not), each split
     into the decoder's part (``lr_scale`` 1) and the vision tower's (``lr_scale`` ``vision_lr_scale``; 0 freezes
@@ -398,7 +406,7 @@ def run_task(name: str, args: argparse.Namespace, root: Path) -> dict:
         if step == args.steps:
             break
         for group in optimizer.param_groups:
-            group["lr"] = args.lr * group["lr_scale"] * min(1.0, (step + 1) / args.warmup)
+            group["lr"] = args.lr * group["lr_scale"] * lr_multiplier(step, args)
         batch = [
             register(r, training_example(processor, r, question, rng, args))
             for r, question in rng.sample(train, args.batch_size)
@@ -474,6 +482,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "(follow-up turns; every answer scored, the first alone held out)")  # fmt: skip
     ap.add_argument("--held-out", type=int, default=HELD_OUT, help="held-out scenes per task")
     ap.add_argument("--warmup", type=int, default=30, help="steps of linear learning-rate warm-up")
+    ap.add_argument("--schedule", choices=("constant", "cosine", "linear"), default="constant",
+                    help="after the warm-up: a flat rate, or one decayed to --min-lr-ratio at --steps")  # fmt: skip
+    ap.add_argument("--min-lr-ratio", type=float, default=0.05, help="the decayed rate's end, a multiple of --lr")
     ap.add_argument("--probe", type=int, default=0, help="before and after training, fit a linear colour-presence "
                     "probe on the pooled vision features of this many training scenes "
                     "(scored on the held-out ones)")  # fmt: skip

@@ -216,3 +216,17 @@ def test_the_oracle_tower_gives_each_image_token_its_alignment_target(tmp_path):
     assert len(result["curve"]) == 2
     with pytest.raises(SystemExit, match="--oracle-tower has no vision tower"):
         main(["--tasks", "presence", "--oracle-tower", "--probe", "4", "--data-dir", str(tmp_path)])
+
+
+def test_the_learning_rate_warms_up_then_stays_or_decays():
+    """``--schedule constant`` keeps the old flat rate after the warm-up; ``cosine`` ends at ``--min-lr-ratio``."""
+    from benchmarks.vision_learning import lr_multiplier
+
+    flat = argparse.Namespace(steps=100, warmup=10, schedule="constant", min_lr_ratio=0.05)
+    decayed = argparse.Namespace(**{**vars(flat), "schedule": "cosine"})
+    assert [lr_multiplier(s, flat) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert [lr_multiplier(s, decayed) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert all(lr_multiplier(s, flat) == 1.0 for s in range(10, 100))
+    rates = [lr_multiplier(s, decayed) for s in range(10, 101)]
+    assert rates[0] == 1.0 and all(a >= b for a, b in zip(rates, rates[1:]))
+    assert rates[-1] == pytest.approx(0.05)
