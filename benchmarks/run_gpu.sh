@@ -27,8 +27,8 @@
 # crop-vs-text: the longer preset (recipes/configs/grpo_tiny_long.toml) in both focusing modes from the same start,
 # then benchmarks/crop_vs_text.py (held-out accuracy per question kind of the two, eval.json and eval.png into dest).
 # finding: a tower aligned (balanced, with the position code) on 8 000 scenes of both framings, then "which half holds
-# the red cube?" through it, frozen, on both framings for 4 000 steps: are the default framing's small objects found
-# with 5x the questions that did not find them on CPU?
+# the red cube?" through it, frozen, on both framings for 4 000 steps at lr 5e-4: do the small objects stay found
+# over 2.5x the questions that found them on CPU?
 # Each step runs under its own time limit, so one that hangs costs its limit and the rest still run.
 # SIF_DECODE (graph | graph_async | static | eager, default graph) picks the rollout decode of the profile and
 # train steps;
@@ -129,7 +129,8 @@ for s in $steps; do
                 --model /tmp/sif-finding/tiny --out /tmp/sif-finding/tower --steps 4000 --balanced --lr 0.003 \
                 --position-weight 1 --device cuda
             step finding 480 python -m benchmarks.vision_learning --device cuda --tasks side@close+side --bare \
-                --steps 4000 --eval-every 250 --scenes 4000 --workers 8 --init /tmp/sif-finding/tower --vision-lr-scale 0 \
+                --steps 4000 --eval-every 250 --scenes 4000 --workers 8 --init /tmp/sif-finding/tower \
+                --vision-lr-scale 0 --lr 5e-4 \
                 --json "$dest/finding.json" ;;
         *) echo "unknown step $s" >&2; exit 2 ;;
     esac
