@@ -345,6 +345,14 @@ def scene_tag(name: str, cfg: SynthConfig) -> str:
     return f"{name}-{hashlib.sha1(repr(cfg).encode()).hexdigest()[:10]}"
 
 
+def held_kind(task: str, framing: str, record: Record) -> str:
+    """What a held-out question is scored under: the part (``side@close``), or for ``ask`` the record's question
+    kind, with the part's framing when it names one (``attribute@close``), so that a mixture's framings stay apart."""
+    if task != "ask":
+        return f"{task}@{framing}" if framing else task
+    return f"{record.qtype}@{framing}" if framing else record.qtype
+
+
 def run_task(name: str, args: argparse.Namespace, root: Path) -> dict:
     """Train one task, or a mixture ``a+b+...`` (each batch drawn from the union of the parts' scenes, every part
     scored on its own held-out scenes), and return its baselines and held-out curve. A part ``task@framing`` sees
@@ -357,7 +365,7 @@ def run_task(name: str, args: argparse.Namespace, root: Path) -> dict:
         tag = scene_tag(task, synth_cfg)
         train += [(r, question) for r in scenes(root, f"{tag}-train", synth_cfg, args.scenes, args.seed, args.workers)]
         for r in scenes(root, f"{tag}-held", synth_cfg, args.held_out, args.seed + 1, args.workers):
-            held.append((r, question, r.qtype if task == "ask" else part))
+            held.append((r, question, held_kind(task, framing, r)))
     device = torch.device(args.device)
     torch.manual_seed(0)
     start = Path(args.init) if args.init else tiny_start(root, args.rope_theta)
