@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/run_gpu.sh [DEST] [STEP...]    STEP: build tests kernels sweep grpo crop crop-v2 e2e model
 #                                                    train compile profile decode-async vision vision-close reading
-#                                                    crop-vs-text finding
+#                                                    crop-vs-text finding looking
 #                                                    (default: all)
 #
 # build: the extension in place (SIF_CUDA_ARCH, default 9.0). tests: `pytest -m gpu`. kernels / sweep: the log-prob
@@ -29,6 +29,10 @@
 # finding: a tower aligned (balanced, with the position code) on 8 000 scenes of both framings, then "which half holds
 # the red cube?" through it, frozen, on both framings for 4 000 steps at lr 5e-4: do the small objects stay found
 # over 2.5x the questions that found them on CPU?
+# looking (after finding, whose tower it reuses): the generator's own one-word questions answered directly on both
+# framings through that tower, frozen, for 4 000 steps at lr 5e-4 (2.5x the CPU run, which learned the close
+# framing's kinds and not the default's), then the GRPO job started from that model (tower frozen, SFT at 5e-4, both
+# framings) and judged on fresh close (seed 777) and default (seed 888) scenes: does looking survive the trace SFT?
 # Each step runs under its own time limit, so one that hangs costs its limit and the rest still run.
 # SIF_DECODE (graph | graph_async | static | eager, default graph) picks the rollout decode of the profile and
 # train steps;
@@ -42,7 +46,7 @@ gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '
 export SIF_COMMIT=${SIF_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 dest=${1:-benchmarks/results/$(date -u +%Y-%m-%d)-${gpu}-${SIF_COMMIT}}
 shift || true
-steps=${*:-build tests kernels sweep grpo crop crop-v2 e2e model train compile profile decode-async vision vision-close reading crop-vs-text finding}
+steps=${*:-build tests kernels sweep grpo crop crop-v2 e2e model train compile profile decode-async vision vision-close reading crop-vs-text finding looking}
 decode=${SIF_DECODE:-graph}
 mkdir -p "$dest"
 export PYTHONUNBUFFERED=1
@@ -132,6 +136,22 @@ for s in $steps; do
                 --steps 4000 --eval-every 250 --scenes 4000 --workers 8 --init /tmp/sif-finding/tower \
                 --vision-lr-scale 0 --lr 5e-4 \
                 --json "$dest/finding.json" ;;
+        looking)
+            look=/tmp/sif-looking
+            step looking 420 python -m benchmarks.vision_learning --device cuda --tasks ask@close+ask --bare \
+                --steps 4000 --eval-every 500 --scenes 4000 --held-out 384 --workers 8 \
+                --init /tmp/sif-finding/tower --vision-lr-scale 0 --lr 5e-4 --save "$look/look" \
+                --json "$dest/looking.json"
+            step looking-splits 60 bash -c "python -m engine.data.synth --out $look/close777 --n 100 --seed 777 \
+                --framing close --workers 8 && python -m engine.data.synth --out $look/fresh888 --n 100 --seed 888 \
+                --workers 8"
+            step looking-job 540 torchrun --nproc_per_node=1 recipes/grpo_sif.py --sft.model.path "$look/look" \
+                --sft.lora.freeze_vision true --lora.freeze_vision true --sft.train.lr 5e-4 --synth.records 2000 \
+                --sft.synth.records 2000 --synth.framing close+default --sft.synth.framing close+default \
+                --train.output_dir "$look/runs" --sft.train.output_dir "$look/runs" --data.eval_path "$look/close777"
+            step looking-eval 120 python recipes/eval_sif.py --model.path "$look/runs/grpo-tiny/hf" \
+                --data.eval_path "$look/fresh888" --eval.output "$dest/looking-job-seed888"
+            cp -f "$look/runs/grpo-tiny/eval.json" "$dest/looking-job-close777-eval.json" 2>/dev/null || true ;;
         *) echo "unknown step $s" >&2; exit 2 ;;
     esac
 done
