@@ -18,6 +18,9 @@ nowhere else:
   can only say through their positions (the tower's features say what a patch shows, not where it is).
 * ``ask``: the generator's own questions (``--qtypes``, default every kind with a one-word answer) answered
   directly, without the SIF trace; accuracy is reported per question kind beside that kind's majority answer.
+  ``--qtypes locate`` adds "Where is the {colour} {shape}?", answered with its box: a box answer is generated
+  greedily and scored by its IoU with the true box (right at IoU >= 0.5, as the held-out evaluation counts it),
+  beside the prior box (the training answers' mean box, the best an answer that ignores the image can do).
 
 Scenes come from the generator (``engine.data.synth``, seed ``--seed`` for training, ``--seed + 1`` held out),
 seen with the camera of ``--framing`` (``engine.data.synth.FRAMINGS``). The model, the processor and the SFT
@@ -50,15 +53,18 @@ from pathlib import Path
 
 import torch
 
+from engine.data.answers import box_iou, parse_box
 from engine.data.images import load_image
 from engine.data.messages import sif_messages
 from engine.data.render import COLORS
 from engine.data.schema import Record, load_records
 from engine.data.synth import FRAMINGS, SynthConfig, framed, generate_dataset
 from engine.models import from_pretrained, processor_from_pretrained
+from engine.models.generate import generate
 from engine.models.loading import save_pretrained
 from engine.models.packing import packed_hidden
 from engine.models.tiny import create_tiny_checkpoint, tiny_config
+from engine.rl.evaluation import BOX_CORRECT_IOU
 from engine.train.optim import WarmupDecay, param_groups
 from engine.train.sft import SFTExample, SFTObjective, collate_sft, scored_tokens
 from engine.train.vision_align import PhraseTargets
@@ -123,7 +129,11 @@ def ask(record: Record, rng: random.Random) -> tuple[str, str, torch.Tensor]:
 
 
 ONE_WORD_QTYPES = ("left_right", "above_below", "nearer_farther", "counting", "size_compare", "attribute", "grounding")
-"""The generator's question kinds whose answer is one word (a box answer, ``locate``, has no first-token score)."""
+"""The generator's question kinds whose answer is one word, scored by its first token (the default of ``ask``)."""
+BOX_QTYPES = ("locate",)
+"""The generator's question kinds answered with a box, scored by the IoU of a generated answer (``--qtypes``)."""
+BOX_ANSWER_TOKENS = 40
+"""Greedy tokens generated for a box answer ("[0.299, 0.227, 0.670, 0.563]" and the end of the turn)."""
 
 TASKS: dict[str, tuple[Question, SynthConfig]] = {
     "halves": (halves, SynthConfig(qtypes=("locate",), with_trace=False)),
@@ -196,16 +206,51 @@ def first_token_predictions(model, examples: list[SFTExample], device: torch.dev
     return out
 
 
-def summarise(predictions: list[tuple[bool, int, float]]) -> dict[str, float]:
+def box_answers(
+    model, processor, examples: list[SFTExample], truths: list[str], device: torch.device
+) -> list[tuple[float, str]]:
+    """Per held-out example: its greedily generated answer, and the IoU of the box that answer names
+    (``parse_box``; 0 when it names none) with the true box ``truths[i]``. The prompt is the example up to its
+    first scored token."""
+    prompts = []
+    for e in examples:
+        first = int(e.assistant_mask.nonzero()[0])
+        pixels = e.pixel_values.to(device) if e.pixel_values is not None else None
+        grid = e.image_grid_thw.to(device) if e.image_grid_thw is not None else None
+        prompts.append({"input_ids": e.input_ids[:first].to(device), "pixel_values": pixels, "image_grid_thw": grid})
+    decode = "graph" if device.type == "cuda" else "eager"
+    rollouts = []
+    for start in range(0, len(prompts), 16):
+        chunk = prompts[start : start + 16]
+        rollouts += generate(model, processor, chunk, 1, BOX_ANSWER_TOKENS, temperature=0.0, decode=decode)
+    out = []
+    for rollout, truth in zip(rollouts, truths):
+        box = parse_box(rollout.text)
+        out.append((box_iou(box, parse_box(truth)) if box is not None else 0.0, rollout.text))
+    return out
+
+
+def prior_box(answers: list[str]) -> tuple[float, float, float, float]:
+    """The mean of the training split's box answers: the constant box, the baseline of a box kind."""
+    boxes = torch.tensor([parse_box(a) for a in answers])
+    return tuple(boxes.mean(0).tolist())
+
+
+def summarise(predictions: list[tuple]) -> dict[str, float]:
     """Accuracy, the share of the most frequent prediction (1.0: a constant answer) and the mean cross-entropy of
-    the right first token, of some predictions."""
+    the right first token, of some predictions ``(right, prediction, ce)``; and the mean IoU of those that carry
+    one, ``(right, prediction, ce, iou)`` (box answers)."""
     n = len(predictions)
-    top = Counter(p for _, p, _ in predictions).most_common(1)[0][1]
-    return {
-        "accuracy": sum(h for h, _, _ in predictions) / n,
+    top = Counter(p[1] for p in predictions).most_common(1)[0][1]
+    out = {
+        "accuracy": sum(p[0] for p in predictions) / n,
         "top_pred_share": top / n,
-        "ce": round(sum(c for _, _, c in predictions) / n, 4),
+        "ce": round(sum(p[2] for p in predictions) / n, 4),
     }
+    ious = [p[3] for p in predictions if len(p) > 3]
+    if ious:
+        out["iou"] = round(sum(ious) / len(ious), 4)
+    return out
 
 
 def pooled_vision_features(model, processor, records: list[Record], device: torch.device) -> torch.Tensor:
@@ -391,6 +436,13 @@ def run_task(name: str, args: argparse.Namespace, root: Path) -> dict:
         }
         for k, a in answers.items()
     }
+    boxed = [i for i, (r, q, _) in enumerate(held) if q is ask and r.answer_type == "box"]  # the record's own box
+    if boxed:  # a box kind's baseline is the prior box, right where it overlaps the true box by half
+        prior = prior_box([r.answer for r, q in train if q is ask and r.answer_type == "box"])
+        for k in sorted({kinds[i] for i in boxed}):
+            ious = [box_iou(prior, parse_box(a)) for a in answers[k]]
+            hits = sum(v >= BOX_CORRECT_IOU for v in ious) / len(ious)
+            baselines[k] |= {"majority": hits, "chance": hits, "blind_ce": 0.0, "prior_iou": sum(ious) / len(ious)}
     all_answers = Counter(a for _, a, _ in held_questions)
     majority = sum(b["majority"] * b["n"] for b in baselines.values()) / len(held)
     probe_scenes = ([r for r, _ in train[: args.probe]], [r for r, _, _ in held]) if args.probe else None
@@ -403,6 +455,10 @@ def run_task(name: str, args: argparse.Namespace, root: Path) -> dict:
     for step in range(args.steps + 1):
         if step % args.eval_every == 0:
             predictions = first_token_predictions(model, held_examples, device)
+            generated = box_answers(model, processor, [held_examples[i] for i in boxed],
+                                    [held_questions[i][1] for i in boxed], device)  # fmt: skip
+            for i, (iou, text) in zip(boxed, generated):
+                predictions[i] = (iou >= BOX_CORRECT_IOU, hash(text), predictions[i][2], iou)
             point = {"step": step, **summarise(predictions), "seconds": round(time.perf_counter() - t0, 1)}
             if train_losses:  # the training batches' mean loss since the last check, beside the held-out CE
                 point["train_ce"] = round(sum(train_losses) / len(train_losses), 4)
@@ -446,9 +502,10 @@ def run_task(name: str, args: argparse.Namespace, root: Path) -> dict:
 
 def format_table(results: list[dict]) -> str:
     """One row per task, and one per question kind of a task that asks several: the best and the last held-out
-    accuracy, the last check's top-answer share and first-token cross-entropy beside the blind one."""
+    accuracy, the last check's top-answer share and first-token cross-entropy beside the blind one, and for a box
+    kind its last mean IoU beside the prior box's."""
     lines = ["| task | majority | chance | best held-out accuracy (step) | last | last top-answer share "
-             "| last CE (blind) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| last CE (blind) | last IoU (prior box) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         rows = [(r["task"], r, lambda c: c)]
         if len(r["kinds"]) > 1:
@@ -457,10 +514,11 @@ def format_table(results: list[dict]) -> str:
             best = max(r["curve"], key=lambda c: point(c)["accuracy"])
             last = point(r["curve"][-1])
             blind = base.get("blind_ce", r.get("blind_ce"))
+            iou = f"{last['iou']:.3f} ({base['prior_iou']:.3f})" if "prior_iou" in base and "iou" in last else "–"
             lines.append(
                 f"| {label} | {base['majority']:.3f} | {base['chance']:.3f} | {point(best)['accuracy']:.3f} "
                 f"({best['step']}) | {last['accuracy']:.3f} | {last['top_pred_share']:.2f} | {last['ce']:.3f} "
-                f"({blind:.3f}) |"
+                f"({blind:.3f}) | {iou} |"
             )
     return "\n".join(lines)
 
@@ -483,7 +541,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--framing", default="default", choices=sorted(FRAMINGS), help="the generator's camera and "
                     "objects (engine.data.synth.FRAMINGS)")  # fmt: skip
     ap.add_argument("--qtypes", default="", help=f"task ask: comma-separated question kinds (default "
-                    f"{','.join(ONE_WORD_QTYPES)})")  # fmt: skip
+                    f"{','.join(ONE_WORD_QTYPES)}; scored by a box answer's IoU: "
+                    f"{','.join(BOX_QTYPES)})")  # fmt: skip
     ap.add_argument("--bare", action="store_true", help="leave the SIF instruction out of the prompt: the question "
                     "stands right before the answer")  # fmt: skip
     ap.add_argument("--turns", type=int, default=1, help="questions about each training scene in one conversation "
@@ -523,9 +582,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     if args.oracle_tower and (args.probe or args.save):
         raise SystemExit("--oracle-tower has no vision tower to probe or save; leave out --probe and --save")
-    unknown = sorted(set(filter(None, args.qtypes.split(","))) - set(ONE_WORD_QTYPES))
+    unknown = sorted(set(filter(None, args.qtypes.split(","))) - set(ONE_WORD_QTYPES + BOX_QTYPES))
     if unknown:
-        raise SystemExit(f"unknown --qtypes {unknown}; expected some of {list(ONE_WORD_QTYPES)}")
+        raise SystemExit(f"unknown --qtypes {unknown}; expected some of {list(ONE_WORD_QTYPES + BOX_QTYPES)}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.data_dir or tmp)
         results = [run_task(name, args, root) for name in args.tasks.split(",")]

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import benchmarks.vision_learning as vision_learning
 from benchmarks.vision_learning import (
     TASKS,
+    box_answers,
     color1,
     colour_presence_probe,
     echo,
@@ -20,6 +22,7 @@ from benchmarks.vision_learning import (
     main,
     parameter_groups,
     presence,
+    prior_box,
     scene_tag,
     scenes,
     side,
@@ -115,6 +118,46 @@ def test_ask_scores_each_question_kind_beside_its_majority(tmp_path):
                   "--scenes", "6", "--held-out", "12", "--framing", "close", "--data-dir", str(tmp_path),
                   "--device", "cpu", "--init", str(tmp_path / "stage")])  # fmt: skip
     assert again[0]["curve"][0]["accuracy"] == result["curve"][-1]["accuracy"]
+
+
+def test_a_box_answer_is_generated_from_its_prompt_and_scored_by_iou(monkeypatch):
+    """The prompt is the example up to its first scored token; the generated box's IoU with the true one is the
+    score, 0 when the answer names no valid box; the prior box is the mean of the training answers."""
+    seen = []
+
+    def fake_generate(model, processor, prompts, num_samples, max_new_tokens, temperature, decode):
+        seen.extend(prompts)
+        assert (num_samples, temperature, decode) == (1, 0.0, "eager")
+        texts = ["[0.1, 0.2, 0.5, 0.6]", "[0.3, 0.2, 0.5, 0.6]", "left"]
+        return [argparse.Namespace(text=t) for t in texts[: len(prompts)]]
+
+    monkeypatch.setattr(vision_learning, "generate", fake_generate)
+    ids = torch.arange(10)
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[6:] = True
+    example = vision_learning.SFTExample("r", ids, mask, None, None)
+    truths = ["[0.1, 0.2, 0.5, 0.6]"] * 3
+    out = box_answers(None, None, [example] * 3, truths, torch.device("cpu"))
+    assert [round(iou, 4) for iou, _ in out] == [1.0, 0.5, 0.0]
+    assert [t for _, t in out][2] == "left"
+    assert all(p["input_ids"].tolist() == list(range(6)) for p in seen)
+    assert prior_box(["[0.0, 0.0, 0.5, 0.5]", "[0.5, 0.5, 1.0, 1.0]"]) == (0.25, 0.25, 0.75, 0.75)
+
+
+def test_ask_scores_a_box_kind_by_the_iou_of_its_generated_answer(tmp_path):
+    """``--qtypes locate``: the box kind is scored by generation, beside the prior box's IoU and hit rate."""
+    (result,) = main(["--tasks", "ask", "--qtypes", "left_right,locate", "--steps", "1", "--eval-every", "1",
+                      "--batch-size", "2", "--scenes", "6", "--held-out", "10", "--framing", "close",
+                      "--data-dir", str(tmp_path), "--device", "cpu"])  # fmt: skip
+    locate = result["kinds"]["locate"]
+    assert 0.0 < locate["prior_iou"] < 1.0 and locate["majority"] == locate["chance"] and locate["blind_ce"] == 0.0
+    assert "prior_iou" not in result["kinds"]["left_right"]
+    for point in result["curve"]:
+        assert 0.0 <= point["kinds"]["locate"]["iou"] <= 1.0
+        assert "iou" not in point["kinds"]["left_right"]
+    assert f"({locate['prior_iou']:.3f}) |" in format_table([result])
+    with pytest.raises(SystemExit, match="unknown --qtypes"):
+        main(["--tasks", "ask", "--qtypes", "where"])
 
 
 def test_a_mixture_scores_each_part_on_its_own_scenes(tmp_path):
