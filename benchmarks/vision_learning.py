@@ -53,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from engine.data.answers import box_iou, parse_box
+from engine.data.answers import answers_match, box_iou, parse_box
 from engine.data.images import load_image
 from engine.data.messages import sif_messages
 from engine.data.render import COLORS
@@ -209,25 +209,23 @@ def first_token_predictions(model, examples: list[SFTExample], device: torch.dev
 def box_answers(
     model, processor, examples: list[SFTExample], truths: list[str], device: torch.device
 ) -> list[tuple[float, str]]:
-    """Per held-out example: its greedily generated answer, and the IoU of the box that answer names
-    (``parse_box``; 0 when it names none) with the true box ``truths[i]``. The prompt is the example up to its
-    first scored token."""
-    prompts = []
-    for e in examples:
-        first = int(e.assistant_mask.nonzero()[0])
-        pixels = e.pixel_values.to(device) if e.pixel_values is not None else None
-        grid = e.image_grid_thw.to(device) if e.image_grid_thw is not None else None
-        prompts.append({"input_ids": e.input_ids[:first].to(device), "pixel_values": pixels, "image_grid_thw": grid})
+    """Per held-out example: its greedily generated answer, and that answer's IoU with the true box ``truths[i]``
+    (``answers_match`` for a box, as the held-out evaluation scores it: 0 when it names no box). The prompt is the
+    example up to its first scored token (``generate`` moves it to the model's device)."""
+    prompts = [
+        {
+            "input_ids": e.input_ids[: int(e.assistant_mask.nonzero()[0])],
+            "pixel_values": e.pixel_values,
+            "image_grid_thw": e.image_grid_thw,
+        }
+        for e in examples
+    ]
     decode = "graph" if device.type == "cuda" else "eager"
     rollouts = []
     for start in range(0, len(prompts), 16):
         chunk = prompts[start : start + 16]
         rollouts += generate(model, processor, chunk, 1, BOX_ANSWER_TOKENS, temperature=0.0, decode=decode)
-    out = []
-    for rollout, truth in zip(rollouts, truths):
-        box = parse_box(rollout.text)
-        out.append((box_iou(box, parse_box(truth)) if box is not None else 0.0, rollout.text))
-    return out
+    return [(answers_match(r.text, truth, "box"), r.text) for r, truth in zip(rollouts, truths)]
 
 
 def prior_box(answers: list[str]) -> tuple[float, float, float, float]:
@@ -393,9 +391,8 @@ def scene_tag(name: str, cfg: SynthConfig) -> str:
 def held_kind(task: str, framing: str, record: Record) -> str:
     """What a held-out question is scored under: the part (``side@close``), or for ``ask`` the record's question
     kind, with the part's framing when it names one (``attribute@close``), so that a mixture's framings stay apart."""
-    if task != "ask":
-        return f"{task}@{framing}" if framing else task
-    return f"{record.qtype}@{framing}" if framing else record.qtype
+    kind = record.qtype if task == "ask" else task
+    return f"{kind}@{framing}" if framing else kind
 
 
 def run_task(name: str, args: argparse.Namespace, root: Path) -> dict:
